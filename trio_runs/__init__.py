@@ -1,0 +1,103 @@
+"""trio-runs: every accepted run ends in exactly one terminal ``RunComplete``.
+
+Completed, failed or cancelled, and every waiter for that run id observes it, in bounded
+time, exactly once: when the run fails before it starts, is cancelled while queued or just
+after being accepted, when live events are dropped under load, when the waiter arrives late,
+and when the workspace shuts down. Cancellation is never reported as an error.
+"""
+
+from __future__ import annotations
+
+from .backend import Backend, CoordinatorFactory, Workspace, open_backend
+from .broker import Broker, Subscription
+from .context import (
+    RunCompleteMarker,
+    current_run_id,
+    mark_run_complete_published,
+    run_complete_published,
+    with_run_complete_marker,
+    with_run_id,
+)
+from .coordinator import (
+    AcceptedRun,
+    Agent,
+    Coordinator,
+    Prepare,
+    RetryPolicy,
+    RunContext,
+    SessionCoordinator,
+    new_run_id,
+)
+from .errors import (
+    AgentNotInitialized,
+    BackendClosed,
+    DuplicateRun,
+    EmptyPrompt,
+    InvalidRunId,
+    SessionMissing,
+    SubscriberOverflow,
+    TrioRunsError,
+    UnknownRun,
+    WorkspaceClosing,
+    WorkspaceNotFound,
+)
+from .events import (
+    AgentMessage,
+    Attachment,
+    Event,
+    EventType,
+    Notification,
+    NotificationType,
+    RunCall,
+    RunComplete,
+    RunProgress,
+)
+from .ledger import RunLedger, RunStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AcceptedRun",
+    "Agent",
+    "AgentMessage",
+    "AgentNotInitialized",
+    "Attachment",
+    "Backend",
+    "BackendClosed",
+    "Broker",
+    "Coordinator",
+    "CoordinatorFactory",
+    "DuplicateRun",
+    "EmptyPrompt",
+    "Event",
+    "EventType",
+    "InvalidRunId",
+    "Notification",
+    "NotificationType",
+    "Prepare",
+    "RetryPolicy",
+    "RunCall",
+    "RunComplete",
+    "RunCompleteMarker",
+    "RunContext",
+    "RunLedger",
+    "RunProgress",
+    "RunStore",
+    "SessionCoordinator",
+    "SessionMissing",
+    "SubscriberOverflow",
+    "Subscription",
+    "TrioRunsError",
+    "UnknownRun",
+    "Workspace",
+    "WorkspaceClosing",
+    "WorkspaceNotFound",
+    "__version__",
+    "current_run_id",
+    "mark_run_complete_published",
+    "new_run_id",
+    "open_backend",
+    "run_complete_published",
+    "with_run_complete_marker",
+    "with_run_id",
+]

@@ -1,0 +1,428 @@
+"""The backend: a registry of workspaces, and the dispatcher that starts their runs.
+
+A run's task lives in its workspace's nursery, not in the task of whoever submitted it: a
+client that goes away does not take the run with it, and a workspace that closes takes all
+of its runs with it, each ending in a cancelled terminal before the workspace is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import trio
+
+from .broker import Broker
+from .context import run_complete_published, with_run_complete_marker, with_run_id
+from .coordinator import (
+    AcceptedRun,
+    Coordinator,
+    _fallback_terminal,
+    _is_cancellation,
+    _record_terminal,
+    _validate_submission,
+    new_run_id,
+)
+from .errors import (
+    AgentNotInitialized,
+    BackendClosed,
+    DuplicateRun,
+    WorkspaceClosing,
+    WorkspaceNotFound,
+)
+from .events import (
+    AgentMessage,
+    EventType,
+    Notification,
+    NotificationType,
+    RunCall,
+    RunComplete,
+    RunProgress,
+)
+from .ledger import RunLedger
+
+__all__ = ["Backend", "CoordinatorFactory", "Workspace", "open_backend"]
+
+logger = logging.getLogger("trio_runs")
+
+CoordinatorFactory = Callable[["Workspace"], Coordinator | None]
+"""Builds a workspace's coordinator from the workspace (``None``: a workspace with no agent)."""
+
+DEFAULT_CLOSE_GRACE = 10.0
+
+
+class Workspace:
+    """A place runs live: its own nursery, brokers, coordinator, and the backend's ledger.
+
+    ``run_completions`` is must-deliver (every terminal reaches every live subscriber);
+    ``notifications`` and ``events`` are lossy. No run outlives its workspace: closing it
+    ends every accepted run with exactly one terminal before the brokers shut down.
+    """
+
+    def __init__(self, workspace_id: str, path: str, ledger: RunLedger) -> None:
+        self.id = workspace_id
+        """The workspace's id (a UUID4 string)."""
+        self.path = path
+        """The resolved path the workspace was created for."""
+        self.ledger = ledger
+        """The backend's ledger: the source of truth for terminals."""
+        self.run_completions: Broker[RunComplete] = Broker()
+        """Must-deliver: one ``RunComplete`` per accepted run of this workspace."""
+        self.notifications: Broker[Notification] = Broker()
+        """Lossy notices (e.g. ``AGENT_ERROR``); never a run's ending."""
+        self.events: Broker[RunProgress] = Broker()
+        """Lossy progress the agents emit."""
+        self.coordinator: Coordinator | None = None
+        """The coordinator the factory built, or ``None`` for a workspace without an agent."""
+        self._nursery: trio.Nursery | None = None
+        self._hard_stop = trio.CancelScope()
+        self._started = trio.Event()
+        self._close_requested = trio.Event()
+        self._closed = trio.Event()
+        self._closing = False
+        self._start_failed = False
+        self._runs: set[str] = set()
+
+    @property
+    def closing(self) -> bool:
+        """Whether the workspace refuses new runs because it is closing or closed."""
+        return self._closing
+
+    @property
+    def closed(self) -> bool:
+        """Whether every run ended and the brokers shut down."""
+        return self._closed.is_set()
+
+    @property
+    def run_ids(self) -> frozenset[str]:
+        """Ids of the runs dispatched here whose dispatch has not finished yet."""
+        return frozenset(self._runs)
+
+    async def _serve(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            with self._hard_stop:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    task_status.started()
+                    self._started.set()
+                    await self._close_requested.wait()
+                    # Leaving the block waits for every dispatched run to end.
+        finally:
+            self._closing = True
+            # Every dispatch publishes its run's terminal on its way out; this catches
+            # whatever a misbehaving coordinator might still have left pending.
+            for run_id in list(self._runs):
+                if self.ledger.state(run_id) == "pending":
+                    session_id = self.ledger.session_of(run_id) or ""
+                    logger.error("run %s had no terminal when its workspace closed", run_id)
+                    _record_terminal(
+                        self.ledger,
+                        self.run_completions,
+                        RunComplete(session_id, run_id, cancelled=True),
+                    )
+            self._runs.clear()
+            self.run_completions.shutdown()
+            self.notifications.shutdown()
+            self.events.shutdown()
+            self._closed.set()
+
+    async def _close(self, grace: float) -> None:
+        if not self._closing:
+            self._closing = True
+            if self.coordinator is not None:
+                self.coordinator.cancel_all()
+        self._close_requested.set()
+        with trio.move_on_after(grace):
+            await self._closed.wait()
+        # A coordinator that ignored cancel_all() (or an agent still busy past the grace
+        # period) is cut off: its dispatch tasks are cancelled and end their runs cancelled.
+        self._hard_stop.cancel()
+        await self._closed.wait()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "closing" if self._closing else "open"
+        return f"<Workspace {self.id} path={self.path!r} runs={len(self._runs)} {state}>"
+
+
+class Backend:
+    """The registry of workspaces and the entry point for submitting runs.
+
+    Made by :func:`open_backend`, which owns the nursery every workspace runs in.
+    :meth:`send_message` either accepts a run (it will get exactly one terminal) or raises a
+    typed error having reserved, registered and started nothing.
+    """
+
+    def __init__(self, nursery: trio.Nursery, ledger: RunLedger) -> None:
+        self._nursery = nursery
+        self._ledger = ledger
+        self._workspaces: dict[str, Workspace] = {}
+        self._by_path: dict[str, Workspace] = {}
+        self._closing = False
+
+    @property
+    def ledger(self) -> RunLedger:
+        """The ledger every workspace records terminals in."""
+        return self._ledger
+
+    @property
+    def workspaces(self) -> list[Workspace]:
+        """The open (or closing) workspaces."""
+        return list(self._workspaces.values())
+
+    async def create_workspace(
+        self, path: str | os.PathLike[str], coordinator_factory: CoordinatorFactory
+    ) -> Workspace:
+        """The workspace for ``path``, created (and its nursery started) if need be.
+
+        The same resolved path gives the same workspace (the factory is then not called).
+        ``coordinator_factory(workspace)`` is called synchronously with the new workspace; if
+        it raises, nothing is registered. Raises ``WorkspaceClosing`` if the path's
+        workspace is closing, ``BackendClosed`` if the backend is.
+        """
+        if self._closing:
+            raise BackendClosed()
+        resolved = _resolve(path)
+        existing = self._by_path.get(resolved)
+        if existing is not None:
+            if existing.closing:
+                raise WorkspaceClosing(existing.id)
+            await existing._started.wait()
+            if existing._start_failed:
+                raise WorkspaceClosing(existing.id)
+            return existing
+        workspace = Workspace(str(uuid.uuid4()), resolved, self._ledger)
+        coordinator = coordinator_factory(workspace)
+        if coordinator is not None and not callable(getattr(coordinator, "run_accepted", None)):
+            raise TypeError(
+                f"coordinator_factory must return a Coordinator or None, got {coordinator!r}"
+            )
+        workspace.coordinator = coordinator
+        # Registered before the await so a concurrent create for the same path finds it.
+        self._workspaces[workspace.id] = workspace
+        self._by_path[resolved] = workspace
+        try:
+            await self._nursery.start(self._serve_workspace, workspace)
+        except BaseException:
+            workspace._start_failed = True
+            workspace._started.set()
+            self._unregister(workspace)
+            raise
+        logger.debug("workspace %s opened for %s", workspace.id, resolved)
+        return workspace
+
+    async def _serve_workspace(
+        self, workspace: Workspace, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            await workspace._serve(task_status=task_status)
+        finally:
+            self._unregister(workspace)
+
+    def _unregister(self, workspace: Workspace) -> None:
+        if self._workspaces.get(workspace.id) is workspace:
+            del self._workspaces[workspace.id]
+        if self._by_path.get(workspace.path) is workspace:
+            del self._by_path[workspace.path]
+
+    def get_workspace(self, workspace_id: str) -> Workspace:
+        """The open (or closing) workspace with this id; raises ``WorkspaceNotFound``."""
+        workspace = self._workspaces.get(workspace_id)
+        if workspace is None:
+            raise WorkspaceNotFound(workspace_id)
+        return workspace
+
+    async def close_workspace(
+        self, workspace_id: str, *, grace: float = DEFAULT_CLOSE_GRACE
+    ) -> None:
+        """Close a workspace: refuse new runs, cancel every run, wait for every terminal.
+
+        Returns once every accepted run of the workspace has its terminal and its brokers
+        are shut down. Runs get ``grace`` seconds to honour the cancellation before their
+        tasks are cancelled outright. Closing a closing workspace waits for the same end.
+        """
+        workspace = self.get_workspace(workspace_id)
+        await workspace._close(grace)
+
+    def send_message(self, workspace_id: str, msg: AgentMessage) -> str:
+        """Accept a run and start it in the workspace; returns its run id. Never blocks.
+
+        Raises, synchronously and with nothing reserved, registered or started:
+        ``WorkspaceNotFound``, ``WorkspaceClosing``, ``AgentNotInitialized``,
+        ``SessionMissing``, ``EmptyPrompt``, ``InvalidRunId``, ``DuplicateRun``, or
+        ``TypeError`` for a ``msg`` that is not an ``AgentMessage``.
+        """
+        if not isinstance(msg, AgentMessage):
+            raise TypeError(f"msg must be an AgentMessage, got {type(msg).__name__}")
+        workspace = self._workspaces.get(workspace_id)
+        if workspace is None:
+            raise WorkspaceNotFound(workspace_id)
+        if workspace.closing or self._closing:
+            raise WorkspaceClosing(workspace_id)
+        coordinator = workspace.coordinator
+        if coordinator is None:
+            raise AgentNotInitialized(workspace_id)
+        _validate_submission(msg.session_id, msg.prompt, msg.run_id, msg.attachments)
+        run_id = msg.run_id or new_run_id()
+        if run_id in self._ledger:
+            raise DuplicateRun(run_id)
+        nursery = workspace._nursery
+        assert nursery is not None
+        call = RunCall(msg.session_id, msg.prompt, run_id, msg.attachments)
+        accept = coordinator.begin_accepted(msg.session_id)
+        try:
+            self._ledger.accept(run_id, msg.session_id)
+            try:
+                nursery.start_soon(self._dispatch, workspace, coordinator, accept, call)
+            except BaseException:
+                self._ledger._discard(run_id)
+                raise
+        except BaseException:
+            accept.close()
+            raise
+        workspace._runs.add(run_id)
+        return run_id
+
+    async def _dispatch(
+        self,
+        workspace: Workspace,
+        coordinator: Coordinator,
+        accept: AcceptedRun,
+        call: RunCall,
+    ) -> None:
+        # The seed's runAgent: owns the reservation, attaches the run id and a fresh marker,
+        # and makes sure the run has a terminal however run_accepted ends.
+        run_id, session_id = call.run_id, call.session_id
+        try:
+            with accept, with_run_id(run_id), with_run_complete_marker():
+                try:
+                    rc = await coordinator.run_accepted(accept, call)
+                except BaseException as exc:
+                    self._after_failure(workspace, session_id, run_id, exc)
+                    if isinstance(exc, Exception) and not _is_cancellation(exc):
+                        # One run's failure must not take down its workspace's other runs.
+                        return
+                    raise
+                if not run_complete_published():
+                    # A coordinator that returned without publishing: publish what it said.
+                    if not isinstance(rc, RunComplete) or rc.run_id != run_id:
+                        rc = RunComplete(
+                            session_id, run_id, error="coordinator returned no terminal"
+                        )
+                    _record_terminal(self._ledger, workspace.run_completions, rc)
+        finally:
+            workspace._runs.discard(run_id)
+
+    def _after_failure(
+        self, workspace: Workspace, session_id: str, run_id: str, exc: BaseException
+    ) -> None:
+        # Synchronous: may run while cancelled.
+        if _is_cancellation(exc):
+            # The coordinator owns the cancelled terminal; cancellation is never an error.
+            # Only if it published none (a coordinator that is not a SessionCoordinator) is
+            # a cancelled terminal recorded here, so no run is left without one.
+            if not run_complete_published():
+                _record_terminal(
+                    self._ledger,
+                    workspace.run_completions,
+                    _fallback_terminal(session_id, run_id, exc),
+                )
+            return
+        message = str(exc) or type(exc).__name__
+        workspace.notifications.publish(
+            EventType.CREATED,
+            Notification(NotificationType.AGENT_ERROR, session_id, run_id, message),
+        )
+        logger.info("run %s (session %s) failed: %s", run_id, session_id, message, exc_info=exc)
+        if not run_complete_published():
+            # A pre-run failure (prepare, or anything before the coordinator published):
+            # the lossy notification alone could be dropped and leave a waiter hanging.
+            _record_terminal(
+                self._ledger, workspace.run_completions, _fallback_terminal(session_id, run_id, exc)
+            )
+
+    async def wait_run(self, run_id: str) -> RunComplete:
+        """The run's terminal, at once if it already ended; raises ``UnknownRun``."""
+        return await self._ledger.wait(run_id)
+
+    async def run(self, workspace_id: str, msg: AgentMessage) -> RunComplete:
+        """Submit ``msg`` and wait for its terminal (the in-process ``crush run``).
+
+        Raises what :meth:`send_message` raises; a run that fails returns its failed
+        terminal rather than raising.
+        """
+        run_id = self.send_message(workspace_id, msg)
+        return await self.wait_run(run_id)
+
+    async def aclose(self, *, grace: float = DEFAULT_CLOSE_GRACE) -> None:
+        """Close every workspace (see :meth:`close_workspace`) and refuse new ones."""
+        self._closing = True
+        async with trio.open_nursery() as nursery:
+            for workspace in list(self._workspaces.values()):
+                nursery.start_soon(workspace._close, grace)
+
+
+def _resolve(path: str | os.PathLike[str]) -> str:
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    raw = os.fspath(path)
+    if not isinstance(raw, str):
+        raise TypeError("path must be a text path, not bytes")
+    if not raw.strip():
+        raise ValueError("path must not be empty")
+    return os.path.realpath(raw)
+
+
+@asynccontextmanager
+async def open_backend(
+    ledger: RunLedger | None = None, *, close_grace: float = DEFAULT_CLOSE_GRACE
+) -> AsyncIterator[Backend]:
+    """Open a backend whose workspaces (and all their runs) live inside this block.
+
+    Leaving the block normally closes every workspace gracefully (see
+    ``Backend.close_workspace``); leaving it with an exception cancels them, and every
+    accepted run still ends with its cancelled terminal. No task outlives the block. An
+    exception raised in the block comes out as itself, not wrapped in an ``ExceptionGroup``.
+    """
+    body_error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            backend = Backend(nursery, ledger if ledger is not None else RunLedger())
+            try:
+                yield backend
+            except BaseException as exc:
+                body_error = exc
+                backend._closing = True
+                nursery.cancel_scope.cancel()
+                raise
+            await backend.aclose(grace=close_grace)
+    except BaseExceptionGroup as group:
+        single = _sole_error(group, body_error)
+        if single is None:
+            raise
+        raise single from None
+
+
+def _sole_error(
+    group: BaseExceptionGroup[BaseException], body_error: BaseException | None
+) -> BaseException | None:
+    # The nursery wraps whatever the block raised; hand it back unwrapped when it is the only
+    # thing that went wrong (the Cancelled of our own shutdown does not count).
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    real = [leaf for leaf in leaves if not isinstance(leaf, trio.Cancelled) or leaf is body_error]
+    if len(real) == 1:
+        return real[0]
+    return None

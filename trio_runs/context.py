@@ -1,0 +1,105 @@
+"""Per-run context: the current run id and the run-complete marker.
+
+Both live in ``contextvars.ContextVar``\\ s. Trio copies the current context into every task
+it spawns, so code running inside a run (and any child task it starts) sees the run id. The
+marker is a *mutable object shared by reference*: the copy a child task gets points at the
+same marker, so a mark made deep inside the coordinator, even in a child task, is visible to
+the dispatcher that attached it once the call returns. That is how the dispatcher learns
+whether the authoritative terminal was already published and must not publish a fallback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+__all__ = [
+    "RunCompleteMarker",
+    "current_run_id",
+    "mark_run_complete_published",
+    "run_complete_published",
+    "with_run_complete_marker",
+    "with_run_id",
+]
+
+
+class RunCompleteMarker:
+    """Records whether a run's terminal ``RunComplete`` has been published.
+
+    Only ever goes from unpublished to published; there is no way to unmark.
+    """
+
+    __slots__ = ("_published",)
+
+    def __init__(self) -> None:
+        self._published = False
+
+    @property
+    def published(self) -> bool:
+        """Whether the terminal was published."""
+        return self._published
+
+    def mark(self) -> None:
+        """Record that the terminal was published (idempotent)."""
+        self._published = True
+
+    def __repr__(self) -> str:
+        return f"<RunCompleteMarker published={self._published}>"
+
+
+_run_id: ContextVar[str] = ContextVar("trio_runs.run_id", default="")
+_marker: ContextVar[RunCompleteMarker | None] = ContextVar("trio_runs.marker", default=None)
+
+
+@contextmanager
+def with_run_id(run_id: str) -> Iterator[str]:
+    """Make ``run_id`` the current run id inside the block (and tasks started in it).
+
+    Restores the previous value on exit, whatever happened inside.
+    """
+    if not isinstance(run_id, str):
+        raise TypeError(f"run_id must be a str, got {type(run_id).__name__}")
+    token = _run_id.set(run_id)
+    try:
+        yield run_id
+    finally:
+        _run_id.reset(token)
+
+
+def current_run_id() -> str:
+    """The run id set by the innermost :func:`with_run_id`, or ``""`` when none is set."""
+    return _run_id.get()
+
+
+@contextmanager
+def with_run_complete_marker() -> Iterator[RunCompleteMarker]:
+    """Attach a *fresh*, unpublished marker to the current context and yield it.
+
+    Never inherits an outer marker's state: each dispatch gets its own.
+    """
+    marker = RunCompleteMarker()
+    token = _marker.set(marker)
+    try:
+        yield marker
+    finally:
+        _marker.reset(token)
+
+
+def mark_run_complete_published() -> None:
+    """Flag the current marker as published; a no-op when no marker is attached."""
+    marker = _marker.get()
+    if marker is not None:
+        marker.mark()
+
+
+def run_complete_published() -> bool:
+    """Whether the current marker was flagged; ``False`` when no marker is attached."""
+    marker = _marker.get()
+    return marker is not None and marker.published
+
+
+def _current_marker() -> RunCompleteMarker | None:
+    # The coordinator captures the marker when a run enters so that it can flag it from
+    # another task (e.g. ``cancel()`` dropping a queued run publishes that run's terminal).
+    return _marker.get()

@@ -1,0 +1,765 @@
+"""The coordinator: from an accepted run to its one authoritative terminal.
+
+A run is *accepted* (``begin_accepted`` reserves its place in its session's lane and stamps
+a sequence number), then *entered* (``run_accepted``). On entry it is either cancelled on
+entry (its session was cancelled after it was accepted), queued behind the session's active
+run, or made active. The active run's agent runs inside a cancel scope the coordinator owns,
+so ``cancel`` cuts it short and the run ends *cancelled*, never failed. Whatever happens, the
+coordinator publishes the terminal itself, synchronously (from ``finally`` too), then flags
+the run-complete marker so the dispatcher knows not to publish a fallback.
+
+Lanes are FIFO by acceptance order, not by the order dispatch tasks happen to be scheduled
+(Trio deliberately varies that): a run accepted first runs first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Final, Protocol
+
+import attrs
+import trio
+
+from .broker import Broker
+from .context import (
+    RunCompleteMarker,
+    _current_marker,
+    current_run_id,
+    with_run_complete_marker,
+    with_run_id,
+)
+from .errors import EmptyPrompt, InvalidRunId, SessionMissing
+from .events import Attachment, EventType, RunCall, RunComplete, RunProgress
+from .ledger import RunLedger
+
+__all__ = [
+    "AcceptedRun",
+    "Agent",
+    "Coordinator",
+    "Prepare",
+    "RetryPolicy",
+    "RunContext",
+    "SessionCoordinator",
+    "WorkspaceResources",
+]
+
+logger = logging.getLogger("trio_runs")
+
+MAX_RUN_ID_LENGTH: Final = 256
+
+
+class RunContext:
+    """What an agent gets besides its call: who it is running for, and a way to report.
+
+    :meth:`emit` is lossy and never blocks: progress is for observers, never for endings.
+    """
+
+    __slots__ = ("_events", "attempt", "run_id", "session_id")
+
+    def __init__(
+        self,
+        session_id: str,
+        run_id: str,
+        attempt: int = 1,
+        events: Broker[RunProgress] | None = None,
+    ) -> None:
+        self.session_id = session_id
+        self.run_id = run_id
+        self.attempt = attempt
+        self._events = events
+
+    def emit(self, payload: object) -> None:
+        """Publish ``payload`` as lossy progress of this run (dropped for full subscribers)."""
+        events = self._events
+        if events is not None:
+            events.publish(
+                EventType.CREATED, RunProgress(self.session_id, self.run_id, payload, self.attempt)
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"<RunContext session={self.session_id!r} run={self.run_id!r} attempt={self.attempt}>"
+        )
+
+
+Agent = Callable[[RunCall, RunContext], Awaitable[object]]
+"""The user's work for one run: ``async def agent(call, ctx) -> result``."""
+
+Prepare = Callable[[], Awaitable[None]]
+"""An optional hook awaited before every run starts; its failure is a *pre-run* error."""
+
+
+def _check_attempts(_: object, __: object, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"max_attempts must be an int >= 1, got {value!r}")
+
+
+def _check_backoff(_: object, __: object, value: float) -> None:
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"backoff must be a finite number >= 0, got {value!r}")
+
+
+def _check_retry_on(_: object, __: object, value: tuple[type[Exception], ...]) -> None:
+    if not isinstance(value, tuple) or not all(
+        isinstance(kind, type) and issubclass(kind, Exception) for kind in value
+    ):
+        raise ValueError(f"retry_on must be a tuple of Exception subclasses, got {value!r}")
+
+
+@attrs.frozen(slots=True)
+class RetryPolicy:
+    """How often to retry a run whose agent raised, and how long to wait in between.
+
+    Attempt ``n`` (from 1) that fails with one of ``retry_on`` is retried after
+    ``backoff * 2 ** (n - 1)`` seconds while ``n < max_attempts``. Attempts coalesce: only the
+    final attempt's outcome becomes the run's terminal. Cancellation is never retried.
+    """
+
+    max_attempts: int = attrs.field(default=3, validator=_check_attempts)
+    backoff: float = attrs.field(default=0.0, validator=_check_backoff)
+    retry_on: tuple[type[Exception], ...] = attrs.field(
+        default=(Exception,), validator=_check_retry_on
+    )
+
+    def delay_before(self, attempt: int) -> float:
+        """Seconds to wait before starting ``attempt`` (2 and up)."""
+        return float(self.backoff * 2 ** (attempt - 2)) if attempt > 1 else 0.0
+
+
+_RESERVED: Final = "reserved"  # accepted, its task has not entered run_accepted yet
+_QUEUED: Final = "queued"  # entered, waiting for its turn in the lane
+_ACTIVE: Final = "active"  # its turn: prepare + agent are running (or about to)
+_DONE: Final = "done"  # ended, dropped from the queue, or abandoned before entry
+
+
+class AcceptedRun:
+    """A reservation of a place in a session's lane, made by ``begin_accepted``.
+
+    ``sequence`` increases with every acceptance. :meth:`close` is idempotent and is the only
+    way to release the reservation: a reservation never entered with ``run_accepted`` holds
+    its session's lane until closed. Use it as a context manager to make that automatic.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_coordinator",
+        "_marker",
+        "_phase",
+        "_ready",
+        "_scope",
+        "_terminal",
+        "call",
+        "sequence",
+        "session_id",
+    )
+
+    def __init__(self, coordinator: SessionCoordinator, session_id: str, sequence: int) -> None:
+        self._coordinator = coordinator
+        self.session_id = session_id
+        self.sequence = sequence
+        self.call: RunCall | None = None
+        """The call this run entered with (``None`` until ``run_accepted``)."""
+        self._phase: str = _RESERVED
+        self._closed = False
+        self._ready: trio.Event | None = None
+        self._scope: trio.CancelScope | None = None
+        self._marker: RunCompleteMarker | None = None
+        self._terminal: RunComplete | None = None
+
+    @property
+    def closed(self) -> bool:
+        """Whether the reservation was released."""
+        return self._closed
+
+    @property
+    def state(self) -> str:
+        """``"reserved"``, ``"queued"``, ``"active"`` or ``"done"``."""
+        return self._phase
+
+    def close(self) -> None:
+        """Release the reservation (idempotent).
+
+        A run not yet entered gives up its place and the lane moves on; a run already
+        entered keeps running and leaves the lane when it ends.
+        """
+        if not self._closed:
+            self._coordinator._release(self)
+
+    def __enter__(self) -> AcceptedRun:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<AcceptedRun session={self.session_id!r} seq={self.sequence} {self._phase}>"
+
+
+class Coordinator(Protocol):
+    """What the backend needs from a coordinator; :class:`SessionCoordinator` is the real one.
+
+    Implementations publish each run's terminal themselves and then call
+    ``mark_run_complete_published()``; the backend publishes a fallback only when they did not.
+    """
+
+    async def run(
+        self,
+        session_id: str,
+        prompt: str,
+        *,
+        run_id: str = "",
+        attachments: Sequence[Attachment] = (),
+    ) -> RunComplete:
+        """Accept and run one prompt in-process; returns its terminal."""
+        ...
+
+    def begin_accepted(self, session_id: str) -> AcceptedRun:
+        """Reserve a place for a run of ``session_id``; never blocks."""
+        ...
+
+    async def run_accepted(self, accept: AcceptedRun, call: RunCall) -> RunComplete:
+        """Run an accepted run to its end; see :class:`SessionCoordinator` for the contract."""
+        ...
+
+    def cancel(self, session_id: str) -> None:
+        """Cancel the session's active run, drop its queue, cancel its accepted runs."""
+        ...
+
+    def cancel_all(self) -> None:
+        """:meth:`cancel` every session."""
+        ...
+
+    def is_session_busy(self, session_id: str) -> bool:
+        """Whether the session has a run active, queued or accepted."""
+        ...
+
+    def is_busy(self) -> bool:
+        """Whether any session is busy."""
+        ...
+
+    def queued_prompts(self, session_id: str) -> int:
+        """How many runs wait in the session's queue."""
+        ...
+
+    def queued_prompts_list(self, session_id: str) -> list[str]:
+        """The prompts waiting in the session's queue, in the order they will run."""
+        ...
+
+    def clear_queue(self, session_id: str) -> None:
+        """Drop the session's queued runs (each gets a cancelled terminal)."""
+        ...
+
+
+class WorkspaceResources(Protocol):
+    """What a coordinator is built on: a workspace's brokers and the backend's ledger."""
+
+    @property
+    def run_completions(self) -> Broker[RunComplete]: ...
+
+    @property
+    def events(self) -> Broker[RunProgress]: ...
+
+    @property
+    def ledger(self) -> RunLedger: ...
+
+
+class _Session:
+    __slots__ = ("cancel_mark", "lane", "open")
+
+    def __init__(self) -> None:
+        # Every run of the session that is reserved, queued or active, in acceptance order.
+        # The head is the active run, or a reserved one the lane waits for.
+        self.lane: deque[AcceptedRun] = deque()
+        self.cancel_mark = 0
+        # Reservations not yet closed. The session's state (and so its cancel mark) must
+        # outlive every one of them, even those cancel() already took out of the lane.
+        self.open = 0
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    # A Cancelled may reach us bare or inside a group (an agent's own nursery).
+    if isinstance(exc, trio.Cancelled):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_cancellation(inner) for inner in exc.exceptions)
+    return False
+
+
+def _record_terminal(
+    ledger: RunLedger, run_completions: Broker[RunComplete] | None, rc: RunComplete
+) -> bool:
+    # The one way a terminal is published: the ledger decides (first writer wins), and only
+    # the winner is fanned out, so no observer ever sees a second terminal for a run.
+    if not ledger.complete(rc):
+        return False
+    if run_completions is not None:
+        run_completions.publish_must_deliver(EventType.UPDATED, rc)
+    return True
+
+
+def _fallback_terminal(session_id: str, run_id: str, exc: BaseException) -> RunComplete:
+    # The terminal for a run whose coordinator did not publish one.
+    if _is_cancellation(exc):
+        return RunComplete(session_id, run_id, cancelled=True)
+    return RunComplete(session_id, run_id, error=str(exc) or type(exc).__name__)
+
+
+def _validate_submission(
+    session_id: object, prompt: object, run_id: object, attachments: Iterable[object]
+) -> None:
+    # Shared by Backend.send_message and SessionCoordinator.run: bad input is refused before
+    # anything is reserved or registered.
+    if not isinstance(session_id, str) or not session_id.strip():
+        raise SessionMissing()
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    checked: list[Attachment] = []
+    for attachment in attachments:
+        if not isinstance(attachment, Attachment):
+            raise TypeError(f"attachments must be Attachment values, got {type(attachment)}")
+        checked.append(attachment)
+    if not prompt.strip() and not any(a.has_text() for a in checked):
+        raise EmptyPrompt()
+    if run_id != "":
+        _validate_run_id(run_id)
+
+
+def _validate_run_id(run_id: object) -> None:
+    if not isinstance(run_id, str):
+        raise InvalidRunId(run_id, "it must be a str")
+    if not run_id or len(run_id) > MAX_RUN_ID_LENGTH:
+        raise InvalidRunId(run_id, f"it must be 1 to {MAX_RUN_ID_LENGTH} characters long")
+    if not run_id.isprintable() or " " in run_id:
+        raise InvalidRunId(run_id, "it must not contain whitespace or control characters")
+
+
+def new_run_id() -> str:
+    """A fresh run id: a UUID4 string."""
+    return str(uuid.uuid4())
+
+
+class SessionCoordinator:
+    """Runs each session's runs one at a time, in acceptance order, each to one terminal.
+
+    ``agent(call, ctx)`` does the work. ``prepare()``, when given, is awaited before every
+    run starts; if it raises, the run is a *pre-run* failure: nothing is published and the
+    exception propagates (the dispatcher publishes the failed terminal). With ``retry``,
+    failed attempts are retried and only the final outcome is published.
+
+    ``run_accepted`` returns the run's terminal when it completed or was cancelled by this
+    coordinator; re-raises the agent's exception (unwrapped) after publishing the failed
+    terminal; re-raises a ``prepare`` exception having published nothing; and re-raises a
+    ``trio.Cancelled`` from an enclosing scope after publishing the cancelled terminal. It
+    never swallows a ``Cancelled`` and never publishes two terminals for one run.
+    """
+
+    def __init__(
+        self,
+        agent: Agent,
+        *,
+        run_completions: Broker[RunComplete],
+        ledger: RunLedger,
+        events: Broker[RunProgress] | None = None,
+        prepare: Prepare | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        if not callable(agent):
+            raise TypeError(f"agent must be an async callable, got {agent!r}")
+        if prepare is not None and not callable(prepare):
+            raise TypeError(f"prepare must be an async callable or None, got {prepare!r}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise TypeError(f"retry must be a RetryPolicy or None, got {retry!r}")
+        self._agent = agent
+        self._run_completions = run_completions
+        self._ledger = ledger
+        self._events = events
+        self._prepare = prepare
+        self._retry = retry or RetryPolicy(max_attempts=1)
+        self._sequence = 0
+        self._sessions: dict[str, _Session] = {}
+
+    @classmethod
+    def factory(
+        cls,
+        agent: Agent,
+        *,
+        prepare: Prepare | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Callable[[WorkspaceResources], SessionCoordinator]:
+        """A ``coordinator_factory`` for ``Backend.create_workspace`` running ``agent``."""
+
+        def make(workspace: WorkspaceResources) -> SessionCoordinator:
+            return cls(
+                agent,
+                run_completions=workspace.run_completions,
+                ledger=workspace.ledger,
+                events=workspace.events,
+                prepare=prepare,
+                retry=retry,
+            )
+
+        return make
+
+    # -- queries -----------------------------------------------------------------------
+
+    def is_session_busy(self, session_id: str) -> bool:
+        """Whether the session has a run active, queued, or accepted and about to enter."""
+        session = self._sessions.get(session_id)
+        return session is not None and bool(session.lane)
+
+    def is_busy(self) -> bool:
+        """Whether any session is busy."""
+        return any(session.lane for session in self._sessions.values())
+
+    def queued_prompts(self, session_id: str) -> int:
+        """How many entered runs wait behind the session's active run."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return 0
+        return sum(1 for run in session.lane if run._phase is _QUEUED)
+
+    def queued_prompts_list(self, session_id: str) -> list[str]:
+        """The prompts of the session's queued runs, in the order they will start."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return []
+        return [run.call.prompt for run in session.lane if run._phase is _QUEUED and run.call]
+
+    def active_run_id(self, session_id: str) -> str | None:
+        """The run id of the session's active run, if it has one."""
+        session = self._sessions.get(session_id)
+        if session and session.lane:
+            head = session.lane[0]
+            if head._phase is _ACTIVE and head.call is not None:
+                return head.call.run_id
+        return None
+
+    def queued_run_ids(self, session_id: str) -> list[str]:
+        """The run ids of the session's queued runs, in the order they will start."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return []
+        return [run.call.run_id for run in session.lane if run._phase is _QUEUED and run.call]
+
+    @property
+    def session_count(self) -> int:
+        """Sessions the coordinator currently holds state for (busy or with reservations)."""
+        return len(self._sessions)
+
+    # -- acceptance --------------------------------------------------------------------
+
+    def begin_accepted(self, session_id: str) -> AcceptedRun:
+        """Reserve the next place in ``session_id``'s lane; never blocks.
+
+        Raises ``SessionMissing`` for a blank session id.
+        """
+        if not isinstance(session_id, str) or not session_id.strip():
+            raise SessionMissing()
+        self._sequence += 1
+        session = self._sessions.get(session_id)
+        if session is None:
+            session = self._sessions[session_id] = _Session()
+        accept = AcceptedRun(self, session_id, self._sequence)
+        session.lane.append(accept)
+        session.open += 1
+        return accept
+
+    def _release(self, accept: AcceptedRun) -> None:
+        session = self._sessions[accept.session_id]
+        accept._closed = True
+        session.open -= 1
+        if accept._phase is _RESERVED:
+            # Never entered: give its place up so the runs behind it are not held back.
+            accept._phase = _DONE
+            self._leave_lane(session, accept)
+        self._forget_if_idle(accept.session_id, session)
+
+    def _leave_lane(self, session: _Session, accept: AcceptedRun) -> None:
+        lane = session.lane
+        if lane and lane[0] is accept:
+            lane.popleft()
+        else:
+            try:
+                lane.remove(accept)
+            except ValueError:
+                return
+        self._advance(session)
+
+    def _advance(self, session: _Session) -> None:
+        # The lane moves when its head leaves. A queued head starts now; a reserved head
+        # starts as soon as its task enters; an active head keeps the lane.
+        if session.lane:
+            head = session.lane[0]
+            if head._phase is _QUEUED:
+                self._activate(head)
+
+    def _activate(self, accept: AcceptedRun) -> None:
+        accept._phase = _ACTIVE
+        accept._scope = trio.CancelScope()
+        if accept._ready is not None:
+            accept._ready.set()
+
+    def _forget_if_idle(self, session_id: str, session: _Session) -> None:
+        if not session.lane and session.open == 0 and self._sessions.get(session_id) is session:
+            del self._sessions[session_id]
+
+    # -- publishing --------------------------------------------------------------------
+
+    def _publish(self, accept: AcceptedRun, rc: RunComplete) -> None:
+        # Synchronous: runs from finally blocks and cancelled scopes.
+        if accept._terminal is not None:
+            return
+        accept._terminal = rc
+        _record_terminal(self._ledger, self._run_completions, rc)
+        marker = accept._marker
+        if marker is not None:
+            # The marker captured when the run entered: it is the dispatcher's, even when
+            # this publish happens in another task (cancel() dropping a queued run).
+            marker.mark()
+        logger.debug("run %s (session %s) ended: %s", rc.run_id, rc.session_id, rc.outcome)
+
+    def _drop(self, session: _Session, accept: AcceptedRun) -> None:
+        # A queued run leaves without running: it ends cancelled, now.
+        accept._phase = _DONE
+        session.lane.remove(accept)
+        assert accept.call is not None
+        self._publish(accept, RunComplete(accept.session_id, accept.call.run_id, cancelled=True))
+        if accept._ready is not None:
+            accept._ready.set()
+
+    # -- control -----------------------------------------------------------------------
+
+    def cancel(self, session_id: str) -> None:
+        """Cancel the session's active run, drop its queue, cancel its accepted runs.
+
+        Every run of the session accepted before this call ends cancelled: the active one as
+        soon as its agent reaches a checkpoint, queued ones now, and ones accepted but not yet
+        entered when they enter (the session's cancel mark is raised to the newest accepted
+        sequence). Runs accepted after this call are untouched. Never blocks.
+        """
+        session = self._sessions.get(session_id)
+        if session is None:
+            return
+        session.cancel_mark = self._sequence
+        for accept in list(session.lane):
+            if accept._phase is _ACTIVE:
+                assert accept._scope is not None
+                accept._scope.cancel()
+            elif accept._phase is _QUEUED:
+                self._drop(session, accept)
+            else:
+                # Reserved: its task will find itself under the mark when it enters.
+                session.lane.remove(accept)
+        self._forget_if_idle(session_id, session)
+
+    def cancel_all(self) -> None:
+        """:meth:`cancel` every session the coordinator knows."""
+        for session_id in list(self._sessions):
+            self.cancel(session_id)
+
+    def clear_queue(self, session_id: str) -> None:
+        """Drop the session's queued runs (each ends cancelled); its active run goes on."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return
+        for accept in [a for a in session.lane if a._phase is _QUEUED]:
+            self._drop(session, accept)
+        self._advance(session)
+
+    # -- running -----------------------------------------------------------------------
+
+    async def run(
+        self,
+        session_id: str,
+        prompt: str,
+        *,
+        run_id: str = "",
+        attachments: Sequence[Attachment] = (),
+    ) -> RunComplete:
+        """Accept and run one prompt here, without a dispatcher; returns its terminal.
+
+        Mints a run id when none is given and registers it in the ledger. Like
+        ``run_accepted``, re-raises an agent exception after publishing the failed terminal;
+        a ``prepare`` failure is published as the failed terminal here (there is no
+        dispatcher to do it) before it is re-raised.
+        """
+        _validate_submission(session_id, prompt, run_id, attachments)
+        run_id = run_id or new_run_id()
+        self._ledger.accept(run_id, session_id)
+        try:
+            accept = self.begin_accepted(session_id)
+        except BaseException:
+            self._ledger._discard(run_id)
+            raise
+        call = RunCall(session_id, prompt, run_id, tuple(attachments))
+        with accept, with_run_id(run_id), with_run_complete_marker() as marker:
+            try:
+                return await self.run_accepted(accept, call)
+            except BaseException as exc:
+                if not marker.published:
+                    _record_terminal(
+                        self._ledger,
+                        self._run_completions,
+                        _fallback_terminal(session_id, run_id, exc),
+                    )
+                raise
+
+    async def run_accepted(self, accept: AcceptedRun, call: RunCall) -> RunComplete:
+        """Run an accepted run to its end and publish its one terminal.
+
+        See the class docstring for what it returns and raises. The reservation is released
+        when this returns, whichever way.
+        """
+        if accept._coordinator is not self:
+            raise ValueError("this AcceptedRun was made by another coordinator")
+        if accept._phase is not _RESERVED:
+            # Entered by another task, or released: it is not ours to finish.
+            raise RuntimeError(f"{accept!r} was already entered or closed")
+        try:
+            if call.session_id != accept.session_id:
+                raise ValueError(
+                    f"call is for session {call.session_id!r} but the reservation is for "
+                    f"{accept.session_id!r}"
+                )
+            run_id = call.run_id or current_run_id()
+            if not run_id:
+                raise ValueError("the run has no id: set RunCall.run_id or use with_run_id()")
+            if call.run_id != run_id:
+                call = attrs.evolve(call, run_id=run_id)
+            accept.call = call
+            accept._marker = _current_marker()
+            return await self._enter(accept, call)
+        finally:
+            self._finish(accept)
+
+    async def _enter(self, accept: AcceptedRun, call: RunCall) -> RunComplete:
+        session = self._sessions[accept.session_id]
+        if accept.sequence <= session.cancel_mark:
+            rc = RunComplete(accept.session_id, call.run_id, cancelled=True)
+            self._publish(accept, rc)
+            await trio.lowlevel.checkpoint()
+            return rc
+        lane = session.lane
+        if lane[0] is accept:
+            self._activate(accept)
+        else:
+            accept._phase = _QUEUED
+            accept._ready = trio.Event()
+            try:
+                await accept._ready.wait()
+            except BaseException as exc:
+                if accept._phase is _QUEUED:
+                    # Shut down while queued: leave the queue, end cancelled.
+                    accept._phase = _DONE
+                    lane.remove(accept)
+                    self._publish(accept, _fallback_terminal(accept.session_id, call.run_id, exc))
+                raise
+            if accept._phase is _DONE:
+                # Dropped by cancel() or clear_queue(), which published our terminal.
+                assert accept._terminal is not None
+                return accept._terminal
+        return await self._run_active(accept, call)
+
+    async def _run_active(self, accept: AcceptedRun, call: RunCall) -> RunComplete:
+        scope = accept._scope
+        assert scope is not None
+        session_id, run_id = accept.session_id, call.run_id
+        failure: Exception | None = None
+        result: object = None
+        completed = False
+        try:
+            with scope:
+                # A cancel() that landed between activation and now ends the run cancelled
+                # even if the agent would never reach a checkpoint.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                if self._prepare is not None:
+                    await self._prepare()
+                failure, result, completed = await self._attempts(accept, call)
+        except BaseException as exc:
+            if isinstance(exc, Exception) and not _is_cancellation(exc):
+                if not scope.cancel_called:
+                    # prepare() failed: a pre-run error. Nothing is published here; the
+                    # dispatcher's fallback publishes the failed terminal.
+                    raise
+                # prepare() turned our cancel() into an error: still a cancellation.
+                logger.warning(
+                    "run %s (session %s): prepare raised while being cancelled",
+                    run_id,
+                    session_id,
+                    exc_info=exc,
+                )
+                rc = RunComplete(session_id, run_id, cancelled=True)
+                self._publish(accept, rc)
+                return rc
+            # Cancelled by an enclosing scope (shutdown), or KeyboardInterrupt & co.
+            self._publish(accept, _fallback_terminal(session_id, run_id, exc))
+            raise
+        if completed:
+            rc = RunComplete(session_id, run_id, result=result)
+        elif failure is not None and not scope.cancel_called:
+            rc = RunComplete(session_id, run_id, error=str(failure) or type(failure).__name__)
+            self._publish(accept, rc)
+            raise failure
+        else:
+            if failure is not None:
+                logger.warning(
+                    "run %s (session %s) raised while being cancelled; it ends cancelled",
+                    run_id,
+                    session_id,
+                    exc_info=failure,
+                )
+            rc = RunComplete(session_id, run_id, cancelled=True)
+        self._publish(accept, rc)
+        return rc
+
+    async def _attempts(
+        self, accept: AcceptedRun, call: RunCall
+    ) -> tuple[Exception | None, object, bool]:
+        retry = self._retry
+        attempt = 1
+        while True:
+            if attempt > 1:
+                await trio.sleep(retry.delay_before(attempt))
+                call = attrs.evolve(call, attempt=attempt)
+            ctx = RunContext(accept.session_id, call.run_id, attempt, self._events)
+            try:
+                result = await self._agent(call, ctx)
+            except Exception as exc:
+                if attempt < retry.max_attempts and isinstance(exc, retry.retry_on):
+                    logger.info(
+                        "run %s attempt %d failed (%s); retrying", call.run_id, attempt, exc
+                    )
+                    attempt += 1
+                    continue
+                return exc, None, False
+            return None, result, True
+
+    def _finish(self, accept: AcceptedRun) -> None:
+        # The run is over (or never got going): free its place and its reservation.
+        session = self._sessions.get(accept.session_id)
+        if session is None:
+            return
+        accept._phase = _DONE
+        self._leave_lane(session, accept)
+        if not accept._closed:
+            accept._closed = True
+            session.open -= 1
+        self._forget_if_idle(accept.session_id, session)
+
+    def __repr__(self) -> str:
+        return f"<SessionCoordinator sessions={len(self._sessions)} accepted={self._sequence}>"

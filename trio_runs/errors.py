@@ -1,0 +1,112 @@
+"""The exception hierarchy: every error trio-runs raises on purpose is a ``TrioRunsError``.
+
+Errors raised for bad input also subclass the matching builtin (``LookupError`` for unknown
+ids, ``ValueError`` for malformed values) so callers can catch them either way. When one of
+these is raised synchronously by ``Backend.send_message``, nothing was reserved, registered
+or started.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentNotInitialized",
+    "BackendClosed",
+    "DuplicateRun",
+    "EmptyPrompt",
+    "InvalidRunId",
+    "SessionMissing",
+    "SubscriberOverflow",
+    "TrioRunsError",
+    "UnknownRun",
+    "WorkspaceClosing",
+    "WorkspaceNotFound",
+]
+
+
+class TrioRunsError(Exception):
+    """Base class of every error trio-runs raises deliberately."""
+
+
+class WorkspaceNotFound(TrioRunsError, LookupError):
+    """No open workspace has this id."""
+
+    def __init__(self, workspace_id: str) -> None:
+        super().__init__(f"no workspace with id {workspace_id!r}")
+        self.workspace_id = workspace_id
+
+
+class WorkspaceClosing(TrioRunsError):
+    """The workspace is closing (or closed) and accepts no new runs."""
+
+    def __init__(self, workspace_id: str) -> None:
+        super().__init__(f"workspace {workspace_id!r} is closing and accepts no new runs")
+        self.workspace_id = workspace_id
+
+
+class BackendClosed(TrioRunsError):
+    """The backend is closing or closed: it creates no workspaces and accepts no runs."""
+
+    def __init__(self) -> None:
+        super().__init__("the backend is closing or closed")
+
+
+class AgentNotInitialized(TrioRunsError):
+    """The workspace was created without a coordinator, so it cannot run anything."""
+
+    def __init__(self, workspace_id: str) -> None:
+        super().__init__(f"workspace {workspace_id!r} has no agent (its factory returned None)")
+        self.workspace_id = workspace_id
+
+
+class EmptyPrompt(TrioRunsError, ValueError):
+    """The message has a blank prompt and no non-blank text attachment: nothing to run."""
+
+    def __init__(self) -> None:
+        super().__init__("the prompt is empty and there is no text attachment")
+
+
+class SessionMissing(TrioRunsError, ValueError):
+    """The message names no session (empty or whitespace-only ``session_id``)."""
+
+    def __init__(self) -> None:
+        super().__init__("the message has no session_id")
+
+
+class InvalidRunId(TrioRunsError, ValueError):
+    """A caller-supplied run id is not usable (blank, too long, or not a string)."""
+
+    def __init__(self, run_id: object, reason: str) -> None:
+        super().__init__(f"invalid run id {run_id!r}: {reason}")
+        self.run_id = run_id
+
+
+class DuplicateRun(TrioRunsError, ValueError):
+    """A run with this id was already accepted: run ids are unique."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run id {run_id!r} was already accepted")
+        self.run_id = run_id
+
+
+class UnknownRun(TrioRunsError, LookupError):
+    """No run with this id was ever accepted (or its terminal was evicted past retention)."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"no run with id {run_id!r} is known (never accepted, or evicted)")
+        self.run_id = run_id
+
+
+class SubscriberOverflow(TrioRunsError):
+    """A subscriber fell more than ``max_backlog`` events behind and was disconnected.
+
+    Raised by the subscription's next receive: the broker never drops a must-deliver event
+    silently, so a consumer too slow to keep up is told, not quietly starved.
+    """
+
+    def __init__(self, backlog: int, max_backlog: int) -> None:
+        super().__init__(
+            f"subscriber disconnected: its backlog reached {backlog} events "
+            f"(max_backlog={max_backlog}); {backlog} undelivered events were discarded"
+        )
+        self.backlog = backlog
+        self.max_backlog = max_backlog

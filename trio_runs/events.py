@@ -1,0 +1,450 @@
+"""The values that cross trio-runs' boundaries, and their JSON round-trip.
+
+Every class here is an immutable, slotted ``attrs`` value. Each has ``to_dict()`` /
+``from_dict()`` (plain JSON-compatible mappings) and ``to_json()`` / ``from_json()``.
+Decoding is strict: a missing field, an unknown field or a field of the wrong type raises
+``ValueError`` naming the class and the field, never a ``KeyError`` from deep inside.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import json
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final, Generic, Literal, TypeVar
+
+import attrs
+
+__all__ = [
+    "AgentMessage",
+    "Attachment",
+    "Event",
+    "EventType",
+    "Notification",
+    "NotificationType",
+    "RunCall",
+    "RunComplete",
+    "RunProgress",
+]
+
+T = TypeVar("T")
+
+Outcome = Literal["completed", "failed", "cancelled"]
+
+
+def _loads(text: str | bytes | bytearray, what: str) -> Mapping[str, Any]:
+    try:
+        data = json.loads(text)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what}: not valid JSON: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{what}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _check_keys(
+    data: object, what: str, required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{what}: expected a mapping, got {type(data).__name__}")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"{what}: missing field(s) {', '.join(map(repr, missing))}")
+    unknown = sorted(str(k) for k in data if k not in required and k not in optional)
+    if unknown:
+        raise ValueError(f"{what}: unknown field(s) {', '.join(map(repr, unknown))}")
+    return data
+
+
+def _typed(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = data[key]
+    # bool is an int subclass: refuse True where an int is wanted, and 1 where a bool is.
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is int)
+    if not ok:
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ValueError(f"{what}: field {key!r} must be {names}, got {type(value).__name__}")
+    return value
+
+
+def _opt(
+    data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str, default: Any
+) -> Any:
+    if key not in data:
+        return default
+    return _typed(data, key, kind, what)
+
+
+class NotificationType(enum.Enum):
+    """Kinds of lossy, best-effort notifications a workspace publishes."""
+
+    AGENT_ERROR = "agent_error"
+    """A run ended with an error (the authoritative ending is still its ``RunComplete``)."""
+
+
+class EventType(enum.Enum):
+    """What happened to an event's payload."""
+
+    CREATED = "created"
+    UPDATED = "updated"
+    DELETED = "deleted"
+
+
+@attrs.frozen(slots=True)
+class RunComplete:
+    """The terminal of one run: how it ended, exactly once per accepted run.
+
+    ``result`` is the agent's return value (it must be JSON-serialisable to cross a process
+    boundary), so a client that lost live events can still reconcile. A terminal is never
+    both cancelled and an error as far as :attr:`outcome` is concerned: cancelled wins.
+    """
+
+    session_id: str
+    run_id: str
+    result: object = None
+    error: str | None = None
+    cancelled: bool = False
+
+    @property
+    def outcome(self) -> Outcome:
+        """``"cancelled"``, ``"failed"`` or ``"completed"``; cancellation wins over an error."""
+        if self.cancelled:
+            return "cancelled"
+        if self.error is not None:
+            return "failed"
+        return "completed"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-compatible mapping (``result`` is passed through as is)."""
+        return {
+            "session_id": self.session_id,
+            "run_id": self.run_id,
+            "result": self.result,
+            "error": self.error,
+            "cancelled": self.cancelled,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> RunComplete:
+        """Decode :meth:`to_dict`'s output; raises ``ValueError`` on any malformed field."""
+        what = cls.__name__
+        d = _check_keys(data, what, ("session_id", "run_id"), ("result", "error", "cancelled"))
+        return cls(
+            session_id=_typed(d, "session_id", str, what),
+            run_id=_typed(d, "run_id", str, what),
+            result=d.get("result"),
+            error=_opt(d, "error", (str, type(None)), what, None),
+            cancelled=_opt(d, "cancelled", bool, what, False),
+        )
+
+    def to_json(self) -> str:
+        """Serialise to JSON; raises ``TypeError`` if ``result`` is not JSON-serialisable."""
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str | bytes | bytearray) -> RunComplete:
+        """Parse :meth:`to_json`'s output; raises ``ValueError`` on malformed input."""
+        return cls.from_dict(_loads(text, cls.__name__))
+
+
+@attrs.frozen(slots=True)
+class Notification:
+    """A lossy, best-effort notice for observers (e.g. an agent error).
+
+    Never the authoritative ending of a run: that is always the run's :class:`RunComplete`.
+    """
+
+    type: NotificationType
+    session_id: str
+    run_id: str
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-compatible mapping."""
+        return {
+            "type": self.type.value,
+            "session_id": self.session_id,
+            "run_id": self.run_id,
+            "message": self.message,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> Notification:
+        """Decode :meth:`to_dict`'s output; raises ``ValueError`` on any malformed field."""
+        what = cls.__name__
+        d = _check_keys(data, what, ("type", "session_id", "run_id", "message"))
+        raw_type = _typed(d, "type", str, what)
+        try:
+            kind = NotificationType(raw_type)
+        except ValueError:
+            raise ValueError(f"{what}: unknown notification type {raw_type!r}") from None
+        return cls(
+            type=kind,
+            session_id=_typed(d, "session_id", str, what),
+            run_id=_typed(d, "run_id", str, what),
+            message=_typed(d, "message", str, what),
+        )
+
+    def to_json(self) -> str:
+        """Serialise to JSON."""
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str | bytes | bytearray) -> Notification:
+        """Parse :meth:`to_json`'s output; raises ``ValueError`` on malformed input."""
+        return cls.from_dict(_loads(text, cls.__name__))
+
+
+@attrs.frozen(slots=True)
+class RunProgress:
+    """One lossy progress item an agent emitted with ``RunContext.emit``.
+
+    Observers may miss any of these under load; they never carry a run's ending.
+    """
+
+    session_id: str
+    run_id: str
+    payload: object
+    attempt: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-compatible mapping (``payload`` is passed through as is)."""
+        return {
+            "session_id": self.session_id,
+            "run_id": self.run_id,
+            "payload": self.payload,
+            "attempt": self.attempt,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> RunProgress:
+        """Decode :meth:`to_dict`'s output; raises ``ValueError`` on any malformed field."""
+        what = cls.__name__
+        d = _check_keys(data, what, ("session_id", "run_id", "payload"), ("attempt",))
+        return cls(
+            session_id=_typed(d, "session_id", str, what),
+            run_id=_typed(d, "run_id", str, what),
+            payload=d["payload"],
+            attempt=_opt(d, "attempt", int, what, 1),
+        )
+
+    def to_json(self) -> str:
+        """Serialise to JSON; raises ``TypeError`` if ``payload`` is not JSON-serialisable."""
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str | bytes | bytearray) -> RunProgress:
+        """Parse :meth:`to_json`'s output; raises ``ValueError`` on malformed input."""
+        return cls.from_dict(_loads(text, cls.__name__))
+
+
+@attrs.frozen(slots=True)
+class Attachment:
+    """A file handed to a run alongside its prompt.
+
+    A *text* attachment (``mime_type`` ``text/*``) with non-blank content counts as input on
+    its own, so a message whose prompt is empty but carries one is not an ``EmptyPrompt``.
+    """
+
+    name: str
+    data: bytes
+    mime_type: str = "application/octet-stream"
+
+    @classmethod
+    def text(cls, name: str, content: str, mime_type: str = "text/plain") -> Attachment:
+        """An attachment holding ``content`` encoded as UTF-8."""
+        return cls(name=name, data=content.encode("utf-8"), mime_type=mime_type)
+
+    @property
+    def is_text(self) -> bool:
+        """Whether the attachment is textual (its MIME type is ``text/*``)."""
+        return self.mime_type.split(";", 1)[0].strip().lower().startswith("text/")
+
+    def has_text(self) -> bool:
+        """Whether this is a text attachment with at least one non-blank character."""
+        if not self.is_text:
+            return False
+        return bool(self.data.decode("utf-8", errors="replace").strip())
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-compatible mapping; ``data`` is base64-encoded."""
+        return {
+            "name": self.name,
+            "mime_type": self.mime_type,
+            "data": base64.b64encode(self.data).decode("ascii"),
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> Attachment:
+        """Decode :meth:`to_dict`'s output; raises ``ValueError`` on any malformed field."""
+        what = cls.__name__
+        d = _check_keys(data, what, ("name", "data"), ("mime_type",))
+        try:
+            raw = base64.b64decode(_typed(d, "data", str, what), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError(f"{what}: field 'data' is not valid base64: {exc}") from None
+        return cls(
+            name=_typed(d, "name", str, what),
+            data=raw,
+            mime_type=_opt(d, "mime_type", str, what, "application/octet-stream"),
+        )
+
+
+def _attachments_from(data: Mapping[str, Any], what: str) -> tuple[Attachment, ...]:
+    raw = _opt(data, "attachments", list, what, [])
+    return tuple(Attachment.from_dict(item) for item in raw)
+
+
+def _to_attachments(value: Iterable[Attachment]) -> tuple[Attachment, ...]:
+    return tuple(value)
+
+
+@attrs.frozen(slots=True)
+class AgentMessage:
+    """What a client submits: a prompt for a session, optionally with its own run id.
+
+    An empty ``run_id`` asks the backend to mint one (a UUID4 string).
+    """
+
+    session_id: str
+    prompt: str
+    run_id: str = ""
+    attachments: tuple[Attachment, ...] = attrs.field(default=(), converter=_to_attachments)
+
+    def has_input(self) -> bool:
+        """Whether there is something to run: a non-blank prompt or a non-blank text file."""
+        return bool(self.prompt.strip()) or any(a.has_text() for a in self.attachments)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-compatible mapping."""
+        return {
+            "session_id": self.session_id,
+            "prompt": self.prompt,
+            "run_id": self.run_id,
+            "attachments": [a.to_dict() for a in self.attachments],
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> AgentMessage:
+        """Decode :meth:`to_dict`'s output; raises ``ValueError`` on any malformed field."""
+        what = cls.__name__
+        d = _check_keys(data, what, ("session_id", "prompt"), ("run_id", "attachments"))
+        return cls(
+            session_id=_typed(d, "session_id", str, what),
+            prompt=_typed(d, "prompt", str, what),
+            run_id=_opt(d, "run_id", str, what, ""),
+            attachments=_attachments_from(d, what),
+        )
+
+    def to_json(self) -> str:
+        """Serialise to JSON."""
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str | bytes | bytearray) -> AgentMessage:
+        """Parse :meth:`to_json`'s output; raises ``ValueError`` on malformed input."""
+        return cls.from_dict(_loads(text, cls.__name__))
+
+
+@attrs.frozen(slots=True)
+class RunCall:
+    """What the agent receives for one attempt of one run."""
+
+    session_id: str
+    prompt: str
+    run_id: str = ""
+    attachments: tuple[Attachment, ...] = attrs.field(default=(), converter=_to_attachments)
+    attempt: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-compatible mapping."""
+        return {
+            "session_id": self.session_id,
+            "prompt": self.prompt,
+            "run_id": self.run_id,
+            "attachments": [a.to_dict() for a in self.attachments],
+            "attempt": self.attempt,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> RunCall:
+        """Decode :meth:`to_dict`'s output; raises ``ValueError`` on any malformed field."""
+        what = cls.__name__
+        d = _check_keys(data, what, ("session_id", "prompt"), ("run_id", "attachments", "attempt"))
+        return cls(
+            session_id=_typed(d, "session_id", str, what),
+            prompt=_typed(d, "prompt", str, what),
+            run_id=_opt(d, "run_id", str, what, ""),
+            attachments=_attachments_from(d, what),
+            attempt=_opt(d, "attempt", int, what, 1),
+        )
+
+    def to_json(self) -> str:
+        """Serialise to JSON."""
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str | bytes | bytearray) -> RunCall:
+        """Parse :meth:`to_json`'s output; raises ``ValueError`` on malformed input."""
+        return cls.from_dict(_loads(text, cls.__name__))
+
+
+# Payload kinds an Event can carry across a process boundary, by tag.
+_PAYLOAD_KINDS: Final[dict[str, Callable[[object], Any]]] = {
+    "run_complete": RunComplete.from_dict,
+    "notification": Notification.from_dict,
+    "run_progress": RunProgress.from_dict,
+}
+_PAYLOAD_TAGS: Final[dict[type, str]] = {
+    RunComplete: "run_complete",
+    Notification: "notification",
+    RunProgress: "run_progress",
+}
+
+
+@attrs.frozen(slots=True)
+class Event(Generic[T]):
+    """One item delivered by a :class:`~trio_runs.Broker`: what happened, and to what."""
+
+    type: EventType
+    payload: T
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-compatible mapping; the payload is tagged with its kind so it decodes back.
+
+        Payloads that are not trio-runs values are passed through as plain JSON (kind
+        ``"json"``).
+        """
+        tag = _PAYLOAD_TAGS.get(type(self.payload))
+        if tag is None:
+            return {"type": self.type.value, "kind": "json", "payload": self.payload}
+        payload: Any = self.payload
+        return {"type": self.type.value, "kind": tag, "payload": payload.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: object) -> Event[Any]:
+        """Decode :meth:`to_dict`'s output; raises ``ValueError`` on any malformed field."""
+        what = cls.__name__
+        d = _check_keys(data, what, ("type", "kind", "payload"))
+        raw_type = _typed(d, "type", str, what)
+        try:
+            kind = EventType(raw_type)
+        except ValueError:
+            raise ValueError(f"{what}: unknown event type {raw_type!r}") from None
+        tag = _typed(d, "kind", str, what)
+        if tag == "json":
+            return Event(kind, d["payload"])
+        decode = _PAYLOAD_KINDS.get(tag)
+        if decode is None:
+            raise ValueError(f"{what}: unknown payload kind {tag!r}")
+        return Event(kind, decode(d["payload"]))
+
+    def to_json(self) -> str:
+        """Serialise to JSON; raises ``TypeError`` if the payload is not JSON-serialisable."""
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str | bytes | bytearray) -> Event[Any]:
+        """Parse :meth:`to_json`'s output; raises ``ValueError`` on malformed input."""
+        return cls.from_dict(_loads(text, cls.__name__))
