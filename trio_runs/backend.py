@@ -274,6 +274,9 @@ class Backend:
         assert nursery is not None
         call = RunCall(msg.session_id, msg.prompt, run_id, msg.attachments)
         accept = coordinator.begin_accepted(msg.session_id)
+        # Attached now so the run is listed as queued (and clear_queue can drop it) before
+        # its task gets to run.
+        accept.call = call
         try:
             self._ledger.accept(run_id, msg.session_id)
             try:

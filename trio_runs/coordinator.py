@@ -153,6 +153,7 @@ class AcceptedRun:
     __slots__ = (
         "_closed",
         "_coordinator",
+        "_entered",
         "_marker",
         "_phase",
         "_ready",
@@ -168,8 +169,11 @@ class AcceptedRun:
         self.session_id = session_id
         self.sequence = sequence
         self.call: RunCall | None = None
-        """The call this run entered with (``None`` until ``run_accepted``)."""
+        """What the run is for. The dispatcher attaches it at acceptance, so the run shows in
+        ``queued_prompts_list`` (and ``clear_queue`` can drop it) before its task starts;
+        otherwise ``run_accepted`` sets it on entry."""
         self._phase: str = _RESERVED
+        self._entered = False
         self._closed = False
         self._ready: trio.Event | None = None
         self._scope: trio.CancelScope | None = None
@@ -426,19 +430,26 @@ class SessionCoordinator:
         """Whether any session is busy."""
         return any(session.lane for session in self._sessions.values())
 
-    def queued_prompts(self, session_id: str) -> int:
-        """How many entered runs wait behind the session's active run."""
-        session = self._sessions.get(session_id)
-        if session is None:
-            return 0
-        return sum(1 for run in session.lane if run._phase is _QUEUED)
-
-    def queued_prompts_list(self, session_id: str) -> list[str]:
-        """The prompts of the session's queued runs, in the order they will start."""
+    def _queued(self, session_id: str) -> list[AcceptedRun]:
+        # Queued: waiting behind the lane's head, whether its task has entered already or
+        # not (a reservation whose call is known). The head itself is running or starting.
         session = self._sessions.get(session_id)
         if session is None:
             return []
-        return [run.call.prompt for run in session.lane if run._phase is _QUEUED and run.call]
+        return [
+            run
+            for index, run in enumerate(session.lane)
+            if run._phase is _QUEUED
+            or (run._phase is _RESERVED and index > 0 and run.call is not None)
+        ]
+
+    def queued_prompts(self, session_id: str) -> int:
+        """How many runs wait behind the session's active (or starting) run."""
+        return len(self._queued(session_id))
+
+    def queued_prompts_list(self, session_id: str) -> list[str]:
+        """The prompts of the session's queued runs, in the order they will start."""
+        return [run.call.prompt for run in self._queued(session_id) if run.call is not None]
 
     def active_run_id(self, session_id: str) -> str | None:
         """The run id of the session's active run, if it has one."""
@@ -451,10 +462,7 @@ class SessionCoordinator:
 
     def queued_run_ids(self, session_id: str) -> list[str]:
         """The run ids of the session's queued runs, in the order they will start."""
-        session = self._sessions.get(session_id)
-        if session is None:
-            return []
-        return [run.call.run_id for run in session.lane if run._phase is _QUEUED and run.call]
+        return [run.call.run_id for run in self._queued(session_id) if run.call is not None]
 
     @property
     def session_count(self) -> int:
@@ -534,7 +542,8 @@ class SessionCoordinator:
         logger.debug("run %s (session %s) ended: %s", rc.run_id, rc.session_id, rc.outcome)
 
     def _drop(self, session: _Session, accept: AcceptedRun) -> None:
-        # A queued run leaves without running: it ends cancelled, now.
+        # A queued run (entered, or reserved with its call attached) leaves without running:
+        # it ends cancelled, now. A reserved one finds its terminal when its task enters.
         accept._phase = _DONE
         session.lane.remove(accept)
         assert accept.call is not None
@@ -548,9 +557,10 @@ class SessionCoordinator:
         """Cancel the session's active run, drop its queue, cancel its accepted runs.
 
         Every run of the session accepted before this call ends cancelled: the active one as
-        soon as its agent reaches a checkpoint, queued ones now, and ones accepted but not yet
-        entered when they enter (the session's cancel mark is raised to the newest accepted
-        sequence). Runs accepted after this call are untouched. Never blocks.
+        soon as its agent reaches a checkpoint, queued ones now (also those whose task has not
+        started yet but whose call is known), and any other accepted one when it enters (the
+        session's cancel mark is raised to the newest accepted sequence). Runs accepted after
+        this call are untouched. Never blocks.
         """
         session = self._sessions.get(session_id)
         if session is None:
@@ -560,10 +570,10 @@ class SessionCoordinator:
             if accept._phase is _ACTIVE:
                 assert accept._scope is not None
                 accept._scope.cancel()
-            elif accept._phase is _QUEUED:
+            elif accept._phase is _QUEUED or accept.call is not None:
                 self._drop(session, accept)
             else:
-                # Reserved: its task will find itself under the mark when it enters.
+                # Reserved, call unknown: its task will find itself under the mark on entry.
                 session.lane.remove(accept)
         self._forget_if_idle(session_id, session)
 
@@ -577,7 +587,7 @@ class SessionCoordinator:
         session = self._sessions.get(session_id)
         if session is None:
             return
-        for accept in [a for a in session.lane if a._phase is _QUEUED]:
+        for accept in self._queued(session_id):
             self._drop(session, accept)
         self._advance(session)
 
@@ -627,9 +637,10 @@ class SessionCoordinator:
         """
         if accept._coordinator is not self:
             raise ValueError("this AcceptedRun was made by another coordinator")
-        if accept._phase is not _RESERVED:
-            # Entered by another task, or released: it is not ours to finish.
+        if accept._entered or (accept._phase is _DONE and accept._terminal is None):
+            # Entered by another task, or released unused: it is not ours to finish.
             raise RuntimeError(f"{accept!r} was already entered or closed")
+        accept._entered = True
         try:
             if call.session_id != accept.session_id:
                 raise ValueError(
@@ -641,8 +652,19 @@ class SessionCoordinator:
                 raise ValueError("the run has no id: set RunCall.run_id or use with_run_id()")
             if call.run_id != run_id:
                 call = attrs.evolve(call, run_id=run_id)
+            if accept.call is not None and accept.call.run_id != run_id:
+                raise ValueError(
+                    f"run id {run_id!r} does not match the call attached at acceptance "
+                    f"({accept.call.run_id!r})"
+                )
             accept.call = call
             accept._marker = _current_marker()
+            if accept._terminal is not None:
+                # Dropped by cancel() or clear_queue() before its task got here.
+                if accept._marker is not None:
+                    accept._marker.mark()
+                await trio.lowlevel.checkpoint()
+                return accept._terminal
             return await self._enter(accept, call)
         finally:
             self._finish(accept)
