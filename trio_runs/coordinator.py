@@ -710,26 +710,20 @@ class SessionCoordinator:
                 # even if the agent would never reach a checkpoint.
                 await trio.lowlevel.checkpoint_if_cancelled()
                 if self._prepare is not None:
-                    await self._prepare()
-                failure, result, completed = await self._attempts(accept, call)
+                    try:
+                        await self._prepare()
+                    except Exception as exc:
+                        if not scope.cancel_called:
+                            # A pre-run error: nothing is published here; the dispatcher's
+                            # fallback publishes the failed terminal.
+                            raise
+                        failure = exc  # prepare() turned our cancel() into an error
+                if failure is None:
+                    failure, result, completed = await self._attempts(accept, call)
         except BaseException as exc:
-            if isinstance(exc, Exception) and not _is_cancellation(exc):
-                if not scope.cancel_called:
-                    # prepare() failed: a pre-run error. Nothing is published here; the
-                    # dispatcher's fallback publishes the failed terminal.
-                    raise
-                # prepare() turned our cancel() into an error: still a cancellation.
-                logger.warning(
-                    "run %s (session %s): prepare raised while being cancelled",
-                    run_id,
-                    session_id,
-                    exc_info=exc,
-                )
-                rc = RunComplete(session_id, run_id, cancelled=True)
-                self._publish(accept, rc)
-                return rc
-            # Cancelled by an enclosing scope (shutdown), or KeyboardInterrupt & co.
-            self._publish(accept, _fallback_terminal(session_id, run_id, exc))
+            if not isinstance(exc, Exception):
+                # Cancelled by an enclosing scope (shutdown), or KeyboardInterrupt & co.
+                self._publish(accept, _fallback_terminal(session_id, run_id, exc))
             raise
         if completed:
             rc = RunComplete(session_id, run_id, result=result)
@@ -739,6 +733,8 @@ class SessionCoordinator:
             raise failure
         else:
             if failure is not None:
+                # Cancellation is never reported as an error, even when the agent (or
+                # prepare) raised something else while unwinding from it.
                 logger.warning(
                     "run %s (session %s) raised while being cancelled; it ends cancelled",
                     run_id,

@@ -13,7 +13,7 @@ import binascii
 import enum
 import json
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Final, Generic, Literal, TypeVar
+from typing import Any, Final, Generic, Literal, Self, TypeVar
 
 import attrs
 
@@ -76,6 +76,28 @@ def _opt(
     return _typed(data, key, kind, what)
 
 
+class _JSONValue:
+    """``to_json`` / ``from_json`` for a value class with ``to_dict`` / ``from_dict``."""
+
+    __slots__ = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls, data: object) -> Self:
+        raise NotImplementedError
+
+    def to_json(self) -> str:
+        """Serialise to JSON; raises ``TypeError`` if a free-form field is not serialisable."""
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str | bytes | bytearray) -> Self:
+        """Parse :meth:`to_json`'s output; raises ``ValueError`` on malformed input."""
+        return cls.from_dict(_loads(text, cls.__name__))
+
+
 class NotificationType(enum.Enum):
     """Kinds of lossy, best-effort notifications a workspace publishes."""
 
@@ -92,7 +114,7 @@ class EventType(enum.Enum):
 
 
 @attrs.frozen(slots=True)
-class RunComplete:
+class RunComplete(_JSONValue):
     """The terminal of one run: how it ended, exactly once per accepted run.
 
     ``result`` is the agent's return value (it must be JSON-serialisable to cross a process
@@ -138,18 +160,9 @@ class RunComplete:
             cancelled=_opt(d, "cancelled", bool, what, False),
         )
 
-    def to_json(self) -> str:
-        """Serialise to JSON; raises ``TypeError`` if ``result`` is not JSON-serialisable."""
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, text: str | bytes | bytearray) -> RunComplete:
-        """Parse :meth:`to_json`'s output; raises ``ValueError`` on malformed input."""
-        return cls.from_dict(_loads(text, cls.__name__))
-
 
 @attrs.frozen(slots=True)
-class Notification:
+class Notification(_JSONValue):
     """A lossy, best-effort notice for observers (e.g. an agent error).
 
     Never the authoritative ending of a run: that is always the run's :class:`RunComplete`.
@@ -186,18 +199,9 @@ class Notification:
             message=_typed(d, "message", str, what),
         )
 
-    def to_json(self) -> str:
-        """Serialise to JSON."""
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, text: str | bytes | bytearray) -> Notification:
-        """Parse :meth:`to_json`'s output; raises ``ValueError`` on malformed input."""
-        return cls.from_dict(_loads(text, cls.__name__))
-
 
 @attrs.frozen(slots=True)
-class RunProgress:
+class RunProgress(_JSONValue):
     """One lossy progress item an agent emitted with ``RunContext.emit``.
 
     Observers may miss any of these under load; they never carry a run's ending.
@@ -229,18 +233,9 @@ class RunProgress:
             attempt=_opt(d, "attempt", int, what, 1),
         )
 
-    def to_json(self) -> str:
-        """Serialise to JSON; raises ``TypeError`` if ``payload`` is not JSON-serialisable."""
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, text: str | bytes | bytearray) -> RunProgress:
-        """Parse :meth:`to_json`'s output; raises ``ValueError`` on malformed input."""
-        return cls.from_dict(_loads(text, cls.__name__))
-
 
 @attrs.frozen(slots=True)
-class Attachment:
+class Attachment(_JSONValue):
     """A file handed to a run alongside its prompt.
 
     A *text* attachment (``mime_type`` ``text/*``) with non-blank content counts as input on
@@ -301,7 +296,7 @@ def _to_attachments(value: Iterable[Attachment]) -> tuple[Attachment, ...]:
 
 
 @attrs.frozen(slots=True)
-class AgentMessage:
+class AgentMessage(_JSONValue):
     """What a client submits: a prompt for a session, optionally with its own run id.
 
     An empty ``run_id`` asks the backend to mint one (a UUID4 string).
@@ -337,18 +332,9 @@ class AgentMessage:
             attachments=_attachments_from(d, what),
         )
 
-    def to_json(self) -> str:
-        """Serialise to JSON."""
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, text: str | bytes | bytearray) -> AgentMessage:
-        """Parse :meth:`to_json`'s output; raises ``ValueError`` on malformed input."""
-        return cls.from_dict(_loads(text, cls.__name__))
-
 
 @attrs.frozen(slots=True)
-class RunCall:
+class RunCall(_JSONValue):
     """What the agent receives for one attempt of one run."""
 
     session_id: str
@@ -380,15 +366,6 @@ class RunCall:
             attempt=_opt(d, "attempt", int, what, 1),
         )
 
-    def to_json(self) -> str:
-        """Serialise to JSON."""
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, text: str | bytes | bytearray) -> RunCall:
-        """Parse :meth:`to_json`'s output; raises ``ValueError`` on malformed input."""
-        return cls.from_dict(_loads(text, cls.__name__))
-
 
 # Payload kinds an Event can carry across a process boundary, by tag.
 _PAYLOAD_KINDS: Final[dict[str, Callable[[object], Any]]] = {
@@ -404,7 +381,7 @@ _PAYLOAD_TAGS: Final[dict[type, str]] = {
 
 
 @attrs.frozen(slots=True)
-class Event(Generic[T]):
+class Event(_JSONValue, Generic[T]):
     """One item delivered by a :class:`~trio_runs.Broker`: what happened, and to what."""
 
     type: EventType
@@ -439,12 +416,3 @@ class Event(Generic[T]):
         if decode is None:
             raise ValueError(f"{what}: unknown payload kind {tag!r}")
         return Event(kind, decode(d["payload"]))
-
-    def to_json(self) -> str:
-        """Serialise to JSON; raises ``TypeError`` if the payload is not JSON-serialisable."""
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, text: str | bytes | bytearray) -> Event[Any]:
-        """Parse :meth:`to_json`'s output; raises ``ValueError`` on malformed input."""
-        return cls.from_dict(_loads(text, cls.__name__))
