@@ -102,30 +102,23 @@ class Workspace:
         return frozenset(self._runs)
 
     async def _serve(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        on_started: Callable[[], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         try:
             with self._hard_stop:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    on_started()
                     task_status.started()
                     self._started.set()
                     await self._close_requested.wait()
                     # Leaving the block waits for every dispatched run to end.
         finally:
+            # Every dispatch has ended here, and each left its run with a terminal.
             self._closing = True
-            # Every dispatch publishes its run's terminal on its way out; this catches
-            # whatever a misbehaving coordinator might still have left pending.
-            for run_id in list(self._runs):
-                if self.ledger.state(run_id) == "pending":
-                    session_id = self.ledger.session_of(run_id) or ""
-                    logger.error("run %s had no terminal when its workspace closed", run_id)
-                    _record_terminal(
-                        self.ledger,
-                        self.run_completions,
-                        RunComplete(session_id, run_id, cancelled=True),
-                    )
-            self._runs.clear()
             self.run_completions.shutdown()
             self.notifications.shutdown()
             self.events.shutdown()
@@ -202,8 +195,8 @@ class Backend:
                 f"coordinator_factory must return a Coordinator or None, got {coordinator!r}"
             )
         workspace.coordinator = coordinator
-        # Registered before the await so a concurrent create for the same path finds it.
-        self._workspaces[workspace.id] = workspace
+        # Claim the path before the await so a concurrent create for it waits for this one;
+        # the id is published only once the nursery exists, so nothing can send to it early.
         self._by_path[resolved] = workspace
         try:
             await self._nursery.start(self._serve_workspace, workspace)
@@ -218,8 +211,12 @@ class Backend:
     async def _serve_workspace(
         self, workspace: Workspace, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        def publish_id() -> None:
+            # Only now, with its nursery open, can the workspace take runs.
+            self._workspaces[workspace.id] = workspace
+
         try:
-            await workspace._serve(task_status=task_status)
+            await workspace._serve(publish_id, task_status=task_status)
         finally:
             self._unregister(workspace)
 
@@ -300,25 +297,47 @@ class Backend:
         # The seed's runAgent: owns the reservation, attaches the run id and a fresh marker,
         # and makes sure the run has a terminal however run_accepted ends.
         run_id, session_id = call.run_id, call.session_id
+        failure: BaseException | None = None
+        returned: object = None
         try:
             with accept, with_run_id(run_id), with_run_complete_marker():
                 try:
-                    rc = await coordinator.run_accepted(accept, call)
+                    returned = await coordinator.run_accepted(accept, call)
                 except BaseException as exc:
+                    failure = exc
                     self._after_failure(workspace, session_id, run_id, exc)
                     if isinstance(exc, Exception) and not _is_cancellation(exc):
                         # One run's failure must not take down its workspace's other runs.
                         return
                     raise
-                if not run_complete_published():
-                    # A coordinator that returned without publishing: publish what it said.
-                    if not isinstance(rc, RunComplete) or rc.run_id != run_id:
-                        rc = RunComplete(
-                            session_id, run_id, error="coordinator returned no terminal"
-                        )
-                    _record_terminal(self._ledger, workspace.run_completions, rc)
         finally:
             workspace._runs.discard(run_id)
+            if self._ledger.state(run_id) == "pending":
+                # Last resort, for a coordinator that flagged the marker (or returned)
+                # without publishing: the ledger, not the marker, says the run is not over.
+                self._publish_missing_terminal(workspace, session_id, run_id, failure, returned)
+
+    def _publish_missing_terminal(
+        self,
+        workspace: Workspace,
+        session_id: str,
+        run_id: str,
+        failure: BaseException | None,
+        returned: object,
+    ) -> None:
+        if failure is not None:
+            rc = _fallback_terminal(session_id, run_id, failure)
+        elif isinstance(returned, RunComplete) and returned.run_id == run_id:
+            rc = returned
+        else:
+            rc = RunComplete(session_id, run_id, error="the coordinator published no terminal")
+        logger.error(
+            "coordinator %r left run %s without a terminal; recording %s",
+            workspace.coordinator,
+            run_id,
+            rc.outcome,
+        )
+        _record_terminal(self._ledger, workspace.run_completions, rc)
 
     def _after_failure(
         self, workspace: Workspace, session_id: str, run_id: str, exc: BaseException
@@ -413,19 +432,21 @@ async def open_backend(
 def _sole_error(
     group: BaseExceptionGroup[BaseException], body_error: BaseException | None
 ) -> BaseException | None:
-    # The nursery wraps whatever the block raised; hand it back unwrapped when it is the only
-    # thing that went wrong (the Cancelled of our own shutdown does not count).
-    leaves: list[BaseException] = []
+    # The nursery wraps whatever the block raised; hand it back as it was raised when it is
+    # the only thing that went wrong (the Cancelled of our own shutdown does not count). A
+    # lone error from a workspace task (e.g. KeyboardInterrupt) is unwrapped to itself too.
+    others = [exc for exc in group.exceptions if not _is_cancellation(exc)]
+    if body_error is not None and not isinstance(body_error, trio.Cancelled):
+        # Trio may hand back a copy of a group the block raised (it splits Cancelled out of
+        # groups), so recognise it by its leaves, which are never copied.
+        if len(others) == 1 and _leaves(others[0]) == _leaves(body_error):
+            return body_error
+        return None
+    leaves = [leaf for exc in others for leaf in _leaves(exc)]
+    return leaves[0] if len(leaves) == 1 else None
 
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
 
-    walk(group)
-    real = [leaf for leaf in leaves if not isinstance(leaf, trio.Cancelled) or leaf is body_error]
-    if len(real) == 1:
-        return real[0]
-    return None
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [] if isinstance(exc, trio.Cancelled) else [exc]

@@ -685,11 +685,12 @@ class SessionCoordinator:
             try:
                 await accept._ready.wait()
             except BaseException as exc:
+                # Shut down while queued, or activated by the lane just as the cancellation
+                # arrived (its wake-up lost to the Cancelled): either way it never ran.
                 if accept._phase is _QUEUED:
-                    # Shut down while queued: leave the queue, end cancelled.
                     accept._phase = _DONE
                     lane.remove(accept)
-                    self._publish(accept, _fallback_terminal(accept.session_id, call.run_id, exc))
+                self._publish(accept, _fallback_terminal(accept.session_id, call.run_id, exc))
                 raise
             if accept._phase is _DONE:
                 # Dropped by cancel() or clear_queue(), which published our terminal.
