@@ -37,6 +37,8 @@ Outcome = Literal["completed", "failed", "cancelled"]
 def _loads(text: str | bytes | bytearray, what: str) -> Mapping[str, Any]:
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{what}: JSON nested too deeply") from None
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what}: not valid JSON: {exc}") from None
     if not isinstance(data, Mapping):
@@ -372,11 +374,15 @@ _PAYLOAD_KINDS: Final[dict[str, Callable[[object], Any]]] = {
     "run_complete": RunComplete.from_dict,
     "notification": Notification.from_dict,
     "run_progress": RunProgress.from_dict,
+    "agent_message": AgentMessage.from_dict,
+    "run_call": RunCall.from_dict,
 }
 _PAYLOAD_TAGS: Final[dict[type, str]] = {
     RunComplete: "run_complete",
     Notification: "notification",
     RunProgress: "run_progress",
+    AgentMessage: "agent_message",
+    RunCall: "run_call",
 }
 
 
