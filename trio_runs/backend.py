@@ -124,12 +124,17 @@ class Workspace:
             self.events.shutdown()
             self._closed.set()
 
-    async def _close(self, grace: float) -> None:
+    def _begin_close(self) -> None:
+        # Synchronous, so that closing several workspaces cancels all of their runs at once,
+        # before any of them gets another step.
         if not self._closing:
             self._closing = True
             if self.coordinator is not None:
                 self.coordinator.cancel_all()
         self._close_requested.set()
+
+    async def _close(self, grace: float) -> None:
+        self._begin_close()
         with trio.move_on_after(grace):
             await self._closed.wait()
         # A coordinator that ignored cancel_all() (or an agent still busy past the grace
@@ -383,8 +388,11 @@ class Backend:
     async def aclose(self, *, grace: float = DEFAULT_CLOSE_GRACE) -> None:
         """Close every workspace (see :meth:`close_workspace`) and refuse new ones."""
         self._closing = True
+        workspaces = list(self._workspaces.values())
+        for workspace in workspaces:
+            workspace._begin_close()
         async with trio.open_nursery() as nursery:
-            for workspace in list(self._workspaces.values()):
+            for workspace in workspaces:
                 nursery.start_soon(workspace._close, grace)
 
 
