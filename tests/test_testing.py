@@ -1,0 +1,243 @@
+"""trio_runs.testing and the pytest plugin: the helpers users test their agents with."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import trio
+import trio.testing
+
+from trio_runs import (
+    AgentMessage,
+    EventType,
+    NotificationType,
+    RunComplete,
+    SessionCoordinator,
+    open_backend,
+)
+from trio_runs.testing import (
+    FaultPoint,
+    FaultyCoordinator,
+    ScriptedAgent,
+    TerminalRecorder,
+    emit,
+    failing_prepare,
+    raise_,
+    return_,
+    sleep,
+    wait_for,
+)
+
+pytest_plugins = ["pytester"]
+TIMEOUT = 60
+
+
+class Boom(Exception):
+    pass
+
+
+async def test_scripted_agent_plays_its_steps_in_order(autojump_clock):
+    gate = trio.Event()
+    agent = ScriptedAgent(emit("a"), sleep(5), wait_for(gate), emit("b"), return_(42), emit("x"))
+    async with open_backend() as backend:
+        ws = await backend.create_workspace("/w", SessionCoordinator.factory(agent))
+        async with ws.events.subscribe() as progress:
+            run_id = backend.send_message(ws.id, AgentMessage("s", "go"))
+            with trio.fail_after(TIMEOUT):
+                await agent.wait_started(run_id)
+            await trio.sleep(1000)  # long past the sleep step: now it waits for the gate
+            assert agent.finished == []
+            assert backend.ledger.state(run_id) == "pending"
+            gate.set()
+            with trio.fail_after(TIMEOUT):
+                rc = await backend.wait_run(run_id)
+            payloads = [progress.receive_nowait().payload.payload for _ in range(2)]
+            with pytest.raises(trio.WouldBlock):
+                progress.receive_nowait()  # nothing after return_
+    assert rc.result == 42
+    assert payloads == ["a", "b"]
+    assert agent.started == agent.finished == [run_id]
+    assert [c.prompt for c in agent.calls] == ["go"]
+
+
+async def test_scripted_agent_scripts_by_prompt_and_raises_classes_with_the_run_id(autojump_clock):
+    agent = ScriptedAgent(return_("default"), scripts={"bad": [raise_(Boom)], "ok": []})
+    async with open_backend() as backend:
+        ws = await backend.create_workspace("/w", SessionCoordinator.factory(agent))
+        with trio.fail_after(TIMEOUT):
+            bad = await backend.run(ws.id, AgentMessage("s", "bad", run_id="r-bad"))
+            ok = await backend.run(ws.id, AgentMessage("s", "ok"))
+            other = await backend.run(ws.id, AgentMessage("s", "other"))
+    assert (bad.outcome, bad.error) == ("failed", "r-bad")
+    assert (ok.outcome, ok.result) == ("completed", None)
+    assert other.result == "default"
+
+
+async def test_scripted_agent_records_cancellations_and_concurrency(autojump_clock):
+    agent = ScriptedAgent(sleep(30))
+    async with open_backend() as backend:
+        ws = await backend.create_workspace("/w", SessionCoordinator.factory(agent))
+        a = backend.send_message(ws.id, AgentMessage("s1", "x"))
+        b = backend.send_message(ws.id, AgentMessage("s2", "x"))
+        backend.send_message(ws.id, AgentMessage("s1", "y"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert ws.coordinator is not None
+        ws.coordinator.cancel("s1")
+        with trio.fail_after(TIMEOUT):
+            await backend.wait_run(b)
+    assert agent.cancelled == [a]
+    assert agent.finished == [b]
+    assert agent.max_concurrent_per_session == 1
+
+
+def test_scripts_are_made_of_steps():
+    with pytest.raises(TypeError, match="Steps"):
+        ScriptedAgent("emit")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Steps"):
+        ScriptedAgent(scripts={"p": [42]})  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="negative"):
+        sleep(-1)
+
+
+@pytest.mark.parametrize(
+    ("point", "outcome", "error", "notified"),
+    [
+        (FaultPoint.BEFORE_RUN, "failed", "injected fault at before_run", True),
+        (FaultPoint.AFTER_TERMINAL, "completed", None, True),
+        (FaultPoint.MARK_WITHOUT_PUBLISH, "failed", "injected fault at mark_without_publish", True),
+    ],
+)
+async def test_faulty_coordinator_fails_runs_at_its_point(
+    autojump_clock, point, outcome, error, notified
+):
+    agent = ScriptedAgent(return_("ok"))
+    faulty: list[FaultyCoordinator] = []
+
+    def factory(ws):
+        coordinator = FaultyCoordinator(
+            SessionCoordinator.factory(agent)(ws), point, Boom, when=lambda c: c.prompt == "x"
+        )
+        faulty.append(coordinator)
+        return coordinator
+
+    async with open_backend() as backend:
+        ws = await backend.create_workspace("/w", factory)
+        async with ws.notifications.subscribe() as notes, TerminalRecorder(ws) as rec:
+            with trio.fail_after(TIMEOUT):
+                hit = await backend.run(ws.id, AgentMessage("s", "x"))
+                spared = await backend.run(ws.id, AgentMessage("s", "y"))
+            note = notes.receive_nowait().payload
+    assert (hit.outcome, hit.error) == (outcome, error)
+    assert spared.outcome == "completed"
+    assert faulty[0].injected == 1
+    assert note.type is NotificationType.AGENT_ERROR
+    assert note.run_id == hit.run_id
+    rec.assert_exactly_once([hit.run_id, spared.run_id])
+    assert backend.ledger.duplicates_suppressed == 0
+
+
+async def test_faulty_coordinator_at_begin_accepted_refuses_the_send(autojump_clock):
+    agent = ScriptedAgent(return_("ok"))
+    async with open_backend() as backend:
+
+        def factory(ws):
+            inner = SessionCoordinator.factory(agent)(ws)
+            return FaultyCoordinator(inner, FaultPoint.BEGIN_ACCEPTED, Boom("full"))
+
+        ws = await backend.create_workspace("/w", factory)
+        with pytest.raises(Boom, match="full"):
+            backend.send_message(ws.id, AgentMessage("s", "x"))
+        assert backend.ledger.accepted_total == 0
+        assert not ws.coordinator.is_busy()  # type: ignore[union-attr]
+        assert ws.coordinator.queued_prompts("s") == 0  # type: ignore[union-attr]
+
+
+async def test_failing_prepare_picks_runs_by_id(autojump_clock):
+    agent = ScriptedAgent(return_("ok"))
+    prepare = failing_prepare(OSError, when=lambda run_id: run_id.startswith("bad"))
+    async with open_backend() as backend:
+        ws = await backend.create_workspace(
+            "/w", SessionCoordinator.factory(agent, prepare=prepare)
+        )
+        with trio.fail_after(TIMEOUT):
+            bad = await backend.run(ws.id, AgentMessage("s", "p", run_id="bad-1"))
+            good = await backend.run(ws.id, AgentMessage("s", "p", run_id="good-1"))
+    assert (bad.outcome, bad.error) == ("failed", "prepare failed for bad-1")
+    assert good.outcome == "completed"
+    assert agent.started == ["good-1"]
+
+
+async def test_terminal_recorder_catches_missing_and_repeated_terminals(autojump_clock):
+    async with open_backend() as backend:
+        ws = await backend.create_workspace("/w", SessionCoordinator.factory(ScriptedAgent()))
+        async with TerminalRecorder(ws) as rec:
+            run_id = backend.send_message(ws.id, AgentMessage("s", "x"))
+            with trio.fail_after(TIMEOUT):
+                rc = await rec.wait_for(run_id)
+            rec.assert_exactly_once([run_id])
+            with pytest.raises(AssertionError, match=r"1 run\(s\) without a terminal: \['ghost'\]"):
+                rec.assert_exactly_once([run_id, "ghost"])
+            # A rogue publish straight onto the broker, bypassing the ledger.
+            ws.run_completions.publish_must_deliver(EventType.UPDATED, rc)
+            with pytest.raises(AssertionError, match="more than one terminal"):
+                rec.assert_exactly_once([run_id])
+    assert rec.terminal_for(run_id) == rc
+    assert rec.terminal_for("ghost") is None
+    assert ws.run_completions.subscriber_count == 0
+
+
+async def test_terminal_recorder_takes_what_is_queued_on_exit(autojump_clock):
+    async with open_backend() as backend:
+        ws = await backend.create_workspace("/w", SessionCoordinator.factory(ScriptedAgent()))
+        async with TerminalRecorder(ws) as rec:
+            ws.run_completions.publish_must_deliver(EventType.UPDATED, RunComplete("s", "late"))
+        assert [t.run_id for t in rec.terminals] == ["late"]
+
+
+async def test_terminal_recorder_reports_overflow_and_shutdown(autojump_clock):
+    async with open_backend() as backend:
+        ws = await backend.create_workspace("/w", SessionCoordinator.factory(ScriptedAgent()))
+        async with TerminalRecorder(ws) as rec:
+            for n in range(ws.run_completions.max_backlog + 1):
+                ws.run_completions.publish_must_deliver(EventType.UPDATED, RunComplete("s", str(n)))
+            with pytest.raises(AssertionError, match="overflowed"):
+                rec.assert_exactly_once([])
+        async with TerminalRecorder(ws) as rec2:
+            await backend.close_workspace(ws.id)
+            with trio.fail_after(TIMEOUT), pytest.raises(LookupError, match="no terminal for x"):
+                await rec2.wait_for("x")
+
+
+async def test_terminal_recorder_misuse_is_a_clear_error(autojump_clock):
+    async with open_backend() as backend:
+        ws = await backend.create_workspace("/w", SessionCoordinator.factory(ScriptedAgent()))
+        rec = TerminalRecorder(ws)
+        with pytest.raises(RuntimeError, match="enter the recorder first"):
+            await rec.wait_for("x")
+        async with rec:
+            pass
+        with pytest.raises(RuntimeError, match="only once"):
+            await rec.__aenter__()
+
+
+def test_plugin_backend_fixture_fails_a_test_that_leaves_a_run_pending(pytester):
+    pytester.makeini("[pytest]\ntrio_mode = true\n")
+    pytester.makepyfile(
+        textwrap.dedent(
+            """
+            import trio
+
+            async def test_clean(backend, autojump_clock):
+                start = trio.current_time()
+                await trio.sleep(3600)
+                assert trio.current_time() - start == 3600
+
+            async def test_leaves_a_run_pending(backend, autojump_clock):
+                backend.ledger.accept("orphan", "s")  # accepted, never dispatched
+            """
+        )
+    )
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*1 accepted run(s) were left without a terminal: *orphan*"])
