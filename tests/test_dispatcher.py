@@ -13,6 +13,7 @@ thing happens inside ``run_accepted``; a few use the real ``SessionCoordinator``
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
@@ -584,3 +585,35 @@ async def test_base_exception_gets_a_failed_terminal_before_propagating(tmp_path
     assert ledger.pending_count == 0
     assert stub.workspace is not None
     assert stub.workspace.closed
+
+
+async def test_pre_run_error_is_answered_by_the_fallback_not_the_last_resort(
+    backend, tmp_path, autojump_clock, caplog: pytest.LogCaptureFixture
+):
+    """The marker-guarded fallback publishes the pre-run terminal itself.
+
+    The ledger-checked last resort behind it would also end the run, but it logs an error
+    (it means a coordinator misbehaved), so a run that needed it is a broken fallback.
+    """
+    stub = StubCoordinator(errors=[RuntimeError("update models failed")])
+    ws = await backend.create_workspace(tmp_path, stub.install)
+    with caplog.at_level(logging.ERROR, logger="trio_runs"):
+        backend.send_message(ws.id, msg())
+        rc = await settle_and_wait(backend, "run-1")
+    assert rc.error == "update models failed"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_the_last_resort_logs_the_coordinator_that_needed_it(
+    backend, tmp_path, autojump_clock, caplog: pytest.LogCaptureFixture
+):
+    """A coordinator that marks without publishing is named in an error log."""
+    stub = StubCoordinator(mark_published=True, errors=[RuntimeError("boom")])
+    ws = await backend.create_workspace(tmp_path, stub.install)
+    with caplog.at_level(logging.ERROR, logger="trio_runs"):
+        backend.send_message(ws.id, msg())
+        rc = await settle_and_wait(backend, "run-1")
+    assert rc.error == "boom"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "left run run-1 without a terminal" in errors[0]

@@ -1,0 +1,131 @@
+"""Mutation check: plant known bugs in a private copy of trio_runs and see which tests catch them.
+
+Usage: ``python scripts/mutants.py [NAME ...] [-- PYTEST ARGS]``. For each mutant the library
+is copied to a temporary directory, one deliberate bug is planted, and the test suite runs
+against the copy (``PYTHONPATH``). A mutant that no test catches is a hole in the proof.
+The working tree is never modified.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name -> (file, [(old, new), ...]): each `old` must occur in the file exactly once.
+MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "drop-fallback": (
+        "backend.py",
+        [
+            (
+                "        if not run_complete_published():\n            # A pre-run failure",
+                "        if False:\n            # A pre-run failure",
+            )
+        ],
+    ),
+    "fallback-always": (
+        "backend.py",
+        [
+            (
+                "        if not run_complete_published():\n            # A pre-run failure",
+                "        if True:\n            # A pre-run failure",
+            )
+        ],
+    ),
+    "cancel-as-error": (
+        "coordinator.py",
+        [
+            (
+                "            rc = RunComplete(session_id, run_id, cancelled=True)\n"
+                "        self._publish(accept, rc)\n        return rc",
+                "            rc = RunComplete(session_id, run_id, error='cancelled')\n"
+                "        self._publish(accept, rc)\n        return rc",
+            )
+        ],
+    ),
+    "clear-queue-loses-run": (
+        "coordinator.py",
+        [
+            (
+                "        self._publish(accept, RunComplete(accept.session_id, accept.call.run_id, "
+                "cancelled=True))",
+                "        pass",
+            )
+        ],
+    ),
+    "flood-drops-terminal": (
+        "broker.py",
+        [
+            ("        limit = self.max_backlog\n", "        limit = self.buffer_size\n"),
+            (
+                "                overflowed.append(sub)\n                continue",
+                "                continue",
+            ),
+        ],
+    ),
+}
+
+
+def plant(target: Path, edits: list[tuple[str, str]]) -> None:
+    text = target.read_text(encoding="utf-8")
+    for old, new in edits:
+        count = text.count(old)
+        if count != 1:
+            raise SystemExit(f"{target.name}: expected the mutation site once, found {count}")
+        text = text.replace(old, new)
+    target.write_text(text, encoding="utf-8")
+
+
+def run(name: str, pytest_args: list[str]) -> list[str]:
+    filename, edits = MUTANTS[name]
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{name}-") as tmp:
+        # A whole copy, run from inside it: `python -m pytest` puts the current directory
+        # first on sys.path, so the mutant shadows the installed package.
+        for entry in ("trio_runs", "tests", "examples", "benchmarks"):
+            if (ROOT / entry).is_dir():
+                shutil.copytree(ROOT / entry, Path(tmp) / entry)
+        for entry in ("pyproject.toml", "README.md"):
+            shutil.copy(ROOT / entry, Path(tmp) / entry)
+        plant(Path(tmp) / "trio_runs" / filename, edits)
+        env = {**os.environ, "PYTHONPATH": tmp}
+        probe = [sys.executable, "-c", "import trio_runs; print(trio_runs.__file__)"]
+        where = subprocess.run(probe, cwd=tmp, env=env, capture_output=True, text=True, check=True)
+        if not where.stdout.startswith(tmp):
+            raise SystemExit(f"the mutant is not the package under test: {where.stdout.strip()}")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *pytest_args]
+        result = subprocess.run(
+            cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900, check=False
+        )
+        caught = sorted(set(re.findall(r"^(?:FAILED|ERROR) (\S+)", result.stdout, re.M)))
+        if not caught and result.returncode != 0:
+            tail = result.stdout.strip().splitlines()[-1:] or ["(no output)"]
+            caught = [f"(the suite failed, exit {result.returncode}: {tail[0]})"]
+        return caught
+
+
+def main(argv: list[str]) -> int:
+    if "--" in argv:
+        split = argv.index("--")
+        names, pytest_args = argv[:split], argv[split + 1 :]
+    else:
+        names, pytest_args = argv, []
+    survivors = 0
+    for name in names or list(MUTANTS):
+        caught = run(name, pytest_args)
+        survivors += not caught
+        print(f"{name}: {'SURVIVED' if not caught else f'caught by {len(caught)} test(s)'}")
+        for test in caught[:8]:
+            print(f"    {test}")
+        if len(caught) > 8:
+            print(f"    ... and {len(caught) - 8} more")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
