@@ -607,7 +607,7 @@ async def test_pre_run_error_is_answered_by_the_fallback_not_the_last_resort(
 async def test_the_last_resort_logs_the_coordinator_that_needed_it(
     backend, tmp_path, autojump_clock, caplog: pytest.LogCaptureFixture
 ):
-    """A coordinator that marks without publishing is named in an error log."""
+    """A coordinator that marks without publishing is reported in an error log."""
     stub = StubCoordinator(mark_published=True, errors=[RuntimeError("boom")])
     ws = await backend.create_workspace(tmp_path, stub.install)
     with caplog.at_level(logging.ERROR, logger="trio_runs"):
@@ -616,4 +616,4 @@ async def test_the_last_resort_logs_the_coordinator_that_needed_it(
     assert rc.error == "boom"
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1
-    assert "left run run-1 without a terminal" in errors[0]
+    assert "run run-1 has no recorded terminal" in errors[0]

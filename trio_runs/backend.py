@@ -336,13 +336,22 @@ class Backend:
             rc = returned
         else:
             rc = RunComplete(session_id, run_id, error="the coordinator published no terminal")
+        # Only a coordinator that misbehaves, or a store that failed to record, gets here.
         logger.error(
-            "coordinator %r left run %s without a terminal; recording %s",
-            workspace.coordinator,
+            "run %s has no recorded terminal after its dispatch (coordinator %r); recording %s",
             run_id,
+            workspace.coordinator,
             rc.outcome,
         )
-        _record_terminal(self._ledger, workspace.run_completions, rc)
+        self._record(workspace, rc)
+
+    def _record(self, workspace: Workspace, rc: RunComplete) -> None:
+        # Synchronous and never raising: it runs in finally blocks, and a store that fails
+        # for one run must not take the workspace's other runs down with it.
+        try:
+            _record_terminal(self._ledger, workspace.run_completions, rc)
+        except Exception:
+            logger.exception("could not record the terminal of run %s", rc.run_id)
 
     def _after_failure(
         self, workspace: Workspace, session_id: str, run_id: str, exc: BaseException
@@ -353,11 +362,7 @@ class Backend:
             # Only if it published none (a coordinator that is not a SessionCoordinator) is
             # a cancelled terminal recorded here, so no run is left without one.
             if not run_complete_published():
-                _record_terminal(
-                    self._ledger,
-                    workspace.run_completions,
-                    _fallback_terminal(session_id, run_id, exc),
-                )
+                self._record(workspace, _fallback_terminal(session_id, run_id, exc))
             return
         message = str(exc) or type(exc).__name__
         workspace.notifications.publish(
@@ -368,9 +373,7 @@ class Backend:
         if not run_complete_published():
             # A pre-run failure (prepare, or anything before the coordinator published):
             # the lossy notification alone could be dropped and leave a waiter hanging.
-            _record_terminal(
-                self._ledger, workspace.run_completions, _fallback_terminal(session_id, run_id, exc)
-            )
+            self._record(workspace, _fallback_terminal(session_id, run_id, exc))
 
     async def wait_run(self, run_id: str) -> RunComplete:
         """The run's terminal, at once if it already ended; raises ``UnknownRun``."""

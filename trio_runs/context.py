@@ -10,9 +10,8 @@ whether the authoritative terminal was already published and must not publish a 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from contextlib import AbstractContextManager
+from contextvars import ContextVar, Token
 
 __all__ = [
     "RunCompleteMarker",
@@ -52,19 +51,37 @@ _run_id: ContextVar[str] = ContextVar("trio_runs.run_id", default="")
 _marker: ContextVar[RunCompleteMarker | None] = ContextVar("trio_runs.marker", default=None)
 
 
-@contextmanager
-def with_run_id(run_id: str) -> Iterator[str]:
+class _RunIdScope:
+    # A class, not a @contextmanager generator: every dispatched run enters one, and the
+    # generator machinery made it cost three times as much.
+    __slots__ = ("_entered", "_run_id", "_token")
+
+    def __init__(self, run_id: str) -> None:
+        self._run_id = run_id
+        self._token: Token[str] | None = None
+        self._entered = False
+
+    def __enter__(self) -> str:
+        if self._entered:
+            raise RuntimeError("with_run_id(...) can be entered only once")
+        self._entered = True
+        self._token = _run_id.set(self._run_id)
+        return self._run_id
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._token is not None:
+            _run_id.reset(self._token)
+            self._token = None
+
+
+def with_run_id(run_id: str) -> AbstractContextManager[str]:
     """Make ``run_id`` the current run id inside the block (and tasks started in it).
 
     Restores the previous value on exit, whatever happened inside.
     """
     if not isinstance(run_id, str):
         raise TypeError(f"run_id must be a str, got {type(run_id).__name__}")
-    token = _run_id.set(run_id)
-    try:
-        yield run_id
-    finally:
-        _run_id.reset(token)
+    return _RunIdScope(run_id)
 
 
 def current_run_id() -> str:
@@ -72,18 +89,34 @@ def current_run_id() -> str:
     return _run_id.get()
 
 
-@contextmanager
-def with_run_complete_marker() -> Iterator[RunCompleteMarker]:
+class _MarkerScope:
+    # A class for the same reason as _RunIdScope: one is entered per dispatched run.
+    __slots__ = ("_entered", "_token")
+
+    def __init__(self) -> None:
+        self._token: Token[RunCompleteMarker | None] | None = None
+        self._entered = False
+
+    def __enter__(self) -> RunCompleteMarker:
+        if self._entered:
+            raise RuntimeError("with_run_complete_marker() can be entered only once")
+        self._entered = True
+        marker = RunCompleteMarker()
+        self._token = _marker.set(marker)
+        return marker
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._token is not None:
+            _marker.reset(self._token)
+            self._token = None
+
+
+def with_run_complete_marker() -> AbstractContextManager[RunCompleteMarker]:
     """Attach a *fresh*, unpublished marker to the current context and yield it.
 
     Never inherits an outer marker's state: each dispatch gets its own.
     """
-    marker = RunCompleteMarker()
-    token = _marker.set(marker)
-    try:
-        yield marker
-    finally:
-        _marker.reset(token)
+    return _MarkerScope()
 
 
 def mark_run_complete_published() -> None:

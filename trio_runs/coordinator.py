@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-import uuid
+import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
@@ -304,6 +304,12 @@ def _is_cancellation(exc: BaseException) -> bool:
     return False
 
 
+def _cancelling(scope: trio.CancelScope) -> bool:
+    # Whether the run is being cancelled: by its own scope (cancel()), or by an enclosing one
+    # (shutdown), which shows as an effective deadline of -inf for the current task.
+    return scope.cancel_called or trio.current_effective_deadline() == -math.inf
+
+
 def _record_terminal(
     ledger: RunLedger, run_completions: Broker[RunComplete] | None, rc: RunComplete
 ) -> bool:
@@ -352,9 +358,17 @@ def _validate_run_id(run_id: object) -> None:
         raise InvalidRunId(run_id, "it must not contain whitespace or control characters")
 
 
+# The variant nibble of a UUID4 is 10xx: keep the two low random bits, set the high two.
+_UUID4_VARIANT: Final = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+
 def new_run_id() -> str:
     """A fresh run id: a UUID4 string."""
-    return str(uuid.uuid4())
+    # What str(uuid.uuid4()) returns (122 random bits from os.urandom, version 4, RFC 4122
+    # variant), formatted directly: building a UUID object only to print it took twice as
+    # long, and every send_message without a run id pays for this.
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_UUID4_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
 
 class SessionCoordinator:
@@ -533,23 +547,31 @@ class SessionCoordinator:
         if accept._terminal is not None:
             return
         accept._terminal = rc
-        _record_terminal(self._ledger, self._run_completions, rc)
+        try:
+            _record_terminal(self._ledger, self._run_completions, rc)
+        except Exception:
+            # The store failed to record it. Leave the marker down, so the dispatcher's
+            # fallback (or its last resort) records the terminal again, and keep going: this
+            # runs inside cancel()/clear_queue() loops and finally blocks that must finish.
+            logger.exception("could not record the terminal of run %s", rc.run_id)
+            return
         marker = accept._marker
         if marker is not None:
             # The marker captured when the run entered: it is the dispatcher's, even when
             # this publish happens in another task (cancel() dropping a queued run).
             marker.mark()
-        logger.debug("run %s (session %s) ended: %s", rc.run_id, rc.session_id, rc.outcome)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("run %s (session %s) ended: %s", rc.run_id, rc.session_id, rc.outcome)
 
     def _drop(self, session: _Session, accept: AcceptedRun) -> None:
         # A queued run (entered, or reserved with its call attached) leaves without running:
         # it ends cancelled, now. A reserved one finds its terminal when its task enters.
         accept._phase = _DONE
         session.lane.remove(accept)
-        assert accept.call is not None
-        self._publish(accept, RunComplete(accept.session_id, accept.call.run_id, cancelled=True))
         if accept._ready is not None:
             accept._ready.set()
+        assert accept.call is not None
+        self._publish(accept, RunComplete(accept.session_id, accept.call.run_id, cancelled=True))
 
     # -- control -----------------------------------------------------------------------
 
@@ -714,12 +736,22 @@ class SessionCoordinator:
                     try:
                         await self._prepare()
                     except Exception as exc:
-                        if not scope.cancel_called:
+                        if not _cancelling(scope):
                             # A pre-run error: nothing is published here; the dispatcher's
                             # fallback publishes the failed terminal.
                             raise
                         failure = exc  # prepare() turned our cancel() into an error
-                if failure is None:
+                if failure is None and self._retry.max_attempts == 1:
+                    # No retries (the default): the agent is awaited right here, sparing
+                    # every run the retry loop's coroutine.
+                    try:
+                        result = await self._agent(
+                            call, RunContext(session_id, run_id, 1, self._events)
+                        )
+                        completed = True
+                    except Exception as exc:
+                        failure = exc
+                elif failure is None:
                     failure, result, completed = await self._attempts(accept, call)
         except BaseException as exc:
             if not isinstance(exc, Exception):
@@ -728,7 +760,7 @@ class SessionCoordinator:
             raise
         if completed:
             rc = RunComplete(session_id, run_id, result=result)
-        elif failure is not None and not scope.cancel_called:
+        elif failure is not None and not _cancelling(scope):
             rc = RunComplete(session_id, run_id, error=str(failure) or type(failure).__name__)
             self._publish(accept, rc)
             raise failure
@@ -744,6 +776,9 @@ class SessionCoordinator:
                 )
             rc = RunComplete(session_id, run_id, cancelled=True)
         self._publish(accept, rc)
+        # If an enclosing scope is what cancelled the run, its Cancelled was turned into the
+        # failure above: raise a Cancelled again rather than swallow the cancellation.
+        await trio.lowlevel.checkpoint_if_cancelled()
         return rc
 
     async def _attempts(
