@@ -34,5 +34,5 @@ async def test_readme_example_runs(autojump_clock, capsys: pytest.CaptureFixture
 
 def test_readme_names_both_commands():
     text = README.read_text(encoding="utf-8")
-    assert 'python -m pip install -e ".[test]" && python examples/quickstart.py' in text
+    assert 'python -m pip install -e ".[test]" && trio-runs demo' in text
     assert 'python -m pip install -e ".[test]" && python -m pytest' in text

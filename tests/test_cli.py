@@ -1,0 +1,202 @@
+"""The ``trio-runs`` command line, in-process: help, usage errors, exit statuses, ``bench``.
+
+``main()`` runs its own ``trio.run``, so these are plain functions. The few that touch the
+network only talk to a loopback port nothing listens on, with a short ``--timeout``.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from trio_runs import cli
+
+
+def free_port() -> int:
+    # A port nothing listens on: bound, then released (connections to it are refused).
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        code = cli.main(args)
+    except SystemExit as exit:  # argparse: --help and usage errors
+        code = int(exit.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_top_level_help_lists_every_command(capsys):
+    code, out, _ = run_main(["--help"], capsys)
+    assert code == 0
+    for command in ("serve", "run", "status", "cancel", "demo", "bench"):
+        assert command in out
+    assert "trio-runs demo" in out
+
+
+def test_serve_help_documents_the_demo_agent_and_the_api(capsys):
+    code, out, _ = run_main(["serve", "--help"], capsys)
+    assert code == 0
+    for text in ("sleep N", "fail-early", "--token", "TRIO_RUNS_TOKEN", "/v1/runs/{run_id}/wait"):
+        assert text in out
+
+
+def test_run_help_documents_the_exit_statuses(capsys):
+    code, out, _ = run_main(["run", "--help"], capsys)
+    assert code == 0
+    assert "0 completed" in out
+    assert "4 server unreachable or lost" in out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["run", "no session"],
+        ["serve", "--port", "70000"],
+        ["serve", "--heartbeat", "0"],
+        ["run", "--session", "s", "--timeout", "-1", "x"],
+        ["demo", "--runs", "0"],
+        ["nonsense"],
+    ],
+)
+def test_usage_errors_exit_2(capsys, args: list[str]):
+    code, _, err = run_main(args, capsys)
+    assert code == 2
+    assert "usage:" in err
+
+
+def test_serve_refuses_a_public_address_without_a_token(capsys, monkeypatch):
+    monkeypatch.delenv("TRIO_RUNS_TOKEN", raising=False)
+    code, _, err = run_main(["serve", "--host", "0.0.0.0", "--port", "0"], capsys)
+    assert code == 2
+    assert "refusing to serve on '0.0.0.0' without a token" in err
+
+
+def test_serve_explains_an_agent_it_cannot_load(capsys):
+    code, _, err = run_main(["serve", "--agent", "no.such.module_x:agent"], capsys)
+    assert code == 2
+    assert "cannot import agent module" in err
+
+
+def test_run_needs_a_prompt(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    code, _, err = run_main(["run", "--session", "s", "-"], capsys)
+    assert code == 2
+    assert "empty" in err
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal(""))
+    code, _, err = run_main(["run", "--session", "s"], capsys)
+    assert code == 2
+    assert "no prompt" in err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["run", "--session", "s", "hello"],
+        ["status", "some-run"],
+        ["cancel", "--session", "s"],
+    ],
+)
+def test_an_unreachable_server_is_exit_4_within_the_timeout(capsys, command: list[str]):
+    server = f"http://127.0.0.1:{free_port()}"
+    code, _, err = run_main([*command, "--server", server, "--timeout", "0.3"], capsys)
+    assert code == 4
+    assert "server lost" in err
+    assert "within 0.3s" in err
+
+
+def test_a_missing_http_extra_is_explained(capsys, monkeypatch):
+    real = cli.importlib.util.find_spec
+
+    def find_spec(name: str, *args: object) -> object:
+        return None if name == "starlette" else real(name)
+
+    monkeypatch.setattr(cli.importlib.util, "find_spec", find_spec)
+    code, _, err = run_main(["status", "x"], capsys)
+    assert code == 2
+    assert "starlette missing" in err
+    assert "trio-runs[http]" in err
+
+
+def test_bench_without_the_benchmarks_package(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "benchmarks", None)  # makes the import fail
+    code, _, err = run_main(["bench"], capsys)
+    assert code == 2
+    assert "benchmarks are not available" in err
+
+
+def test_bench_hands_its_options_to_benchmarks_main(capsys, monkeypatch, tmp_path: Path):
+    calls: list[list[str]] = []
+    fake = types.ModuleType("benchmarks")
+
+    def main(argv: list[str]) -> int:
+        calls.append(argv)
+        return 1
+
+    fake.main = main  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "benchmarks", fake)
+    target = str(tmp_path / "out.json")
+    code, _, _ = run_main(["bench", "--quick", "--json", target], capsys)
+    assert code == 1
+    assert calls == [["--quick", "--json", target]]
+
+
+def test_the_demo_runs_a_small_workload_clean(capsys):
+    code, out, _ = run_main(["demo", "--runs", "12", "--no-live"], capsys)
+    assert code == 0, out
+    rows = {
+        line.split("│")[1].strip(): line.split("│")[2].strip()
+        for line in out.splitlines()
+        if line.count("│") >= 3
+    }
+    assert rows["accepted"] == "12"
+    assert rows["hung"] == "0"
+    assert rows["duplicate terminals"] == "0"
+    assert int(rows["completed"]) + int(rows["failed"]) + int(rows["cancelled"]) == 12
+    assert "OK:" in out
+
+
+def test_run_still_ends_right_when_the_event_stream_is_refused(capsys, monkeypatch, tmp_path):
+    # Live progress is best effort: a refused stream must not keep the run from its end.
+    import argparse
+    from functools import partial
+
+    import trio
+
+    from trio_runs.http import ClientError, RunsClient, ServeOptions, serve
+
+    async def refuse(self: RunsClient, *args: object, **kwargs: object) -> None:
+        raise ClientError(503, "nope", "no stream for you")
+
+    monkeypatch.setattr(RunsClient, "stream_events", refuse)
+    args = argparse.Namespace(session="s", workspace="w", quiet=False)
+
+    async def main() -> int:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                options = ServeOptions(port=0, workspace_root=str(tmp_path), drain=0)
+                server = await nursery.start(partial(serve, options))
+                try:
+                    client = RunsClient(server.url, timeout=5)
+                    return await cli._run_main(client, args, "still fine", "rid")
+                finally:
+                    server.request_shutdown()
+
+    assert trio.run(main) == 0
+    out, err = capsys.readouterr()
+    assert out == "still fine\n"
+    assert "rid accepted" in err

@@ -1,0 +1,648 @@
+"""The ``trio-runs`` command: ``serve``, ``run``, ``status``, ``cancel``, ``demo``, ``bench``.
+
+``main(argv)`` returns the process exit status; nothing here calls ``sys.exit`` except the
+``__main__`` guard. Exit statuses of the client commands: 0 completed, 1 failed, 2 usage
+(or a request the server refused as invalid), 3 cancelled, 4 server unreachable or lost,
+130 interrupted before anything was submitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+import textwrap
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Final, cast
+
+import trio
+
+from . import __version__
+from .agents import DEMO_HELP
+
+if TYPE_CHECKING:
+    from .events import RunComplete
+    from .http.client import RunsClient, SseEvent
+
+__all__ = ["EXIT_CANCELLED", "EXIT_FAILED", "EXIT_LOST", "EXIT_OK", "EXIT_USAGE", "main"]
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_CANCELLED: Final = 3
+EXIT_LOST: Final = 4
+EXIT_INTERRUPTED: Final = 130
+
+_EXIT_BY_OUTCOME: Final = {"completed": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
+
+_ENV_SERVER = "TRIO_RUNS_SERVER"
+_ENV_TOKEN = "TRIO_RUNS_TOKEN"
+
+_API_SUMMARY = """\
+HTTP API (JSON, under /v1; OpenAPI document at /v1/openapi.json):
+  POST   /v1/workspaces                          {path} -> 201 {id, path}
+  DELETE /v1/workspaces/{id}                     graceful close
+  POST   /v1/workspaces/{id}/messages            {session_id, prompt, run_id?} -> 202 {run_id}
+  GET    /v1/runs/{run_id}                       {run_id, session_id, state, terminal?}
+  GET    /v1/runs/{run_id}/wait?timeout=S        200 once ended, 202 after S s (S <= 60)
+  POST   /v1/workspaces/{id}/sessions/{sid}/cancel
+  DELETE /v1/workspaces/{id}/sessions/{sid}/queue
+  GET    /v1/workspaces/{id}/sessions/{sid}      {busy, active, queued}
+  GET    /v1/workspaces/{id}/events              Server-Sent Events
+  GET    /healthz, GET /metrics                  health; Prometheus metrics
+"""
+
+_EXIT_CODES = """\
+exit status: 0 completed (result on stdout), 1 failed (error on stderr), 2 usage,
+3 cancelled, 4 server unreachable or lost (never hangs: see --timeout)
+"""
+
+
+def _err(message: str) -> None:
+    print(f"trio-runs: {message}", file=sys.stderr, flush=True)
+
+
+def _http() -> ModuleType:
+    # The HTTP commands need the http extra; say so plainly rather than with a traceback.
+    missing = [
+        name
+        for name in ("httpx", "starlette", "hypercorn", "rich")
+        if importlib.util.find_spec(name) is None
+    ]
+    if missing:
+        raise _UsageError(
+            f"this command needs the http extra ({', '.join(missing)} missing): "
+            "python -m pip install 'trio-runs[http]'"
+        )
+    return importlib.import_module("trio_runs.http")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0..65535 (0: any free port), got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--server",
+        default=os.environ.get(_ENV_SERVER, "http://127.0.0.1:8765"),
+        metavar="URL",
+        help=f"the server's URL (default: ${_ENV_SERVER} or http://127.0.0.1:8765)",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get(_ENV_TOKEN) or None,
+        help=f"bearer token, if the server requires one (default: ${_ENV_TOKEN})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up with exit status 4 when the server has not answered for this long "
+        "(default: 10)",
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="trio-runs",
+        description=textwrap.dedent(
+            """\
+            Run long jobs where every accepted run ends in exactly one terminal (completed,
+            failed or cancelled) and every waiter observes it, even across processes.
+
+            Start here:  trio-runs demo
+            """
+        ),
+        epilog="Run 'trio-runs COMMAND --help' for a command's options.",
+        formatter_class=formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"trio-runs {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        choices=["debug", "info", "warning", "error"],
+        help="log level of the trio_runs logger on stderr (default: warning; serve logs "
+        "its own start and shutdown at info)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve workspaces and runs over HTTP",
+        description="Serve trio-runs over HTTP (hypercorn on Trio) until SIGINT or SIGTERM. "
+        "On shutdown, every accepted run gets its cancelled terminal before the "
+        "process exits; a second signal skips the wait for clients to collect them.",
+        epilog=f"{DEMO_HELP}\n{_API_SUMMARY}",
+        formatter_class=formatter,
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument(
+        "--port", type=_port, default=8765, help="port to bind; 0 picks a free one (default: 8765)"
+    )
+    serve.add_argument(
+        "--agent",
+        default="trio_runs.agents:demo",
+        metavar="MODULE:CALLABLE",
+        help="the agent: an async 'agent(call, ctx)' or an object with a "
+        "'coordinator_factory(workspace)' method (default: trio_runs.agents:demo, below)",
+    )
+    serve.add_argument(
+        "--workspace-root",
+        default=".",
+        metavar="DIR",
+        help="workspace paths are resolved against this directory and must stay inside it "
+        "(default: the current directory)",
+    )
+    serve.add_argument(
+        "--token",
+        default=os.environ.get(_ENV_TOKEN) or None,
+        help="require 'Authorization: Bearer TOKEN' on every route but /healthz "
+        f"(default: ${_ENV_TOKEN}); required to bind a non-loopback address",
+    )
+    serve.add_argument(
+        "--heartbeat",
+        type=_positive_float,
+        default=15.0,
+        metavar="SECONDS",
+        help="heartbeat interval of event streams (default: 15)",
+    )
+    serve.add_argument(
+        "--close-grace",
+        type=_non_negative_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long runs get to honour a cancellation when a workspace closes before "
+        "they are cut off (they still end cancelled) (default: 10)",
+    )
+    serve.add_argument(
+        "--drain",
+        type=_non_negative_float,
+        default=2.0,
+        metavar="SECONDS",
+        help="on shutdown, how long to keep answering so that clients collect the "
+        "terminals of the runs that were cancelled (default: 2)",
+    )
+
+    run = commands.add_parser(
+        "run",
+        help="submit a prompt and wait for its run to end",
+        description="Submit a prompt to a server and block until its run ends, printing "
+        "live progress. The ending comes from the server's authoritative /wait endpoint, "
+        "never from live events alone. Ctrl-C cancels the run's session on the server "
+        "(the run and anything queued behind it) before exiting; a second Ctrl-C exits "
+        "at once.",
+        epilog=_EXIT_CODES,
+        formatter_class=formatter,
+    )
+    _add_client_options(run)
+    run.add_argument(
+        "--workspace",
+        default=".",
+        metavar="PATH",
+        help="workspace path, resolved on the server against its --workspace-root (default: .)",
+    )
+    run.add_argument("--session", required=True, metavar="SESSION", help="session id (its lane)")
+    run.add_argument("--run-id", default=None, help="use this run id instead of a fresh UUID4")
+    run.add_argument(
+        "-q", "--quiet", action="store_true", help="print only the result, no progress"
+    )
+    run.add_argument(
+        "prompt",
+        nargs="?",
+        default=None,
+        help="the prompt; '-' or nothing reads it from standard input",
+    )
+
+    status = commands.add_parser(
+        "status",
+        help="show a run's state (and its terminal once it ended)",
+        description="Print a run's state as JSON. With --wait, block until it ends and "
+        "exit with its outcome's status.",
+        epilog="exit status: 0 known (with --wait: completed), 1 unknown run (with --wait: "
+        "failed), 3 cancelled (with --wait), 4 server unreachable or lost",
+        formatter_class=formatter,
+    )
+    _add_client_options(status)
+    status.add_argument("run_id", metavar="RUN_ID")
+    status.add_argument("--wait", action="store_true", help="block until the run has ended")
+
+    cancel = commands.add_parser(
+        "cancel",
+        help="cancel a session's active run and drop its queue",
+        description="Cancel a session's active run and drop its queued runs; each ends "
+        "cancelled. With --queue-only, only drop the queue.",
+        epilog="exit status: 0 done, 2 refused, 4 server unreachable or lost",
+        formatter_class=formatter,
+    )
+    _add_client_options(cancel)
+    cancel.add_argument(
+        "--workspace", default=".", metavar="PATH", help="workspace path (default: .)"
+    )
+    cancel.add_argument("--session", required=True, metavar="SESSION", help="session id")
+    cancel.add_argument(
+        "--queue-only", action="store_true", help="drop the queued runs; let the active one finish"
+    )
+
+    demo = commands.add_parser(
+        "demo",
+        help="the main job: a server and many client runs, checked end to end",
+        description="Start an in-process server on a free loopback port and drive many "
+        "client runs of the demo agent through it over HTTP: completions, failures before "
+        "start and mid-run, cancels while queued and while active, a workspace closed "
+        "mid-flight and late waiters. Shows live progress, then a table. Exits non-zero if "
+        "any run hung, ended twice, or ended differently than it must.",
+        formatter_class=formatter,
+    )
+    demo.add_argument(
+        "--runs", type=_positive_int, default=120, metavar="N", help="client runs (default: 120)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="shuffles the workload (default: 0)")
+    demo.add_argument(
+        "--hang-after",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a waiter without its terminal after this long counts as hung (default: 30)",
+    )
+    demo.add_argument("--no-live", action="store_true", help="no live display, only the table")
+
+    bench = commands.add_parser(
+        "bench",
+        help="run the benchmarks (from a source checkout)",
+        description="Run the project's benchmarks (the 'benchmarks' package of a source checkout).",
+    )
+    bench.add_argument("--quick", action="store_true", help="a short run")
+    bench.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    return parser
+
+
+@contextmanager
+def _logging(level: str | None, command: str) -> Iterator[None]:
+    # Log to stderr for the duration of the command; restore the loggers afterwards, so
+    # that calling main() in-process (tests, embedding) leaves no handler or level behind.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root, server = logging.getLogger("trio_runs"), logging.getLogger("trio_runs.http")
+    saved = (root.level, server.level)
+    root.addHandler(handler)
+    root.setLevel((level or "warning").upper())
+    if level is None and command == "serve":
+        # The server's own lifecycle at info; the library's per-run logs stay at warning.
+        server.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        server.setLevel(saved[1])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``trio-runs`` command line; returns the exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "serve": _serve,
+        "run": _run,
+        "status": _status,
+        "cancel": _cancel,
+        "demo": _demo,
+        "bench": _bench,
+    }
+    try:
+        with _logging(args.log_level, args.command):
+            return commands[args.command](args)
+    except _UsageError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return EXIT_INTERRUPTED
+
+
+# -- serve -------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    http = _http()
+    try:
+        options = http.ServeOptions(
+            host=args.host,
+            port=args.port,
+            agent=args.agent,
+            workspace_root=args.workspace_root,
+            token=args.token,
+            heartbeat=args.heartbeat,
+            close_grace=args.close_grace,
+            drain=args.drain,
+        )
+        http.check_bind(options.host, options.token)
+        factory = importlib.import_module("trio_runs.agents").load_agent(options.agent)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+
+    async def serve_main() -> None:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                partial(http.serve, options, coordinator_factory=factory, handle_signals=True)
+            )
+            auth = " (bearer token required)" if options.token else ""
+            print(
+                f"trio-runs: serving on {server.url}{auth}; agent {options.agent}; "
+                "Ctrl-C or SIGTERM to stop",
+                flush=True,
+            )
+
+    try:
+        trio.run(serve_main)
+    except OSError as exc:
+        _err(f"cannot serve on {options.host}:{options.port}: {exc}")
+        return EXIT_FAILED
+    print("trio-runs: stopped; every accepted run has its terminal", flush=True)
+    return EXIT_OK
+
+
+# -- run ---------------------------------------------------------------------------------
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None and args.prompt != "-":
+        return str(args.prompt)
+    if args.prompt is None and sys.stdin is not None and sys.stdin.isatty():
+        raise _UsageError("no prompt: give one as an argument, or '-' to read standard input")
+    text = sys.stdin.read() if sys.stdin is not None else ""
+    if not text.strip():
+        raise _UsageError("the prompt read from standard input is empty")
+    return text.rstrip("\n")
+
+
+def _show(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _report_terminal(rc: RunComplete) -> int:
+    if rc.outcome == "completed":
+        print(_show(rc.result), flush=True)
+    elif rc.outcome == "failed":
+        _err(f"run {rc.run_id} failed: {rc.error}")
+    else:
+        _err(f"run {rc.run_id} was cancelled")
+    return _EXIT_BY_OUTCOME[rc.outcome]
+
+
+def _client_error_status(exc: Exception) -> int:
+    http = _http()
+    if isinstance(exc, http.ServerLost):
+        _err(f"server lost: {exc}")
+        return EXIT_LOST
+    assert isinstance(exc, http.ClientError)
+    if exc.status >= 500 or exc.code in {"workspace_closing", "shutting_down"}:
+        _err(f"the server could not take the request: {exc}")
+        return EXIT_LOST
+    _err(f"the server refused the request: {exc}")
+    return EXIT_USAGE
+
+
+def _run(args: argparse.Namespace) -> int:
+    http = _http()
+    prompt = _read_prompt(args)
+    from .coordinator import new_run_id
+
+    run_id = args.run_id or new_run_id()
+    try:
+        client = http.RunsClient(args.server, token=args.token, timeout=args.timeout)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    status: int = trio.run(_run_main, client, args, prompt, run_id)
+    return status
+
+
+async def _run_main(client: RunsClient, args: argparse.Namespace, prompt: str, run_id: str) -> int:
+    import signal
+
+    http = _http()
+    status = EXIT_INTERRUPTED
+    submitting = False
+    interrupts = 0
+    accepted = trio.Event()
+    stream_done = trio.Event()
+    workspace_id = ""
+
+    def on_event(event: SseEvent) -> None:
+        data = event.json()
+        if event.event == "progress" and isinstance(data, dict) and not args.quiet:
+            print(_show(data.get("payload")), flush=True)
+        elif event.event == "run_complete":
+            stream_done.set()
+
+    async def follow(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # Live progress is best effort: a stream that breaks or is refused never affects
+        # the outcome (and never keeps the run from being submitted).
+        subscribed = _Started(task_status)
+        try:
+            await client.stream_events(
+                workspace_id,
+                on_event,
+                run_id=run_id,
+                task_status=cast("trio.TaskStatus[None]", subscribed),
+            )
+        except Exception as exc:
+            logging.getLogger("trio_runs").debug("event stream ended: %r", exc)
+        if not subscribed.done:
+            task_status.started()
+        stream_done.set()
+
+    async def cancel_remote() -> None:
+        with trio.move_on_after(client.timeout):
+            await accepted.wait()
+            try:
+                await client.cancel_session(workspace_id, args.session)
+            except Exception as exc:
+                _err(f"could not cancel the run: {exc}")
+
+    async def watch_interrupts(nursery: trio.Nursery) -> None:
+        nonlocal interrupts
+        with trio.open_signal_receiver(signal.SIGINT) as signals:
+            async for _ in signals:
+                interrupts += 1
+                if interrupts == 1 and submitting:
+                    _err(f"cancelling run {run_id} (session {args.session}); Ctrl-C again to quit")
+                    nursery.start_soon(cancel_remote)
+                    continue
+                if interrupts > 1:
+                    _err("quitting without waiting for the run's end")
+                nursery.cancel_scope.cancel()
+                return
+
+    async with client, trio.open_nursery() as nursery:
+        nursery.start_soon(watch_interrupts, nursery)
+        try:
+            workspace_id = (await client.create_workspace(args.workspace)).id
+            with trio.move_on_after(min(2.0, client.timeout)):
+                await nursery.start(follow)
+            submitting = True
+            await client.submit(workspace_id, args.session, prompt, run_id)
+            accepted.set()
+            if not args.quiet:
+                _err(f"run {run_id} accepted (session {args.session})")
+            terminal = await client.wait_terminal(run_id)
+            # Let the last live progress lines arrive, briefly: the outcome is already known.
+            with trio.move_on_after(0.5):
+                await stream_done.wait()
+            status = _report_terminal(terminal)
+        except (http.ServerLost, http.ClientError) as exc:
+            status = _client_error_status(exc)
+        nursery.cancel_scope.cancel()
+    return status
+
+
+class _Started:
+    # A task status that remembers whether started() was called.
+    def __init__(self, inner: trio.TaskStatus[None]) -> None:
+        self.inner = inner
+        self.done = False
+
+    def started(self, value: None = None) -> None:
+        self.done = True
+        self.inner.started(value)
+
+
+# -- status and cancel -------------------------------------------------------------------
+
+
+def _status(args: argparse.Namespace) -> int:
+    http = _http()
+
+    async def status_main() -> int:
+        async with http.RunsClient(args.server, token=args.token, timeout=args.timeout) as client:
+            try:
+                view = await client.run(args.run_id)
+            except http.ClientError as exc:
+                if exc.code == "run_not_found":
+                    _err(f"no run {args.run_id!r} is known to {args.server}")
+                    return EXIT_FAILED
+                raise
+            if args.wait and view.terminal is None:
+                terminal = await client.wait_terminal(args.run_id)
+                view = await client.run(args.run_id)
+                del terminal
+            print(json.dumps(view.to_dict(), indent=2), flush=True)
+            if args.wait:
+                return _EXIT_BY_OUTCOME.get(view.state, EXIT_OK)
+            return EXIT_OK
+
+    try:
+        status: int = trio.run(status_main)
+    except (http.ServerLost, http.ClientError) as exc:
+        return _client_error_status(exc)
+    return status
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    http = _http()
+
+    async def cancel_main() -> dict[str, Any]:
+        async with http.RunsClient(args.server, token=args.token, timeout=args.timeout) as client:
+            workspace = await client.create_workspace(args.workspace)
+            if args.queue_only:
+                view = await client.clear_queue(workspace.id, args.session)
+            else:
+                view = await client.cancel_session(workspace.id, args.session)
+            body: dict[str, Any] = view.to_dict()
+            return body
+
+    try:
+        body = trio.run(cancel_main)
+    except (http.ServerLost, http.ClientError) as exc:
+        return _client_error_status(exc)
+    print(json.dumps(body, indent=2), flush=True)
+    return EXIT_OK
+
+
+# -- demo and bench ----------------------------------------------------------------------
+
+
+def _demo(args: argparse.Namespace) -> int:
+    _http()
+    from .http import demo
+
+    return demo.main(
+        runs=args.runs, seed=args.seed, hang_after=args.hang_after, live=not args.no_live
+    )
+
+
+def _bench(args: argparse.Namespace) -> int:
+    # The benchmarks live beside the package in a source checkout (not in the wheel): look
+    # in the current directory and beside an editable install.
+    here = Path(__file__).resolve().parent.parent
+    for root in (Path.cwd(), here):
+        if (root / "benchmarks" / "__init__.py").is_file() and str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+            break
+    try:
+        benchmarks = importlib.import_module("benchmarks")
+    except ImportError:
+        raise _UsageError(
+            "the benchmarks are not available here: 'trio-runs bench' runs the 'benchmarks' "
+            "package of a source checkout (run it from the repository root)"
+        ) from None
+    run_benchmarks = getattr(benchmarks, "main", None)
+    if not callable(run_benchmarks):
+        raise _UsageError("the 'benchmarks' package has no main(argv) function")
+    argv = (["--quick"] if args.quick else []) + (["--json", args.json] if args.json else [])
+    status = run_benchmarks(argv)
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

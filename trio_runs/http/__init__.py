@@ -1,0 +1,72 @@
+"""trio-runs over HTTP: a JSON API on Starlette, served by hypercorn on Trio, and its client.
+
+Needs the ``http`` extra (``pip install "trio-runs[http]"``). ``serve`` hosts a backend;
+``create_app`` is the ASGI app over a :class:`RunService`; :class:`RunsClient` is the async
+client ``trio-runs run`` is built on. The API is versioned under ``/v1`` and described by
+the OpenAPI document served at ``/v1/openapi.json``.
+
+Names are imported from their submodules on first use, so a client does not pay for
+importing the server (and the other way round).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .app import create_app
+    from .client import ClientError, RunsClient, ServerLost
+    from .schema import MAX_BODY_BYTES, ApiError, RunView, SessionView, WorkspaceView
+    from .server import BindRefused, RunningServer, ServeOptions, check_bind, serve
+    from .service import RunService
+
+_EXPORTS = {
+    "create_app": "app",
+    "ClientError": "client",
+    "RunsClient": "client",
+    "ServerLost": "client",
+    "MAX_BODY_BYTES": "schema",
+    "ApiError": "schema",
+    "RunView": "schema",
+    "SessionView": "schema",
+    "WorkspaceView": "schema",
+    "BindRefused": "server",
+    "RunningServer": "server",
+    "ServeOptions": "server",
+    "check_bind": "server",
+    "serve": "server",
+    "RunService": "service",
+}
+
+__all__ = [
+    "MAX_BODY_BYTES",
+    "ApiError",
+    "BindRefused",
+    "ClientError",
+    "RunService",
+    "RunView",
+    "RunningServer",
+    "RunsClient",
+    "ServeOptions",
+    "ServerLost",
+    "SessionView",
+    "WorkspaceView",
+    "check_bind",
+    "create_app",
+    "serve",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Import an exported name from its submodule on first access."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

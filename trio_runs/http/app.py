@@ -1,0 +1,336 @@
+"""The ASGI application: Starlette routes over a :class:`RunService`.
+
+Handlers decode strictly, call the service, and answer JSON. Whatever a client sends, the
+answer is a JSON response (errors as ``{"error": {"code", "message"}}``), never a traceback:
+unexpected failures are logged on the ``trio_runs.http`` logger and answered with a 500.
+The app runs on Trio (it is served by hypercorn's Trio worker).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import metrics as prometheus
+from .openapi import openapi_document
+from .schema import (
+    MAX_BODY_BYTES,
+    ApiError,
+    decode_create_workspace,
+    decode_submit,
+    parse_wait_timeout,
+)
+from .service import RunService
+from .sse import DEFAULT_HEARTBEAT, EventStream
+
+__all__ = ["create_app", "json_response"]
+
+logger = logging.getLogger("trio_runs.http")
+
+
+def _finite(value: Any) -> Any:
+    # Only used when a value is not plain JSON (an agent returned something odd): make it
+    # JSON rather than failing the response, so a terminal can always be delivered.
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return repr(value)
+
+
+def _dumps(body: object) -> bytes:
+    try:
+        text = json.dumps(body, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError):
+        text = json.dumps(_finite(body), allow_nan=False, separators=(",", ":"))
+    return text.encode()
+
+
+def json_response(
+    body: object, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """A JSON response; values that are not JSON (from agents) are shown by their repr."""
+    return Response(
+        _dumps(body), status_code=status, headers=headers, media_type="application/json"
+    )
+
+
+def error_response(error: ApiError) -> Response:
+    """The JSON error response for ``error``."""
+    return json_response(error.body(), error.status, error.headers or None)
+
+
+# How much of an oversized body is read (and thrown away) before answering 413, so that a
+# client still sending it reads the answer instead of a reset connection.
+_DISCARD_BYTES = 8 * MAX_BODY_BYTES
+_DISCARD_SECONDS = 2.0
+
+
+def _too_large() -> ApiError:
+    return ApiError(413, "body_too_large", f"the request body exceeds {MAX_BODY_BYTES} bytes")
+
+
+async def _read_body(request: Request) -> bytes:
+    # Bounded whatever the client claims: Content-Length is checked first, then the bytes.
+    # Read straight from receive() (not Request.stream(), an async generator that would be
+    # left unfinished when the limit is hit).
+    length = request.headers.get("content-length", "").strip()
+    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        if int(length) <= _DISCARD_BYTES:
+            await _discard(request, 0)
+        raise _too_large()
+    chunks: list[bytes] = []
+    size = 0
+    more = True
+    while more:
+        chunk, more = await _next_chunk(request)
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            if more:
+                await _discard(request, size)
+            raise _too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _next_chunk(request: Request) -> tuple[bytes, bool]:
+    message = await request.receive()
+    if message["type"] == "http.disconnect":
+        raise ClientDisconnect()
+    return message.get("body", b""), bool(message.get("more_body", False))
+
+
+async def _discard(request: Request, size: int) -> None:
+    with trio.move_on_after(_DISCARD_SECONDS):
+        more = True
+        while more and size <= _DISCARD_BYTES:
+            chunk, more = await _next_chunk(request)
+            size += len(chunk)
+
+
+def _no_query(request: Request) -> None:
+    if request.query_params:
+        names = ", ".join(sorted(request.query_params.keys()))
+        raise ApiError(422, "invalid_query", f"unknown query parameter(s): {names}")
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def create_app(
+    service: RunService,
+    *,
+    token: str | None = None,
+    heartbeat: float = DEFAULT_HEARTBEAT,
+) -> ASGIApp:
+    """The ASGI app serving ``service``: ``/healthz``, ``/metrics`` and the ``/v1`` API.
+
+    With ``token``, every route but ``/healthz`` requires ``Authorization: Bearer <token>``
+    (compared in constant time). Event streams send a heartbeat every ``heartbeat`` seconds.
+    """
+
+    def path(request: Request, name: str) -> str:
+        value: str = request.path_params[name]
+        return value
+
+    async def healthz(request: Request) -> Response:
+        return json_response({"status": "draining" if service.draining else "ok"})
+
+    async def metrics(request: Request) -> Response:
+        text = prometheus.render(service.metrics())
+        return Response(text, media_type=prometheus.CONTENT_TYPE)
+
+    async def openapi(request: Request) -> Response:
+        return json_response(openapi_document())
+
+    async def list_workspaces(request: Request) -> Response:
+        _no_query(request)
+        return json_response({"workspaces": [ws.to_dict() for ws in service.workspaces()]})
+
+    async def create_workspace(request: Request) -> Response:
+        _no_query(request)
+        decoded = decode_create_workspace(
+            await _read_body(request), request.headers.get("content-type")
+        )
+        view, created = await service.create_workspace(decoded)
+        return json_response(view.to_dict(), 201 if created else 200)
+
+    async def get_workspace(request: Request) -> Response:
+        workspace = service.workspace(path(request, "workspace_id"))
+        return json_response(
+            {"id": workspace.id, "path": workspace.path, "closing": workspace.closing}
+        )
+
+    async def close_workspace(request: Request) -> Response:
+        view = await service.close_workspace(path(request, "workspace_id"))
+        return json_response(view.to_dict())
+
+    async def submit(request: Request) -> Response:
+        _no_query(request)
+        workspace_id = path(request, "workspace_id")
+        decoded = decode_submit(await _read_body(request), request.headers.get("content-type"))
+        if "/" in decoded.run_id:
+            raise ApiError(422, "invalid_run_id", "a run id sent over HTTP must not contain '/'")
+        run_id = service.submit(workspace_id, decoded)
+        return json_response({"run_id": run_id}, 202)
+
+    async def events(request: Request) -> Response:
+        unknown = sorted(set(request.query_params.keys()) - {"run_id", "session_id"})
+        if unknown:
+            raise ApiError(
+                422, "invalid_query", f"unknown query parameter(s): {', '.join(unknown)}"
+            )
+        workspace = service.workspace(path(request, "workspace_id"))
+
+        def opened() -> None:
+            service.stream_connections += 1
+
+        def closed() -> None:
+            service.stream_connections -= 1
+
+        return EventStream(
+            workspace,
+            heartbeat=heartbeat,
+            run_id=request.query_params.get("run_id"),
+            session_id=request.query_params.get("session_id"),
+            on_open=opened,
+            on_close=closed,
+        )
+
+    async def session(request: Request) -> Response:
+        view = service.session(path(request, "workspace_id"), path(request, "session_id"))
+        return json_response(view.to_dict())
+
+    async def cancel_session(request: Request) -> Response:
+        view = service.cancel_session(path(request, "workspace_id"), path(request, "session_id"))
+        return json_response(view.to_dict())
+
+    async def clear_queue(request: Request) -> Response:
+        view = service.clear_queue(path(request, "workspace_id"), path(request, "session_id"))
+        return json_response(view.to_dict())
+
+    async def get_run(request: Request) -> Response:
+        _no_query(request)
+        return json_response(service.run(path(request, "run_id")).to_dict())
+
+    async def wait_run(request: Request) -> Response:
+        timeout = parse_wait_timeout(request.query_params)
+        view = await service.wait(path(request, "run_id"), timeout)
+        return json_response(view.to_dict(), 200 if view.is_terminal else 202)
+
+    ws = "/v1/workspaces/{workspace_id}"
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/openapi.json", openapi, methods=["GET"]),
+        Route("/v1/workspaces", list_workspaces, methods=["GET"]),
+        Route("/v1/workspaces", create_workspace, methods=["POST"]),
+        Route(ws, get_workspace, methods=["GET"]),
+        Route(ws, close_workspace, methods=["DELETE"]),
+        Route(f"{ws}/messages", submit, methods=["POST"]),
+        Route(f"{ws}/events", events, methods=["GET"]),
+        Route(f"{ws}/sessions/{{session_id}}", session, methods=["GET"]),
+        Route(f"{ws}/sessions/{{session_id}}/cancel", cancel_session, methods=["POST"]),
+        Route(f"{ws}/sessions/{{session_id}}/queue", clear_queue, methods=["DELETE"]),
+        Route("/v1/runs/{run_id}", get_run, methods=["GET"]),
+        Route("/v1/runs/{run_id}/wait", wait_run, methods=["GET"]),
+    ]
+
+    async def on_api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return error_response(exc)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        message = {
+            404: f"no route for {request.url.path}",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }.get(exc.status_code, str(exc.detail))
+        return error_response(ApiError(exc.status_code, code, message, exc.headers))
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        # Starlette re-raises after this; _Guard logs it.
+        return error_response(ApiError(500, "internal_error", "internal server error (logged)"))
+
+    app = Starlette(
+        routes=routes,
+        exception_handlers={
+            ApiError: on_api_error,
+            HTTPException: on_http_error,
+            Exception: on_unexpected,
+        },
+    )
+    return _Guard(_Auth(app, token))
+
+
+class _Auth:
+    # Bearer-token check for every route but /healthz; a no-op without a token.
+    def __init__(self, app: ASGIApp, token: str | None) -> None:
+        self.app = app
+        self.token = token.encode() if token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.token is None or scope["type"] != "http" or scope.get("path") == "/healthz":
+            await self.app(scope, receive, send)
+            return
+        header = Headers(scope=scope).get("authorization", "")
+        scheme, _, credentials = header.partition(" ")
+        given = credentials.strip().encode("utf-8", "surrogateescape")
+        # compare_digest runs in time independent of where the tokens differ.
+        if scheme.lower() == "bearer" and hmac.compare_digest(given, self.token):
+            await self.app(scope, receive, send)
+            return
+        error = ApiError(
+            401,
+            "unauthorized",
+            "this server requires Authorization: Bearer <token>",
+            {"www-authenticate": "Bearer"},
+        )
+        await error_response(error)(scope, receive, send)
+
+
+class _Guard:
+    # The outermost layer: a failure nobody handled becomes a logged 500 with the JSON error
+    # shape (if the response has not started yet), never a traceback sent to the client.
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            logger.debug("client went away during %s %s", scope["method"], scope["path"])
+        except Exception:
+            logger.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if not started:
+                error = ApiError(500, "internal_error", "internal server error (logged)")
+                await error_response(error)(scope, receive, send)

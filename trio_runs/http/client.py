@@ -1,0 +1,350 @@
+"""``RunsClient``: the async client of the ``/v1`` API (httpx on Trio) that never hangs.
+
+Every call is bounded by the client's liveness ``timeout``: a request that gets no answer
+from the server within ``timeout`` seconds (the server died, the connection stalled,
+nothing listens) raises :class:`ServerLost`. Transport errors are retried with backoff
+inside that bound, which is safe because every call is idempotent: run ids are minted by
+the client, so a submission retried after a lost answer is recognised (409
+``duplicate_run``) instead of being run twice. A request the server refused raises
+:class:`ClientError` with the server's error code.
+
+Waiting for a run's end polls ``/wait`` with a server-side timeout shorter than the
+liveness bound, so a healthy server always answers in time and a silent one is noticed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import AsyncGenerator, Callable, Mapping
+from types import TracebackType
+from typing import Any, Final, cast
+from urllib.parse import quote
+
+import attrs
+import httpx
+import trio
+
+from ..events import RunComplete
+from .schema import MAX_WAIT_SECONDS, RunView, SessionView, WorkspaceView
+
+__all__ = ["DEFAULT_SERVER", "ClientError", "RunsClient", "ServerLost", "SseEvent"]
+
+logger = logging.getLogger("trio_runs.http")
+
+DEFAULT_SERVER: Final = "http://127.0.0.1:8765"
+"""Where clients look for a server unless told otherwise."""
+
+DEFAULT_TIMEOUT: Final = 10.0
+_BOUND_SHARE: Final = 0.9
+
+
+class ServerLost(Exception):
+    """The server is unreachable, stopped answering, or no longer knows the run."""
+
+
+class ClientError(Exception):
+    """The server refused a request: its HTTP status and ``{"error": {"code", "message"}}``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{message} (HTTP {status}, {code})")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@attrs.frozen(slots=True)
+class SseEvent:
+    """One Server-Sent Event: its ``id``, ``event`` name and ``data`` (JSON text)."""
+
+    id: str
+    event: str
+    data: str
+
+    def json(self) -> Any:
+        """``data`` parsed as JSON (``None`` if it is not JSON)."""
+        try:
+            return json.loads(self.data)
+        except ValueError:
+            return None
+
+
+def _quote(segment: str) -> str:
+    return quote(segment, safe="")
+
+
+def _error_of(response: httpx.Response) -> ClientError:
+    try:
+        body = response.json()
+        error = body["error"]
+        return ClientError(response.status_code, str(error["code"]), str(error["message"]))
+    except (ValueError, KeyError, TypeError):
+        text = response.text.strip()[:200] or response.reason_phrase
+        return ClientError(response.status_code, "http_error", text)
+
+
+class RunsClient:
+    """A client of one trio-runs server; use as ``async with RunsClient(url) as client:``.
+
+    ``timeout`` is the liveness bound: no call waits longer than that for the server to
+    answer (``ServerLost`` instead). ``token`` is sent as ``Authorization: Bearer``;
+    ``transport`` replaces httpx's network transport (tests inject faults with it).
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_SERVER,
+        *,
+        token: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_connections: int | None = 100,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.base_url = base_url.rstrip("/")
+        self.timeout = float(timeout)
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(self.timeout),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=20),
+            trust_env=False,
+            transport=transport,
+        )
+
+    async def __aenter__(self) -> RunsClient:
+        await self._http.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(0.5):
+            await self._http.__aexit__(exc_type, exc, tb)
+
+    @property
+    def poll_seconds(self) -> float:
+        """The server-side timeout of each ``/wait`` poll: half the liveness bound."""
+        return min(MAX_WAIT_SECONDS, self.timeout / 2)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: object = None,
+        params: Mapping[str, str] | None = None,
+        bound: float | None = None,
+    ) -> httpx.Response:
+        """Send a request, retrying transport errors, and return the server's answer.
+
+        Raises ``ServerLost`` if no answer came within ``bound`` (default: the liveness
+        timeout) and ``ClientError`` for any 4xx/5xx answer.
+        """
+        response, _ = await self._send(method, path, json_body, params, bound)
+        if response.status_code >= 400:
+            raise _error_of(response)
+        return response
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        json_body: object,
+        params: Mapping[str, str] | None,
+        bound: float | None,
+    ) -> tuple[httpx.Response, int]:
+        # The server's answer, whatever its status, and how many attempts it took. The
+        # liveness bound keeps a tenth in hand, so the whole process (closing the client,
+        # exiting) is gone within --timeout of the server going silent.
+        shown = self.timeout if bound is None else bound
+        limit = self.timeout * _BOUND_SHARE if bound is None else bound
+        last_error: BaseException | None = None
+        attempt = 0
+        with trio.move_on_after(limit):
+            while True:
+                attempt += 1
+                try:
+                    response = await self._http.request(
+                        method,
+                        path,
+                        json=json_body,
+                        params=params,
+                        timeout=httpx.Timeout(limit),
+                    )
+                except httpx.TransportError as exc:
+                    last_error = exc
+                    logger.debug("%s %s failed (%r); retrying", method, path, exc)
+                    await trio.sleep(min(0.05 * 2**attempt, 1.0))
+                    continue
+                return response, attempt
+        reason = f": {type(last_error).__name__}: {last_error}" if last_error else ""
+        raise ServerLost(f"no answer from the server at {self.base_url} within {shown:g}s{reason}")
+
+    async def health(self) -> dict[str, Any]:
+        """``GET /healthz``."""
+        body: dict[str, Any] = (await self.request("GET", "/healthz")).json()
+        return body
+
+    async def create_workspace(self, path: str) -> WorkspaceView:
+        """Open (or find) the workspace for ``path`` on the server."""
+        response = await self.request("POST", "/v1/workspaces", json_body={"path": path})
+        return WorkspaceView.from_dict(response.json())
+
+    async def close_workspace(self, workspace_id: str, *, grace: float = 15.0) -> WorkspaceView:
+        """Close a workspace; returns once every one of its runs has its terminal.
+
+        Allowed ``grace`` seconds beyond the liveness bound (closing waits for the runs).
+        """
+        response = await self.request(
+            "DELETE", f"/v1/workspaces/{_quote(workspace_id)}", bound=self.timeout + grace
+        )
+        return WorkspaceView.from_dict(response.json())
+
+    async def submit(self, workspace_id: str, session_id: str, prompt: str, run_id: str) -> str:
+        """Submit a prompt under a client-minted ``run_id``; returns it once accepted.
+
+        Transport errors are retried: when an earlier attempt was accepted but its answer
+        lost, the retry's ``duplicate_run`` is recognised as that acceptance.
+        """
+        body = {"session_id": session_id, "prompt": prompt, "run_id": run_id}
+        path = f"/v1/workspaces/{_quote(workspace_id)}/messages"
+        response, attempts = await self._send("POST", path, body, None, None)
+        if response.status_code >= 400:
+            error = _error_of(response)
+            if (
+                attempts > 1
+                and error.code == "duplicate_run"
+                and await self._is_ours(run_id, session_id)
+            ):
+                return run_id  # our own earlier attempt was accepted; its answer was lost
+            raise error
+        accepted: str = response.json()["run_id"]
+        return accepted
+
+    async def _is_ours(self, run_id: str, session_id: str) -> bool:
+        try:
+            return (await self.run(run_id)).session_id == session_id
+        except ClientError:
+            return False
+
+    async def run(self, run_id: str) -> RunView:
+        """``GET /v1/runs/{run_id}``: the run's state, and its terminal once it ended."""
+        response = await self.request("GET", f"/v1/runs/{_quote(run_id)}")
+        return RunView.from_dict(response.json())
+
+    async def wait(self, run_id: str, seconds: float | None = None) -> RunView:
+        """One long poll: the run once it ended, or its state after ``seconds`` (default:
+        :attr:`poll_seconds`)."""
+        seconds = self.poll_seconds if seconds is None else seconds
+        response = await self.request(
+            "GET",
+            f"/v1/runs/{_quote(run_id)}/wait",
+            params={"timeout": f"{seconds:g}"},
+            bound=seconds + self.timeout,
+        )
+        return RunView.from_dict(response.json())
+
+    async def wait_terminal(self, run_id: str) -> RunComplete:
+        """The run's terminal, from the authoritative ``/wait`` endpoint.
+
+        Polls for as long as the server keeps answering; ``ServerLost`` as soon as it does
+        not (within the liveness bound) or no longer knows the run.
+        """
+        while True:
+            try:
+                response = await self.request(
+                    "GET",
+                    f"/v1/runs/{_quote(run_id)}/wait",
+                    params={"timeout": f"{self.poll_seconds:g}"},
+                )
+            except ClientError as exc:
+                if exc.code == "run_not_found":
+                    raise ServerLost(
+                        f"the server no longer knows run {run_id} (was it restarted?)"
+                    ) from None
+                raise
+            view = RunView.from_dict(response.json())
+            if view.terminal is not None:
+                return view.terminal
+
+    async def session(self, workspace_id: str, session_id: str) -> SessionView:
+        """The session's lane: busy, active run, queued runs."""
+        path = f"/v1/workspaces/{_quote(workspace_id)}/sessions/{_quote(session_id)}"
+        return SessionView.from_dict((await self.request("GET", path)).json())
+
+    async def cancel_session(self, workspace_id: str, session_id: str) -> SessionView:
+        """Cancel the session's active run and drop its queue."""
+        path = f"/v1/workspaces/{_quote(workspace_id)}/sessions/{_quote(session_id)}/cancel"
+        return SessionView.from_dict((await self.request("POST", path)).json())
+
+    async def clear_queue(self, workspace_id: str, session_id: str) -> SessionView:
+        """Drop the session's queued runs; its active run goes on."""
+        path = f"/v1/workspaces/{_quote(workspace_id)}/sessions/{_quote(session_id)}/queue"
+        return SessionView.from_dict((await self.request("DELETE", path)).json())
+
+    async def stream_events(
+        self,
+        workspace_id: str,
+        on_event: Callable[[SseEvent], None],
+        *,
+        run_id: str | None = None,
+        session_id: str | None = None,
+        idle_timeout: float | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Follow the workspace's event stream, calling ``on_event`` for each event.
+
+        Reports started (for ``nursery.start``) once the server confirmed the subscription,
+        so nothing published afterwards is missed. Returns when the stream ends (the
+        workspace closed). Raises ``ServerLost`` when nothing, not even a heartbeat, arrived
+        for ``idle_timeout`` seconds (default: 2 heartbeats plus the liveness bound), and
+        ``ClientError`` if the server refused the stream.
+        """
+        idle = idle_timeout if idle_timeout is not None else 30.0 + self.timeout
+        params = {k: v for k, v in (("run_id", run_id), ("session_id", session_id)) if v}
+        path = f"/v1/workspaces/{_quote(workspace_id)}/events"
+        timeout = httpx.Timeout(self.timeout, read=idle)
+        try:
+            async with self._http.stream("GET", path, params=params, timeout=timeout) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise _error_of(response)
+                started = False
+                fields: dict[str, str] = {}
+                data: list[str] = []
+                # aclosing: a cancelled reader must not leave the generator to the GC.
+                lines_iter = cast("AsyncGenerator[str, None]", response.aiter_lines())
+                async with contextlib.aclosing(lines_iter) as lines:
+                    async for line in lines:
+                        if line.startswith(":"):
+                            if not started and line.startswith(": subscribed"):
+                                started = True
+                                task_status.started()
+                            continue
+                        if line:
+                            name, _, value = line.partition(":")
+                            value = value[1:] if value.startswith(" ") else value
+                            if name == "data":
+                                data.append(value)
+                            else:
+                                fields[name] = value
+                            continue
+                        if data or fields:
+                            on_event(
+                                SseEvent(
+                                    fields.get("id", ""),
+                                    fields.get("event", "message"),
+                                    "\n".join(data),
+                                )
+                            )
+                        fields, data = {}, []
+        except httpx.TransportError as exc:
+            raise ServerLost(f"the event stream from {self.base_url} broke: {exc!r}") from None

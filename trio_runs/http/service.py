@@ -1,0 +1,394 @@
+"""``RunService``: what the HTTP routes do, independent of the web framework.
+
+It wraps a :class:`~trio_runs.Backend`: decoded requests go in, views or :class:`ApiError`
+come out, and a refused request changes nothing. It also owns the server's graceful
+shutdown: refuse new work, give every accepted run its terminal, then let clients collect
+those terminals for a bounded drain period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import trio
+
+from ..backend import Backend, CoordinatorFactory, Workspace
+from ..coordinator import Coordinator
+from ..errors import (
+    AgentNotInitialized,
+    BackendClosed,
+    DuplicateRun,
+    EmptyPrompt,
+    InvalidRunId,
+    SessionMissing,
+    UnknownRun,
+    WorkspaceClosing,
+    WorkspaceNotFound,
+)
+from ..events import AgentMessage
+from .metrics import Metric
+from .schema import (
+    ApiError,
+    CreateWorkspace,
+    QueuedRun,
+    RunView,
+    SessionView,
+    SubmitMessage,
+    WorkspaceView,
+)
+
+__all__ = ["RunService"]
+
+logger = logging.getLogger("trio_runs.http")
+
+
+def _shutting_down() -> ApiError:
+    return ApiError(503, "shutting_down", "the server is shutting down and accepts no new work")
+
+
+class RunService:
+    """The operations behind the ``/v1`` routes, on one backend.
+
+    Every method either does what it says or raises :class:`ApiError` having done nothing.
+    Workspace paths are resolved against ``workspace_root``; one outside it is refused.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        coordinator_factory: CoordinatorFactory,
+        *,
+        workspace_root: str | os.PathLike[str] = ".",
+        close_grace: float = 10.0,
+    ) -> None:
+        self.backend = backend
+        """The backend every workspace and run lives in."""
+        self.workspace_root = os.path.realpath(os.fspath(workspace_root))
+        """The directory workspace paths are resolved against (and confined to)."""
+        self._factory = coordinator_factory
+        self._close_grace = close_grace
+        self._draining = False
+        self._retired: set[str] = set()
+        self._retired_drops = 0
+        self._retired_overflows = 0
+        self._awaiting_delivery: set[str] = set()
+        self._delivered_all = trio.Event()
+        self.stream_connections = 0
+        """Event-stream (SSE) connections currently open."""
+
+    @property
+    def draining(self) -> bool:
+        """Whether the server is shutting down (new workspaces and runs are refused)."""
+        return self._draining
+
+    # -- workspaces --------------------------------------------------------------------
+
+    def _resolve(self, path: str) -> str:
+        root = self.workspace_root
+        try:
+            resolved = os.path.realpath(os.path.join(root, os.path.expanduser(path)))
+            inside = os.path.commonpath([root, resolved]) == root
+        except ValueError as exc:
+            raise ApiError(422, "invalid_request", f"unusable path {path!r}: {exc}") from None
+        if not inside:
+            raise ApiError(
+                422,
+                "path_outside_root",
+                f"path {path!r} resolves outside the server's workspace root {root!r}",
+            )
+        return resolved
+
+    def workspace(self, workspace_id: str) -> Workspace:
+        """The open (or closing) workspace with this id; 404 ``workspace_not_found``."""
+        try:
+            return self.backend.get_workspace(workspace_id)
+        except WorkspaceNotFound:
+            raise ApiError(
+                404, "workspace_not_found", f"no open workspace has id {workspace_id!r}"
+            ) from None
+
+    def workspaces(self) -> list[WorkspaceView]:
+        """Every open (or closing) workspace."""
+        return [_view(ws) for ws in self.backend.workspaces]
+
+    async def create_workspace(self, request: CreateWorkspace) -> tuple[WorkspaceView, bool]:
+        """The workspace for the request's path and whether it was created just now.
+
+        The same resolved path gives the same workspace. 409 ``workspace_closing`` while the
+        path's workspace closes; 503 ``shutting_down`` during shutdown.
+        """
+        if self._draining:
+            raise _shutting_down()
+        resolved = self._resolve(request.path)
+        known = {ws.id for ws in self.backend.workspaces}
+        try:
+            workspace = await self.backend.create_workspace(resolved, self._factory)
+        except WorkspaceClosing as exc:
+            raise ApiError(409, "workspace_closing", f"{exc}; retry once it has closed") from None
+        except BackendClosed:
+            raise _shutting_down() from None
+        return _view(workspace), workspace.id not in known
+
+    async def close_workspace(self, workspace_id: str) -> WorkspaceView:
+        """Close a workspace gracefully: returns once every run of it has its terminal.
+
+        The close goes on even if the caller goes away (it is shielded, and bounded by the
+        close grace period). 404 for an unknown (or already closed) workspace.
+        """
+        workspace = self.workspace(workspace_id)
+        # WorkspaceNotFound: closed by a concurrent request meanwhile, the same end state.
+        with trio.CancelScope(shield=True), contextlib.suppress(WorkspaceNotFound):
+            await self.backend.close_workspace(workspace_id, grace=self._close_grace)
+        self._retire(workspace)
+        return WorkspaceView(workspace.id, workspace.path, closing=True)
+
+    def _retire(self, workspace: Workspace) -> None:
+        # Closed workspaces leave the backend; keep their counters so metrics stay monotonic.
+        if workspace.closed and workspace.id not in self._retired:
+            self._retired.add(workspace.id)
+            self._retired_drops += _drops(workspace)
+            self._retired_overflows += _overflows(workspace)
+
+    # -- runs --------------------------------------------------------------------------
+
+    def submit(self, workspace_id: str, request: SubmitMessage) -> str:
+        """Accept a run in a workspace and return its run id; never blocks.
+
+        Maps the backend's typed refusals: 404 ``workspace_not_found``; 409
+        ``workspace_closing``, ``agent_not_initialized``, ``duplicate_run``; 422
+        ``session_missing``, ``empty_prompt``, ``invalid_run_id``; 503 ``shutting_down``.
+        """
+        if self._draining:
+            raise _shutting_down()
+        msg = AgentMessage(request.session_id, request.prompt, request.run_id)
+        try:
+            return self.backend.send_message(workspace_id, msg)
+        except WorkspaceNotFound:
+            raise self._missing_workspace(workspace_id) from None
+        except WorkspaceClosing as exc:
+            raise ApiError(409, "workspace_closing", str(exc)) from None
+        except AgentNotInitialized as exc:
+            raise ApiError(409, "agent_not_initialized", str(exc)) from None
+        except DuplicateRun as exc:
+            raise ApiError(409, "duplicate_run", str(exc)) from None
+        except SessionMissing as exc:
+            raise ApiError(422, "session_missing", str(exc)) from None
+        except EmptyPrompt as exc:
+            raise ApiError(422, "empty_prompt", str(exc)) from None
+        except InvalidRunId as exc:
+            raise ApiError(422, "invalid_run_id", str(exc)) from None
+
+    def _missing_workspace(self, workspace_id: str) -> ApiError:
+        return ApiError(404, "workspace_not_found", f"no open workspace has id {workspace_id!r}")
+
+    def run(self, run_id: str) -> RunView:
+        """The run's state (and terminal once it ended); 404 ``run_not_found``."""
+        ledger = self.backend.ledger
+        terminal = ledger.get(run_id)
+        if terminal is not None:
+            self._delivered(run_id)
+            return RunView(run_id, terminal.session_id, terminal.outcome, terminal)
+        session_id = ledger.session_of(run_id)
+        if session_id is None or ledger.state(run_id) != "pending":
+            raise ApiError(404, "run_not_found", f"no run with id {run_id!r} is known")
+        return RunView(run_id, session_id, self._live_state(run_id, session_id))
+
+    def _live_state(self, run_id: str, session_id: str) -> str:
+        for workspace in self.backend.workspaces:
+            coordinator = workspace.coordinator
+            if coordinator is None:
+                continue
+            active = _query(coordinator, "active_run_id", session_id)
+            if active == run_id:
+                return "active"
+            queued = _query(coordinator, "queued_run_ids", session_id)
+            if isinstance(queued, list) and run_id in queued:
+                return "queued"
+        return "pending"
+
+    async def wait(self, run_id: str, seconds: float) -> RunView:
+        """The run once it ended, or its current state after ``seconds``.
+
+        Answers at once for a run that already ended; 404 ``run_not_found`` for an unknown id.
+        """
+        view = self.run(run_id)
+        if view.terminal is None:
+            # UnknownRun: evicted meanwhile; the lookup below says 404.
+            with trio.move_on_after(seconds), contextlib.suppress(UnknownRun):
+                await self.backend.wait_run(run_id)
+            view = self.run(run_id)
+        return view
+
+    def _delivered(self, run_id: str) -> None:
+        if run_id in self._awaiting_delivery:
+            self._awaiting_delivery.discard(run_id)
+            if not self._awaiting_delivery:
+                self._delivered_all.set()
+
+    # -- sessions ----------------------------------------------------------------------
+
+    def session(self, workspace_id: str, session_id: str) -> SessionView:
+        """The session's lane in the workspace: busy, active run, queue in start order."""
+        workspace = self.workspace(workspace_id)
+        coordinator = workspace.coordinator
+        if coordinator is None:
+            return SessionView(workspace.id, session_id, False, None, ())
+        prompts = coordinator.queued_prompts_list(session_id)
+        run_ids = _query(coordinator, "queued_run_ids", session_id)
+        if not (isinstance(run_ids, list) and len(run_ids) == len(prompts)):
+            run_ids = [""] * len(prompts)
+        active = _query(coordinator, "active_run_id", session_id)
+        return SessionView(
+            workspace.id,
+            session_id,
+            coordinator.is_session_busy(session_id),
+            active if isinstance(active, str) else None,
+            tuple(QueuedRun(str(r), p) for r, p in zip(run_ids, prompts, strict=True)),
+        )
+
+    def cancel_session(self, workspace_id: str, session_id: str) -> SessionView:
+        """Cancel the session's active run and drop its queue (each ends cancelled)."""
+        self._coordinator(workspace_id).cancel(session_id)
+        return self.session(workspace_id, session_id)
+
+    def clear_queue(self, workspace_id: str, session_id: str) -> SessionView:
+        """Drop the session's queued runs (each ends cancelled); its active run goes on."""
+        self._coordinator(workspace_id).clear_queue(session_id)
+        return self.session(workspace_id, session_id)
+
+    def _coordinator(self, workspace_id: str) -> Coordinator:
+        workspace = self.workspace(workspace_id)
+        if workspace.coordinator is None:
+            raise ApiError(409, "agent_not_initialized", f"workspace {workspace_id!r} has no agent")
+        return workspace.coordinator
+
+    # -- metrics -----------------------------------------------------------------------
+
+    def metrics(self) -> list[Metric]:
+        """The service's counters and gauges, for ``GET /metrics``."""
+        ledger = self.backend.ledger
+        workspaces = self.backend.workspaces
+        active = queued = subscribers = 0
+        for workspace in workspaces:
+            subscribers += (
+                workspace.run_completions.subscriber_count
+                + workspace.notifications.subscriber_count
+                + workspace.events.subscriber_count
+            )
+            coordinator = workspace.coordinator
+            if coordinator is None:
+                continue
+            sessions = {ledger.session_of(run_id) for run_id in workspace.run_ids}
+            for session_id in sessions:
+                if session_id is None:
+                    continue
+                if _query(coordinator, "active_run_id", session_id) is not None:
+                    active += 1
+                queued += coordinator.queued_prompts(session_id)
+        live = [ws for ws in workspaces if ws.id not in self._retired]
+        drops = self._retired_drops + sum(_drops(ws) for ws in live)
+        overflows = self._retired_overflows + sum(_overflows(ws) for ws in live)
+        outcomes = tuple(
+            ({"outcome": outcome}, float(ledger.outcomes.get(outcome, 0)))
+            for outcome in ("completed", "failed", "cancelled")
+        )
+        return [
+            Metric.single(
+                "trio_runs_runs_accepted_total", "counter", "Runs accepted.", ledger.accepted_total
+            ),
+            Metric(
+                "trio_runs_terminals_total", "counter", "Terminals recorded, by outcome.", outcomes
+            ),
+            Metric.single(
+                "trio_runs_duplicate_terminals_suppressed_total",
+                "counter",
+                "Second terminals for a run refused by the ledger (never fanned out).",
+                ledger.duplicates_suppressed,
+            ),
+            Metric.single(
+                "trio_runs_lossy_events_dropped_total",
+                "counter",
+                "Lossy progress events and notifications dropped for slow subscribers.",
+                drops,
+            ),
+            Metric.single(
+                "trio_runs_subscriber_overflows_total",
+                "counter",
+                "Subscribers disconnected for exceeding their backlog limit.",
+                overflows,
+            ),
+            Metric.single(
+                "trio_runs_runs_pending",
+                "gauge",
+                "Runs accepted and not ended.",
+                ledger.pending_count,
+            ),
+            Metric.single("trio_runs_runs_active", "gauge", "Runs running now.", active),
+            Metric.single("trio_runs_runs_queued", "gauge", "Runs waiting in a queue.", queued),
+            Metric.single(
+                "trio_runs_subscribers", "gauge", "Broker subscriptions open.", subscribers
+            ),
+            Metric.single(
+                "trio_runs_event_streams",
+                "gauge",
+                "Server-Sent Events connections open.",
+                self.stream_connections,
+            ),
+            Metric.single("trio_runs_workspaces", "gauge", "Workspaces open.", len(workspaces)),
+        ]
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    async def shutdown(self, drain: float) -> None:
+        """Refuse new work, end every run with its terminal, then let clients collect them.
+
+        Returns once every accepted run has its terminal and either every run that was
+        pending when shutdown began has had its terminal fetched (by ``GET /v1/runs/{id}``
+        or ``/wait``), or ``drain`` seconds have passed.
+        """
+        self._draining = True
+        self._awaiting_delivery = set(self.backend.ledger.pending_run_ids())
+        if not self._awaiting_delivery:
+            self._delivered_all.set()
+        logger.info(
+            "shutting down: closing %d workspace(s), cancelling %d run(s)",
+            len(self.backend.workspaces),
+            len(self._awaiting_delivery),
+        )
+        workspaces = self.backend.workspaces
+        await self.backend.aclose(grace=self._close_grace)
+        for workspace in workspaces:
+            self._retire(workspace)
+        with trio.move_on_after(drain):
+            await self._delivered_all.wait()
+        if self._awaiting_delivery:
+            logger.info(
+                "shutdown: %d terminal(s) were not collected within %.1fs",
+                len(self._awaiting_delivery),
+                drain,
+            )
+
+
+def _view(workspace: Workspace) -> WorkspaceView:
+    return WorkspaceView(workspace.id, workspace.path, workspace.closing)
+
+
+def _drops(workspace: Workspace) -> int:
+    return workspace.events.drop_count + workspace.notifications.drop_count
+
+
+def _overflows(workspace: Workspace) -> int:
+    return (
+        workspace.events.overflow_count
+        + workspace.notifications.overflow_count
+        + workspace.run_completions.overflow_count
+    )
+
+
+def _query(coordinator: object, name: str, session_id: str) -> object:
+    # SessionCoordinator's run-id queries are not part of the Coordinator protocol: a custom
+    # coordinator without them just reports no active or queued run ids.
+    method = getattr(coordinator, name, None)
+    return method(session_id) if callable(method) else None
