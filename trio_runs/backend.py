@@ -375,6 +375,30 @@ class Backend:
             # the lossy notification alone could be dropped and leave a waiter hanging.
             self._record(workspace, _fallback_terminal(session_id, run_id, exc))
 
+    def workspace_of(self, run_id: str) -> Workspace | None:
+        """The workspace a run was dispatched in, while its dispatch is going on."""
+        for workspace in self._workspaces.values():
+            if run_id in workspace._runs:
+                return workspace
+        return None
+
+    def cancel_run(self, run_id: str) -> bool:
+        """Cancel one run wherever it is; ``True`` if it was found and had not ended yet.
+
+        The run ends cancelled (never failed); the other runs of its session go on. Needs a
+        coordinator with a ``cancel_run(session_id, run_id)`` method, as
+        ``SessionCoordinator`` has; ``False`` otherwise, and for unknown or ended runs.
+        Never blocks.
+        """
+        workspace = self.workspace_of(run_id)
+        session_id = self._ledger.session_of(run_id)
+        if workspace is None or session_id is None or self._ledger.state(run_id) != "pending":
+            return False
+        cancel_run = getattr(workspace.coordinator, "cancel_run", None)
+        if not callable(cancel_run):
+            return False
+        return bool(cancel_run(session_id, run_id))
+
     async def wait_run(self, run_id: str) -> RunComplete:
         """The run's terminal, at once if it already ended; raises ``UnknownRun``."""
         return await self._ledger.wait(run_id)

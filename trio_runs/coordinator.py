@@ -599,6 +599,29 @@ class SessionCoordinator:
                 session.lane.remove(accept)
         self._forget_if_idle(session_id, session)
 
+    def cancel_run(self, session_id: str, run_id: str) -> bool:
+        """Cancel one run of the session; ``True`` if it was found and had not ended yet.
+
+        An active run ends cancelled as soon as its agent reaches a checkpoint; a queued one
+        (also one whose task has not started yet but whose call is known) ends cancelled now.
+        The session's other runs are untouched. ``False`` for a run that already ended, is
+        unknown, or whose call is not known yet. Never blocks.
+        """
+        session = self._sessions.get(session_id)
+        if session is None:
+            return False
+        for accept in session.lane:
+            if accept.call is None or accept.call.run_id != run_id or accept._terminal is not None:
+                continue
+            if accept._phase is _ACTIVE:
+                assert accept._scope is not None
+                accept._scope.cancel()
+            else:
+                self._drop(session, accept)
+                self._advance(session)
+            return True
+        return False
+
     def cancel_all(self) -> None:
         """:meth:`cancel` every session the coordinator knows."""
         for session_id in list(self._sessions):
