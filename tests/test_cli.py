@@ -1,18 +1,28 @@
 """The ``trio-runs`` command line, in-process: help, usage errors, exit statuses, ``bench``.
 
 ``main()`` runs its own ``trio.run``, so these are plain functions. The few that touch the
-network only talk to a loopback port nothing listens on, with a short ``--timeout``.
+network talk to a loopback port nothing listens on, with a short ``--timeout``, or to a
+server running its own ``trio.run`` in a thread (every wait on it bounded).
 """
 
 from __future__ import annotations
 
 import io
+import json
+import queue
 import socket
 import sys
+import threading
+import time
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
+import httpx
 import pytest
+import trio
 
 from trio_runs import cli
 
@@ -54,6 +64,13 @@ def test_run_help_documents_the_exit_statuses(capsys):
     assert code == 0
     assert "0 completed" in out
     assert "4 server unreachable or lost" in out
+    assert "Ctrl-C cancels the run on the server before exiting" in " ".join(out.split())
+
+
+def test_cancel_help_offers_a_run_or_a_session(capsys):
+    code, out, _ = run_main(["cancel", "--help"], capsys)
+    assert code == 0
+    assert "(--run RUN_ID | --session SESSION)" in out
 
 
 @pytest.mark.parametrize(
@@ -66,6 +83,11 @@ def test_run_help_documents_the_exit_statuses(capsys):
         ["run", "--session", "s", "--timeout", "-1", "x"],
         ["demo", "--runs", "0"],
         ["nonsense"],
+        ["cancel"],
+        ["cancel", "--run", "r", "--session", "s"],
+        ["cancel", "--run", "r", "--queue-only"],
+        ["cancel", "--run", "r", "--workspace", "w"],
+        ["cancel", "--queue-only"],
     ],
 )
 def test_usage_errors_exit_2(capsys, args: list[str]):
@@ -109,6 +131,7 @@ def test_run_needs_a_prompt(capsys, monkeypatch):
         ["run", "--session", "s", "hello"],
         ["status", "some-run"],
         ["cancel", "--session", "s"],
+        ["cancel", "--run", "r"],
     ],
 )
 def test_an_unreachable_server_is_exit_4_within_the_timeout(capsys, command: list[str]):
@@ -200,3 +223,80 @@ def test_run_still_ends_right_when_the_event_stream_is_refused(capsys, monkeypat
     out, err = capsys.readouterr()
     assert out == "still fine\n"
     assert "rid accepted" in err
+
+
+@contextmanager
+def server_thread(root: Path) -> Iterator[str]:
+    """A server on a free loopback port, in its own thread and ``trio.run``; yields its URL."""
+    from trio_runs.http import RunningServer, ServeOptions, serve
+
+    started: queue.Queue[tuple[RunningServer, trio.lowlevel.TrioToken] | BaseException] = (
+        queue.Queue()
+    )
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                options = ServeOptions(port=0, workspace_root=str(root), drain=0)
+                server = await nursery.start(partial(serve, options))
+                started.put((server, trio.lowlevel.current_trio_token()))
+
+    def target() -> None:
+        try:
+            trio.run(main)
+        except BaseException as exc:
+            started.put(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    item = started.get(timeout=20)
+    if isinstance(item, BaseException):
+        raise item
+    server, token = item
+    try:
+        yield server.url
+    finally:
+        trio.from_thread.run_sync(server.request_shutdown, trio_token=token)
+        thread.join(timeout=20)
+        assert not thread.is_alive()
+
+
+def wait_state(http: httpx.Client, run_id: str, state: str) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if http.get(f"/v1/runs/{run_id}").json().get("state") == state:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"run {run_id} never became {state}")
+
+
+def test_cancel_run_cancels_that_run_only(capsys, tmp_path: Path):
+    with server_thread(tmp_path) as url, httpx.Client(base_url=url, timeout=5) as http:
+        ws = http.post("/v1/workspaces", json={"path": "."}).json()["id"]
+        for run_id, prompt in (("first", "sleep 30"), ("second", "after you")):
+            body = {"session_id": "s", "prompt": prompt, "run_id": run_id}
+            assert http.post(f"/v1/workspaces/{ws}/messages", json=body).status_code == 202
+        wait_state(http, "first", "active")
+        wait_state(http, "second", "queued")
+
+        client = ["--server", url, "--timeout", "5"]
+        code, out, err = run_main(["cancel", "--run", "first", *client], capsys)
+        assert code == 0, err
+        shown = json.loads(out)
+        assert (shown["run_id"], shown["session_id"]) == ("first", "s")
+        assert shown["state"] in {"active", "cancelled"}
+        ended = http.get("/v1/runs/first/wait", params={"timeout": 5}).json()
+        assert ended["state"] == "cancelled"
+        # Only that run: the one queued behind it in the same session still runs.
+        after = http.get("/v1/runs/second/wait", params={"timeout": 5}).json()
+        assert after["state"] == "completed"
+        assert after["terminal"]["result"] == "after you"
+
+        # Cancelling an ended run just shows its terminal.
+        code, out, _ = run_main(["cancel", "--run", "second", *client], capsys)
+        assert code == 0
+        assert json.loads(out) == after
+        code, out, err = run_main(["cancel", "--run", "nobody", *client], capsys)
+        assert code == 2
+        assert out == ""
+        assert "no run 'nobody' is known" in err

@@ -248,10 +248,16 @@ def test_ctrl_c_cancels_the_remote_run_before_exiting(spawn, tmp_path: Path):
     server = serve(spawn, tmp_path)
     running = client(spawn, *run(server, "a", "sleep 30", "--run-id", "ctrl-c"))
     server.wait_state("ctrl-c", "active")
+    behind = client(spawn, *run(server, "a", "queued behind", "--run-id", "ctrl-c-next", "-q"))
+    server.wait_state("ctrl-c-next", "queued")
     running.proc.send_signal(signal.SIGINT)
     assert running.finish(bound=EXIT_BOUND).code == 3, running.err
     assert "cancelling run ctrl-c" in running.err
     assert server.http.get("/v1/runs/ctrl-c").json()["state"] == "cancelled"
+    # Only that run was cancelled, not its session: the run queued behind it still completes.
+    assert behind.finish(bound=EXIT_BOUND).code == 0, behind.err
+    assert behind.out == "queued behind\n"
+    assert server.http.get("/v1/runs/ctrl-c-next").json()["state"] == "completed"
 
 
 def test_tokens_and_binding(spawn, tmp_path: Path):

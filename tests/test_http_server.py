@@ -198,6 +198,87 @@ def test_long_poll_sessions_cancel_and_close(tmp_path: Path):
     serving(tmp_path, body)
 
 
+def test_cancel_one_run_and_the_rest_of_its_session_goes_on(tmp_path: Path):
+    async def body(server: RunningServer, http: httpx.AsyncClient) -> None:
+        ws = await workspace(http)
+        active = await submit(http, ws, "s", "sleep 30")
+        queued = await submit(http, ws, "s", "after you")
+        doomed = await submit(http, ws, "s", "never runs")
+        elsewhere = await submit(http, ws, "t", "sleep 30")
+
+        async def state(run_id: str) -> str:
+            value: str = (await http.get(f"/v1/runs/{run_id}")).json()["state"]
+            return value
+
+        while await state(active) != "active" or await state(doomed) != "queued":
+            await trio.sleep(0.01)
+
+        # A queued run: cancelled at once, with the answer.
+        dropped = await http.post(f"/v1/runs/{doomed}/cancel")
+        assert dropped.status_code == 200
+        assert dropped.json() == {
+            "run_id": doomed,
+            "session_id": "s",
+            "state": "cancelled",
+            "terminal": {
+                "session_id": "s",
+                "run_id": doomed,
+                "result": None,
+                "error": None,
+                "cancelled": True,
+            },
+        }
+        # The active run: the same shape as GET; it ends at the agent's next checkpoint.
+        cancelled = await http.post(f"/v1/runs/{active}/cancel")
+        assert cancelled.status_code == 200
+        assert set(cancelled.json()) <= {"run_id", "session_id", "state", "terminal"}
+        assert cancelled.json()["run_id"] == active
+        assert cancelled.json()["state"] in {"active", "cancelled"}
+        ended = await http.get(f"/v1/runs/{active}/wait", params={"timeout": 10})
+        assert ended.status_code == 200
+        assert ended.json()["terminal"]["cancelled"] is True
+        # The next run of the same session still runs, to completion.
+        done = await http.get(f"/v1/runs/{queued}/wait", params={"timeout": 10})
+        assert done.status_code == 200
+        assert done.json()["state"] == "completed"
+        assert done.json()["terminal"]["result"] == "after you"
+        assert await state(elsewhere) == "active"
+
+        # An ended run: 200 with its terminal, unchanged (idempotent).
+        for run_id, seen in ((active, ended), (queued, done)):
+            again = await http.post(f"/v1/runs/{run_id}/cancel")
+            assert again.status_code == 200
+            assert again.json() == seen.json()
+        assert_error(await http.post("/v1/runs/nope/cancel"), 404, "run_not_found")
+        assert_error(await http.get(f"/v1/runs/{elsewhere}/cancel"), 405, "method_not_allowed")
+        assert server.service.backend.ledger.duplicates_suppressed == 0
+        assert await state(elsewhere) == "active"  # the other session was never touched
+
+    serving(tmp_path, body)
+
+
+def test_the_client_cancels_one_run(tmp_path: Path):
+    async def body(server: RunningServer, http: httpx.AsyncClient) -> None:
+        async with RunsClient(server.url, timeout=5) as client:
+            ws = (await client.create_workspace("w")).id
+            await client.submit(ws, "s", "sleep 30", "first")
+            await client.submit(ws, "s", "second words", "second")
+            await until(lambda: server.service.run("first").state == "active")
+            view = await client.cancel_run("first")
+            assert (view.run_id, view.session_id) == ("first", "s")
+            assert (await client.wait_terminal("first")).cancelled
+            assert (await client.wait_terminal("second")).result == "second words"
+            again = await client.cancel_run("first")
+            assert again.state == "cancelled"
+            assert again.terminal is not None
+            assert again.terminal.cancelled
+            with pytest.raises(ClientError) as info:
+                await client.cancel_run("nobody")
+            assert (info.value.status, info.value.code) == (404, "run_not_found")
+
+    serving(tmp_path, body)
+
+
 def test_metrics_and_openapi(tmp_path: Path):
     async def body(server: RunningServer, http: httpx.AsyncClient) -> None:
         ws = await workspace(http)
@@ -222,6 +303,11 @@ def test_metrics_and_openapi(tmp_path: Path):
         doc = (await http.get("/v1/openapi.json")).json()
         assert doc["openapi"].startswith("3.1")
         assert "/v1/runs/{run_id}/wait" in doc["paths"]
+        cancel = doc["paths"]["/v1/runs/{run_id}/cancel"]["post"]["responses"]
+        assert cancel["200"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/Run"
+        }
+        assert {"401", "404"} <= set(cancel)
 
     serving(tmp_path, body)
 
@@ -302,6 +388,8 @@ def test_every_error_shape_and_nothing_is_accepted(tmp_path: Path):
             ("POST", "/v1/workspaces", {"json": {"path": 7}}, 422, "invalid_request"),
             ("GET", "/v1/runs/nope", {}, 404, "run_not_found"),
             ("GET", "/v1/runs/nope/wait", {}, 404, "run_not_found"),
+            ("POST", "/v1/runs/nope/cancel", {}, 404, "run_not_found"),
+            ("POST", f"/v1/runs/{taken}/cancel", {"params": {"x": "1"}}, 422, "invalid_query"),
             ("GET", f"/v1/runs/{taken}/wait", {"params": {"timeout": "61"}}, 422, "invalid_query"),
             ("GET", f"/v1/runs/{taken}/wait", {"params": {"timeout": "x"}}, 422, "invalid_query"),
             ("GET", "/v1/workspaces/nope/sessions/s", {}, 404, "workspace_not_found"),
@@ -396,8 +484,19 @@ def test_token_rules(tmp_path: Path):
             assert ok.status_code == 200
             refused = await anonymous.post("/v1/workspaces", json={"path": "w"})
             assert_error(refused, 401, "unauthorized")
-        assert (await http.post("/v1/workspaces", json={"path": "w"})).status_code == 201
-        assert server.service.backend.ledger.accepted_total == 0
+            created = await http.post("/v1/workspaces", json={"path": "w"})
+            assert created.status_code == 201  # the refused request created nothing
+            run_id = await submit(http, created.json()["id"], "s", "sleep 30")
+            for header in ({}, {"authorization": "Bearer wrong"}):
+                response = await anonymous.post(f"/v1/runs/{run_id}/cancel", headers=header)
+                assert_error(response, 401, "unauthorized")
+            assert server.service.run(run_id).terminal is None  # not cancelled
+        cancelled = await http.post(f"/v1/runs/{run_id}/cancel")
+        assert cancelled.status_code == 200
+        assert cancelled.json()["run_id"] == run_id
+        ended = (await http.get(f"/v1/runs/{run_id}/wait", params={"timeout": 10})).json()
+        assert ended["state"] == "cancelled"
+        assert server.service.backend.ledger.accepted_total == 1
 
     serving(tmp_path, body, token="s3cret")
 

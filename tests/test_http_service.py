@@ -148,6 +148,54 @@ async def test_cancel_and_clear_queue(autojump_clock, tmp_path: Path):
             service.session("nope", "s")
 
 
+async def test_cancel_run_cancels_that_run_only(autojump_clock, tmp_path: Path):
+    async with service_at(tmp_path) as service:
+        ws, _ = await service.create_workspace(CreateWorkspace("w"))
+        active = service.submit(ws.id, SubmitMessage("s", "sleep 100"))
+        queued = [service.submit(ws.id, SubmitMessage("s", f"q{i}")) for i in range(2)]
+        other = service.submit(ws.id, SubmitMessage("t", "sleep 5"))
+        await trio.testing.wait_all_tasks_blocked()
+        # A queued run ends at once, and leaves the queue; the rest of the lane stays.
+        view = service.cancel_run(queued[0])
+        assert view.state == "cancelled"
+        assert view.terminal is not None
+        assert view.terminal.cancelled
+        lane = service.session(ws.id, "s")
+        assert lane.active == active
+        assert [q.run_id for q in lane.queued] == [queued[1]]
+        # An active run ends at its agent's next checkpoint; the one behind it then runs.
+        start = trio.current_time()
+        assert service.cancel_run(active).state == "active"
+        assert (await service.wait(active, 10)).state == "cancelled"
+        assert trio.current_time() == start
+        done = await service.wait(queued[1], 10)
+        assert (done.state, done.terminal and done.terminal.result) == ("completed", "q1")
+        assert (await service.wait(other, 10)).state == "completed"
+        # An ended run is left as it is: cancelling it again just reports its terminal.
+        for run_id in (queued[0], active, queued[1], other):
+            before = service.run(run_id)
+            assert service.cancel_run(run_id) == before
+        with refused(404, "run_not_found"):
+            service.cancel_run("never")
+        assert service.backend.ledger.duplicates_suppressed == 0
+
+
+async def test_cancel_run_during_shutdown_reports_the_terminal(autojump_clock, tmp_path: Path):
+    async with service_at(tmp_path) as service:
+        ws, _ = await service.create_workspace(CreateWorkspace("w"))
+        run_id = service.submit(ws.id, SubmitMessage("s", "sleep 100"))
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.shutdown, 30)
+            await trio.testing.wait_all_tasks_blocked()
+            assert service.draining
+            start = trio.current_time()
+            # Not refused (it starts no work), and the terminal it reports counts as collected.
+            view = service.cancel_run(run_id)
+            assert view.state == "cancelled"
+        assert trio.current_time() - start < 30
+
+
 async def test_closing_a_workspace_ends_its_runs_and_keeps_its_counters(
     autojump_clock, tmp_path: Path
 ):

@@ -53,6 +53,7 @@ HTTP API (JSON, under /v1; OpenAPI document at /v1/openapi.json):
   POST   /v1/workspaces/{id}/messages            {session_id, prompt, run_id?} -> 202 {run_id}
   GET    /v1/runs/{run_id}                       {run_id, session_id, state, terminal?}
   GET    /v1/runs/{run_id}/wait?timeout=S        200 once ended, 202 after S s (S <= 60)
+  POST   /v1/runs/{run_id}/cancel                cancel this run only -> the run
   POST   /v1/workspaces/{id}/sessions/{sid}/cancel
   DELETE /v1/workspaces/{id}/sessions/{sid}/queue
   GET    /v1/workspaces/{id}/sessions/{sid}      {busy, active, queued}
@@ -238,9 +239,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="submit a prompt and wait for its run to end",
         description="Submit a prompt to a server and block until its run ends, printing "
         "live progress. The ending comes from the server's authoritative /wait endpoint, "
-        "never from live events alone. Ctrl-C cancels the run's session on the server "
-        "(the run and anything queued behind it) before exiting; a second Ctrl-C exits "
-        "at once.",
+        "never from live events alone. Ctrl-C cancels the run on the server before "
+        "exiting (this run only: the other runs of its session go on); a second Ctrl-C "
+        "exits at once.",
         epilog=_EXIT_CODES,
         formatter_class=formatter,
     )
@@ -278,20 +279,32 @@ def _build_parser() -> argparse.ArgumentParser:
 
     cancel = commands.add_parser(
         "cancel",
-        help="cancel a session's active run and drop its queue",
-        description="Cancel a session's active run and drop its queued runs; each ends "
-        "cancelled. With --queue-only, only drop the queue.",
-        epilog="exit status: 0 done, 2 refused, 4 server unreachable or lost",
+        help="cancel one run, or a session's active run and its queue",
+        description="With --run, cancel that run only: a queued one ends cancelled at once, "
+        "an active one at its agent's next checkpoint, and the other runs of its session go "
+        "on; prints the run as JSON (a run that already ended is left as it is). With "
+        "--session, cancel the session's active run and drop its queued runs (each ends "
+        "cancelled), or with --queue-only only drop the queue; prints the session as JSON.",
+        epilog="exit status: 0 done, 2 usage or refused (an unknown run), 4 server "
+        "unreachable or lost",
         formatter_class=formatter,
     )
     _add_client_options(cancel)
+    target = cancel.add_mutually_exclusive_group(required=True)
+    target.add_argument("--run", metavar="RUN_ID", help="cancel this run only")
+    target.add_argument("--session", metavar="SESSION", help="cancel this session's runs")
     cancel.add_argument(
-        "--workspace", default=".", metavar="PATH", help="workspace path (default: .)"
+        "--workspace",
+        default=None,
+        metavar="PATH",
+        help="the session's workspace path (with --session; default: .)",
     )
-    cancel.add_argument("--session", required=True, metavar="SESSION", help="session id")
     cancel.add_argument(
-        "--queue-only", action="store_true", help="drop the queued runs; let the active one finish"
+        "--queue-only",
+        action="store_true",
+        help="with --session: drop the queued runs; let the active one finish",
     )
+    cancel.set_defaults(usage_error=cancel.error)
 
     demo = commands.add_parser(
         "demo",
@@ -351,6 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``trio-runs`` command line; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    if args.command == "cancel" and args.run is not None:
+        given = {"--queue-only": args.queue_only, "--workspace": args.workspace is not None}
+        for option in (name for name, present in given.items() if present):
+            args.usage_error(f"argument {option}: not allowed with argument --run")
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "serve": _serve,
         "run": _run,
@@ -503,10 +520,11 @@ async def _run_main(client: RunsClient, args: argparse.Namespace, prompt: str, r
         stream_done.set()
 
     async def cancel_remote() -> None:
+        # This run only: the session's other runs (queued behind it, say) go on.
         with trio.move_on_after(client.timeout):
             await accepted.wait()
             try:
-                await client.cancel_session(workspace_id, args.session)
+                await client.cancel_run(run_id)
             except Exception as exc:
                 _err(f"could not cancel the run: {exc}")
 
@@ -516,7 +534,7 @@ async def _run_main(client: RunsClient, args: argparse.Namespace, prompt: str, r
             async for _ in signals:
                 interrupts += 1
                 if interrupts == 1 and submitting:
-                    _err(f"cancelling run {run_id} (session {args.session}); Ctrl-C again to quit")
+                    _err(f"cancelling run {run_id}; Ctrl-C again to quit")
                     nursery.start_soon(cancel_remote)
                     continue
                 if interrupts > 1:
@@ -593,7 +611,10 @@ def _cancel(args: argparse.Namespace) -> int:
 
     async def cancel_main() -> dict[str, Any]:
         async with http.RunsClient(args.server, token=args.token, timeout=args.timeout) as client:
-            workspace = await client.create_workspace(args.workspace)
+            if args.run is not None:
+                run: dict[str, Any] = (await client.cancel_run(args.run)).to_dict()
+                return run
+            workspace = await client.create_workspace(args.workspace or ".")
             if args.queue_only:
                 view = await client.clear_queue(workspace.id, args.session)
             else:
@@ -604,6 +625,9 @@ def _cancel(args: argparse.Namespace) -> int:
     try:
         body = trio.run(cancel_main)
     except (http.ServerLost, http.ClientError) as exc:
+        if isinstance(exc, http.ClientError) and exc.code == "run_not_found":
+            _err(f"no run {args.run!r} is known to {args.server}")
+            return EXIT_USAGE
         return _client_error_status(exc)
     print(json.dumps(body, indent=2), flush=True)
     return EXIT_OK

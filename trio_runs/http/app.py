@@ -230,6 +230,10 @@ def create_app(
         _no_query(request)
         return json_response(service.run(path(request, "run_id")).to_dict())
 
+    async def cancel_run(request: Request) -> Response:
+        _no_query(request)
+        return json_response(service.cancel_run(path(request, "run_id")).to_dict())
+
     async def wait_run(request: Request) -> Response:
         timeout = parse_wait_timeout(request.query_params)
         view = await service.wait(path(request, "run_id"), timeout)
@@ -251,6 +255,7 @@ def create_app(
         Route(f"{ws}/sessions/{{session_id}}/queue", clear_queue, methods=["DELETE"]),
         Route("/v1/runs/{run_id}", get_run, methods=["GET"]),
         Route("/v1/runs/{run_id}/wait", wait_run, methods=["GET"]),
+        Route("/v1/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
     ]
 
     async def on_api_error(request: Request, exc: Exception) -> Response:

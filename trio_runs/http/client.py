@@ -240,6 +240,16 @@ class RunsClient:
         response = await self.request("GET", f"/v1/runs/{_quote(run_id)}")
         return RunView.from_dict(response.json())
 
+    async def cancel_run(self, run_id: str) -> RunView:
+        """``POST /v1/runs/{run_id}/cancel``: cancel this run only; the run after.
+
+        A queued run comes back cancelled; an active one may still say ``active`` (it ends at
+        its agent's next checkpoint: :meth:`wait_terminal` for the terminal). Cancelling an
+        ended run reports its terminal, so a retry is harmless.
+        """
+        response = await self.request("POST", f"/v1/runs/{_quote(run_id)}/cancel")
+        return RunView.from_dict(response.json())
+
     async def wait(self, run_id: str, seconds: float | None = None) -> RunView:
         """One long poll: the run once it ended, or its state after ``seconds`` (default:
         :attr:`poll_seconds`)."""

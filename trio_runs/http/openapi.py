@@ -256,6 +256,20 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": _json(_ref("Run"), "the run"), **_ERRORS},
             },
         },
+        "/v1/runs/{run_id}/cancel": {
+            "parameters": [_RUN_ID],
+            "post": {
+                "summary": (
+                    "Cancel this run only (the other runs of its session go on): a queued one "
+                    "ends cancelled at once, an active one at its agent's next checkpoint; an "
+                    "ended one is left as it is (idempotent)"
+                ),
+                "responses": {
+                    "200": _json(_ref("Run"), "the run after: wait for its terminal if active"),
+                    **_ERRORS,
+                },
+            },
+        },
         "/v1/runs/{run_id}/wait": {
             "parameters": [
                 _RUN_ID,

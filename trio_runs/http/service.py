@@ -195,6 +195,20 @@ class RunService:
             raise ApiError(404, "run_not_found", f"no run with id {run_id!r} is known")
         return RunView(run_id, session_id, self._live_state(run_id, session_id))
 
+    def cancel_run(self, run_id: str) -> RunView:
+        """Cancel this one run and return its view; the other runs of its session go on.
+
+        A queued run ends cancelled at once; an active one as soon as its agent reaches a
+        checkpoint (until then the view still says ``active``: ``wait`` for the terminal). A
+        run that already ended is left as it is and its terminal reported, so cancelling
+        twice is harmless. 404 ``run_not_found`` for an unknown id, as :meth:`run`. Allowed
+        during shutdown (it starts no work); a terminal it reports counts as collected.
+        Never blocks.
+        """
+        self.run(run_id)
+        self.backend.cancel_run(run_id)
+        return self.run(run_id)
+
     def _live_state(self, run_id: str, session_id: str) -> str:
         for workspace in self.backend.workspaces:
             coordinator = workspace.coordinator
