@@ -43,9 +43,9 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         [
             (
                 "            rc = RunComplete(session_id, run_id, cancelled=True)\n"
-                "        self._publish(accept, rc)\n        return rc",
+                "        self._publish(accept, rc)\n",
                 "            rc = RunComplete(session_id, run_id, error='cancelled')\n"
-                "        self._publish(accept, rc)\n        return rc",
+                "        self._publish(accept, rc)\n",
             )
         ],
     ),
