@@ -270,7 +270,10 @@ class Backend:
             raise AgentNotInitialized(workspace_id)
         _validate_submission(msg.session_id, msg.prompt, msg.run_id, msg.attachments)
         run_id = msg.run_id or new_run_id()
-        if run_id in self._ledger:
+        # Only a caller's id can already be known: checking a freshly minted UUID4 would cost
+        # two lookups in a table of up to `retain` terminals, cold in cache, on every send
+        # (and ledger.accept below still refuses a duplicate, releasing the reservation).
+        if msg.run_id and run_id in self._ledger:
             raise DuplicateRun(run_id)
         nursery = workspace._nursery
         assert nursery is not None

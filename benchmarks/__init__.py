@@ -1,0 +1,82 @@
+"""trio-runs benchmarks: what the guarantee costs, as ratios against floors measured in the
+same run.
+
+``python -m benchmarks [--quick] [--json PATH]`` runs them all; ``python -m benchmarks.NAME``
+runs one (``dispatch``, ``sessions``, ``flood``, ``memory``; ``http`` is a stub until the HTTP
+service exists). :func:`main` is the entry point ``trio-runs bench`` calls. See
+``benchmarks/README.md`` for what each measures and the latest results.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+from ._common import MIN_REPS, Report, header_lines, parser, render, timer, write_json
+
+__all__ = ["BENCHMARKS", "main", "run"]
+
+BENCHMARKS = ("dispatch", "sessions", "flood", "memory")
+"""Every benchmark that runs by default, in order."""
+
+
+def run(name: str, *, quick: bool = False, reps: int = MIN_REPS) -> Report:
+    """Run one benchmark by name and return its report."""
+    if name not in (*BENCHMARKS, "http"):
+        raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    module = importlib.import_module(f"{__name__}.{name}")
+    start = timer()
+    report = module.run(quick=quick, reps=reps)
+    if not isinstance(report, Report):
+        raise TypeError(f"benchmark {name!r} returned {report!r}")
+    report.seconds = timer() - start
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmarks, print a table per benchmark, optionally write JSON; the exit code.
+
+    ``argv`` excludes the program name (``sys.argv[1:]`` when ``None``). Returns 0, or 1 with
+    ``--check`` when a target does not hold, or 2 for a usage error.
+    """
+    p = parser("Measure what trio-runs' guarantee costs against bare-Trio floors.")
+    p.add_argument(
+        "--only",
+        action="append",
+        choices=BENCHMARKS,
+        metavar="NAME",
+        help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}",
+    )
+    p.add_argument(
+        "--http",
+        action="store_true",
+        help="also run the HTTP benchmark (not available yet: the HTTP service does not exist)",
+    )
+    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.reps < MIN_REPS:
+        p.error(f"--reps must be at least {MIN_REPS}")
+    names = list(dict.fromkeys(args.only or BENCHMARKS))
+    if args.http:
+        names.append("http")
+    for line in header_lines():
+        print(line)
+    print(flush=True)
+    start = timer()
+    reports: list[Report] = []
+    for name in names:
+        report = run(name, quick=args.quick, reps=args.reps)
+        reports.append(report)
+        print(render(report), end="\n\n", flush=True)
+    seconds = timer() - start
+    targets = [t for r in reports for t in r.targets]
+    missed = [t for t in targets if not t.holds]
+    print(
+        f"{len(targets) - len(missed)} of {len(targets)} targets hold"
+        + (f"; not: {', '.join(t.name for t in missed)}" if missed else "")
+        + f" ({seconds:.0f} s{', --quick' if args.quick else ''})"
+    )
+    if args.json:
+        write_json(args.json, reports, vars(args), seconds)
+        print(f"wrote {args.json}")
+    return 1 if args.check and missed else 0

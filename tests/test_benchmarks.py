@@ -1,0 +1,99 @@
+"""The benchmarks still run: each one with tiny sizes and a single repetition.
+
+A smoke test only: it proves the scripts have not rotted (they import, drive the library the
+way they measure it, and produce a report, a table and JSON); it asserts nothing about
+timings, which is the benchmarks' own business (``python -m benchmarks``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+# The benchmarks are a package at the repository root, not part of the installed library:
+# make them importable however pytest was started (``pytest`` does not put the root on
+# sys.path the way ``python -m pytest`` does).
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import benchmarks  # noqa: E402
+from benchmarks import _common, dispatch, flood, http, memory, sessions  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def no_settling(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A full gc.collect() before every repetition keeps real runs honest; under pytest's big
+    # heap it would be most of this file's time, and nothing here is timed.
+    monkeypatch.setattr(_common, "settle", lambda: None)
+
+
+def check(report: _common.Report) -> None:
+    assert report.rows
+    for row in report.rows:
+        assert row.value.samples
+    table = _common.render(report)
+    assert report.title in table
+
+
+def test_dispatch_runs() -> None:
+    report = dispatch.run(sizes=(20, 40), reps=1, batch=10)
+    check(report)
+    assert {t.name for t in report.targets} == {"dispatch ratio", "dispatch flat in N"}
+
+
+def test_sessions_run() -> None:
+    report = sessions.run(size=20, reps=1)
+    check(report)
+    delivered = [r for r in report.rows if r.metric == "terminals delivered"]
+    assert delivered[0].value.median == 21  # every queued run and the active one
+
+
+def test_flood_runs_and_loses_no_terminal() -> None:
+    report = flood.run(subscribers=(1, 2), duration=0.01, reps=1)
+    check(report)
+    lost = [r for r in report.rows if r.metric == "terminals lost"]
+    assert lost
+    assert all(r.value.max == 0 for r in lost)
+
+
+def test_memory_runs_without_its_rss_part() -> None:
+    report = memory.run(trace_runs=20, rss_sizes=(), reps=1)
+    check(report)
+
+
+def test_memory_rss_child_reports_from_a_subprocess() -> None:
+    result = memory.rss_in_subprocess("trio_runs", 30, 30)
+    assert set(result) == {"start_rss", "end_rss", "peak_rss"}
+    assert result["peak_rss"] >= result["start_rss"] > 0
+
+
+def test_http_is_a_clearly_marked_stub(capsys: pytest.CaptureFixture[str]) -> None:
+    report = http.run()
+    assert "not available yet" in report.skipped
+    assert "SKIPPED" in _common.render(report)
+    assert http.main([]) == 2
+    assert "not available yet" in capsys.readouterr().err
+
+
+def test_json_report_holds_machine_versions_parameters_and_figures(tmp_path: Path) -> None:
+    stat = _common.Stat.of([1.0, 2.0, 3.0])
+    report = _common.Report("demo", "a demo", "a floor", {"size": 10})
+    report.add(_common.Row("case", "figure", "ms", stat, stat, _common.ratios([1.0], [2.0])))
+    path = tmp_path / "bench.json"
+    _common.write_json(str(path), [report], {"quick": True}, 1.0)
+    document = json.loads(path.read_text(encoding="utf-8"))
+    assert document["machine"]["versions"]["trio"]
+    assert document["benchmarks"][0]["params"]["size"] == 10
+    row = document["benchmarks"][0]["rows"][0]
+    assert {"median", "min", "max", "samples"} <= set(row["value"])
+    assert row["baseline"] is not None
+
+
+def test_main_refuses_fewer_than_five_repetitions() -> None:
+    with pytest.raises(SystemExit) as exc:
+        benchmarks.main(["--reps", "1"])
+    assert exc.value.code == 2
