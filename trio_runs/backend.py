@@ -22,6 +22,7 @@ from .coordinator import (
     Coordinator,
     _fallback_terminal,
     _is_cancellation,
+    _non_cancelled_leaves,
     _record_terminal,
     _validate_submission,
     new_run_id,
@@ -477,14 +478,10 @@ def _sole_error(
     if body_error is not None and not isinstance(body_error, trio.Cancelled):
         # Trio may hand back a copy of a group the block raised (it splits Cancelled out of
         # groups), so recognise it by its leaves, which are never copied.
-        if len(others) == 1 and _leaves(others[0]) == _leaves(body_error):
+        if len(others) == 1 and _non_cancelled_leaves(others[0]) == _non_cancelled_leaves(
+            body_error
+        ):
             return body_error
         return None
-    leaves = [leaf for exc in others for leaf in _leaves(exc)]
+    leaves = [leaf for exc in others for leaf in _non_cancelled_leaves(exc)]
     return leaves[0] if len(leaves) == 1 else None
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [] if isinstance(exc, trio.Cancelled) else [exc]

@@ -295,13 +295,16 @@ class _Session:
         self.open = 0
 
 
+def _non_cancelled_leaves(exc: BaseException) -> list[BaseException]:
+    # An exception's leaves, walking into (nested) groups, leaving out every Cancelled.
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _non_cancelled_leaves(inner)]
+    return [] if isinstance(exc, trio.Cancelled) else [exc]
+
+
 def _is_cancellation(exc: BaseException) -> bool:
     # A Cancelled may reach us bare or inside a group (an agent's own nursery).
-    if isinstance(exc, trio.Cancelled):
-        return True
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_is_cancellation(inner) for inner in exc.exceptions)
-    return False
+    return not _non_cancelled_leaves(exc)
 
 
 def _cancelling(scope: trio.CancelScope) -> bool:

@@ -210,16 +210,15 @@ class RunService:
         return self.run(run_id)
 
     def _live_state(self, run_id: str, session_id: str) -> str:
-        for workspace in self.backend.workspaces:
-            coordinator = workspace.coordinator
-            if coordinator is None:
-                continue
-            active = _query(coordinator, "active_run_id", session_id)
-            if active == run_id:
-                return "active"
-            queued = _query(coordinator, "queued_run_ids", session_id)
-            if isinstance(queued, list) and run_id in queued:
-                return "queued"
+        workspace = self.backend.workspace_of(run_id)
+        coordinator = workspace.coordinator if workspace is not None else None
+        if coordinator is None:
+            return "pending"
+        if _query(coordinator, "active_run_id", session_id) == run_id:
+            return "active"
+        queued = _query(coordinator, "queued_run_ids", session_id)
+        if isinstance(queued, list) and run_id in queued:
+            return "queued"
         return "pending"
 
     async def wait(self, run_id: str, seconds: float) -> RunView:
