@@ -2,9 +2,9 @@
 same run.
 
 ``python -m benchmarks [--quick] [--json PATH]`` runs them all; ``python -m benchmarks.NAME``
-runs one (``dispatch``, ``sessions``, ``flood``, ``memory``; ``http`` is a stub until the HTTP
-service exists). :func:`main` is the entry point ``trio-runs bench`` calls. See
-``benchmarks/README.md`` for what each measures and the latest results.
+runs one (``dispatch``, ``sessions``, ``flood``, ``memory``, ``http``). :func:`main` is the
+entry point ``trio-runs bench`` calls. See ``benchmarks/README.md`` for what each measures and
+the latest results.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from ._common import MIN_REPS, Report, header_lines, parser, render, timer, writ
 
 __all__ = ["BENCHMARKS", "main", "run"]
 
-BENCHMARKS = ("dispatch", "sessions", "flood", "memory")
+BENCHMARKS = ("dispatch", "sessions", "flood", "memory", "http")
 """Every benchmark that runs by default, in order."""
 
 
 def run(name: str, *, quick: bool = False, reps: int = MIN_REPS) -> Report:
     """Run one benchmark by name and return its report."""
-    if name not in (*BENCHMARKS, "http"):
+    if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
     module = importlib.import_module(f"{__name__}.{name}")
     start = timer()
@@ -48,17 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="NAME",
         help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}",
     )
-    p.add_argument(
-        "--http",
-        action="store_true",
-        help="also run the HTTP benchmark (not available yet: the HTTP service does not exist)",
-    )
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.reps < MIN_REPS:
         p.error(f"--reps must be at least {MIN_REPS}")
     names = list(dict.fromkeys(args.only or BENCHMARKS))
-    if args.http:
-        names.append("http")
     for line in header_lines():
         print(line)
     print(flush=True)

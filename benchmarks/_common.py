@@ -115,20 +115,23 @@ def paired(
     Returns ``(baseline_samples, subject_samples)``; sample ``i`` of both came from the same
     spell of the machine, so their ratio is meaningful even when absolute times drift.
     """
-    base: list[T] = []
-    subj: list[T] = []
-    for rep in range(reps):
-        if rep % 2 == 0:
-            settle()
-            base.append(baseline())
-            settle()
-            subj.append(subject())
-        else:
-            settle()
-            subj.append(subject())
-            settle()
-            base.append(baseline())
+    base, subj = interleaved(reps, baseline, subject)
     return base, subj
+
+
+def interleaved(reps: int, *measures: Callable[[], T]) -> list[list[T]]:
+    """Run every one of ``measures`` ``reps`` times, back to back, rotating which goes first.
+
+    Returns one list of samples per measure, in the order given; sample ``i`` of every list
+    came from the same spell of the machine (:func:`paired` is the two-measure case).
+    """
+    samples: list[list[T]] = [[] for _ in measures]
+    for rep in range(reps):
+        for k in range(len(measures)):
+            index = (k + rep) % len(measures)
+            settle()
+            samples[index].append(measures[index]())
+    return samples
 
 
 # -- report ------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ timings, which is the benchmarks' own business (``python -m benchmarks``).
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -71,12 +73,49 @@ def test_memory_rss_child_reports_from_a_subprocess() -> None:
     assert result["peak_rss"] >= result["start_rss"] > 0
 
 
-def test_http_is_a_clearly_marked_stub(capsys: pytest.CaptureFixture[str]) -> None:
+def test_http_runs_every_client_count_against_both_baselines() -> None:
+    report = http.run(clients=(1, 3), round_trips=6, reps=1)
+    check(report)
+    assert not report.skipped
+    assert {row.label for row in report.rows} == {"1 client", "3 clients"}
+    assert all(row.baseline is not None for row in report.rows)
+    assert [t.holds for t in report.targets] == [True]
+
+
+def test_http_server_child_stops_when_its_stdin_closes() -> None:
+    with http.running_server() as server:
+        assert server.url.startswith("http://127.0.0.1:")
+        assert server.cpu_seconds() > 0
+    # Exit status 0: it shut down gracefully, not killed after the timeout (-9).
+    assert server.process.returncode == 0
+
+
+def test_http_without_the_extra_is_skipped_with_the_install_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = importlib.import_module
+
+    def no_http(name: str, package: str | None = None) -> object:
+        if name.startswith("trio_runs.http"):
+            raise ImportError("No module named 'hypercorn'")
+        return real(name, package)
+
+    monkeypatch.setattr(importlib, "import_module", no_http)
     report = http.run()
-    assert "not available yet" in report.skipped
+    assert "pip install" in report.skipped
     assert "SKIPPED" in _common.render(report)
-    assert http.main([]) == 2
-    assert "not available yet" in capsys.readouterr().err
+
+
+def test_interleaved_rotates_which_measure_goes_first() -> None:
+    order: list[str] = []
+
+    def measure(name: str) -> str:
+        order.append(name)
+        return name
+
+    a, b, c = _common.interleaved(3, *(functools.partial(measure, n) for n in "abc"))
+    assert (a, b, c) == (["a"] * 3, ["b"] * 3, ["c"] * 3)
+    assert order == list("abcbcacab")
 
 
 def test_json_report_holds_machine_versions_parameters_and_figures(tmp_path: Path) -> None:
