@@ -146,6 +146,16 @@ def run(
         report.add(
             Row(
                 label,
+                "of which garbage collection (cpu)",
+                "us",
+                Stat.of(t.gc * 1e6 / n for t in subj),
+                Stat.of(t.gc * 1e6 / n for t in base),
+                note="CPU time inside gc collections (gc.callbacks), per run",
+            )
+        )
+        report.add(
+            Row(
+                label,
                 "throughput (wall)",
                 "runs/s",
                 Stat.of(n / t.wall for t in subj),
