@@ -11,29 +11,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-
-def _num(value: float, unit: str) -> str:
-    if value != value:
-        return "n/a"
-    magnitude = abs(value)
-    if unit == "x":
-        return f"{value:.2f}"
-    if magnitude >= 1000 or (magnitude == int(magnitude) and unit in {"count", "bytes"}):
-        return f"{value:,.0f}"
-    if magnitude >= 100:
-        return f"{value:.0f}"
-    if magnitude >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
+from ._common import fmt
 
 
 def _cell(stat: dict[str, Any] | None, unit: str) -> str:
     if stat is None:
         return ""
-    median = _num(stat["median"], unit)
+    median = fmt(stat["median"], unit)
     if stat["min"] == stat["max"]:
         return median
-    return f"{median} [{_num(stat['min'], unit)}..{_num(stat['max'], unit)}]"
+    return f"{median} [{fmt(stat['min'], unit)}..{fmt(stat['max'], unit)}]"
 
 
 def render(document: dict[str, Any]) -> str:

@@ -26,29 +26,13 @@ import trio.testing
 from trio_runs import AgentMessage, RunCall, RunContext, SessionCoordinator, open_backend
 
 from ._common import Report, Row, Stat, Stopwatch, Target, Timing, paired, ratios, timing_rows
-from .dispatch import messages, trivial_agent, workspace_path
+from .dispatch import floor_runs, messages, trivial_agent, workspace_path
 
 SIZE = 10_000
 QUICK_SIZE = 5_000
 
 
 # -- 10,000 sessions x 1 run ---------------------------------------------------------------
-
-
-async def floor_many(n: int) -> Timing:
-    async def task(done: trio.Event) -> None:
-        done.set()
-
-    async with trio.open_nursery() as nursery:
-        watch = Stopwatch()
-        events = []
-        for _ in range(n):
-            event = trio.Event()
-            nursery.start_soon(task, event)
-            events.append(event)
-        for event in events:
-            await event.wait()
-        return watch.read()
 
 
 async def runs_many_sessions(n: int) -> Timing:
@@ -203,12 +187,12 @@ def run(*, quick: bool = False, reps: int = 5, size: int | None = None) -> Repor
     )
     if size != SIZE:
         report.notes.append(f"{size:,} instead of {SIZE:,} (--quick)")
-    trio.run(floor_many, min(size, 1_000))
+    trio.run(floor_runs, min(size, 1_000), size)
     trio.run(runs_many_sessions, min(size, 1_000))
 
     base, subj = paired(
         reps,
-        functools.partial(trio.run, floor_many, size),
+        functools.partial(trio.run, floor_runs, size, size),
         functools.partial(trio.run, runs_many_sessions, size),
     )
     report.rows.extend(timing_rows(f"{size:,} sessions x 1 run", "all ended", subj, base))
