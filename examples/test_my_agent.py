@@ -1,8 +1,9 @@
 """How to test your own agent with trio_runs.testing — run: python -m pytest examples/
 
-The ``backend`` and ``autojump_clock`` fixtures come from trio-runs' pytest plugin (installed
-with the package; async tests need pytest-trio, e.g. ``trio_mode = true``). Sleeps run on
-virtual time, and ``backend`` fails the test if any run is left without a terminal.
+The ``trio_runs_backend`` fixture comes from trio-runs' pytest plugin (installed with the
+package): an open backend that fails the test if any run is left without a terminal. It needs
+pytest-trio, and works with ``trio_mode = true`` (as here) or in tests marked
+``@pytest.mark.trio``. ``autojump_clock`` is pytest-trio's: sleeps run on virtual time.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from trio_runs.testing import (
 )
 
 
-async def test_a_run_that_fails_midway_ends_failed_once(backend: Backend, autojump_clock):
+async def test_a_run_that_fails_midway_ends_failed_once(trio_runs_backend: Backend, autojump_clock):
+    backend = trio_runs_backend
     agent = ScriptedAgent(emit("thinking"), sleep(30), raise_(RuntimeError("model timed out")))
     workspace = await backend.create_workspace("/my-project", SessionCoordinator.factory(agent))
     async with TerminalRecorder(workspace) as terminals:
@@ -35,7 +37,10 @@ async def test_a_run_that_fails_midway_ends_failed_once(backend: Backend, autoju
     terminals.assert_exactly_once([run_id])
 
 
-async def test_cancel_while_queued_is_cancelled_not_failed(backend: Backend, autojump_clock):
+async def test_cancel_while_queued_is_cancelled_not_failed(
+    trio_runs_backend: Backend, autojump_clock
+):
+    backend = trio_runs_backend
     release = trio.Event()
     agent = ScriptedAgent(
         return_("unused"),
@@ -55,7 +60,10 @@ async def test_cancel_while_queued_is_cancelled_not_failed(backend: Backend, aut
     assert agent.started == [first]  # the queued run never started
 
 
-async def test_a_failing_prepare_still_answers_the_waiter(backend: Backend, autojump_clock):
+async def test_a_failing_prepare_still_answers_the_waiter(
+    trio_runs_backend: Backend, autojump_clock
+):
+    backend = trio_runs_backend
     agent = ScriptedAgent(return_("ok"))
     factory = SessionCoordinator.factory(agent, prepare=failing_prepare(OSError("no models")))
     workspace = await backend.create_workspace("/my-project", factory)

@@ -221,23 +221,64 @@ async def test_terminal_recorder_misuse_is_a_clear_error(autojump_clock):
             await rec.__aenter__()
 
 
-def test_plugin_backend_fixture_fails_a_test_that_leaves_a_run_pending(pytester):
-    pytester.makeini("[pytest]\ntrio_mode = true\n")
-    pytester.makepyfile(
-        textwrap.dedent(
-            """
-            import trio
+PLUGIN_TESTS = """
+    import trio
 
-            async def test_clean(backend, autojump_clock):
-                start = trio.current_time()
-                await trio.sleep(3600)
-                assert trio.current_time() - start == 3600
+    from trio_runs import AgentMessage, SessionCoordinator
+    from trio_runs.testing import ScriptedAgent, return_, sleep
 
-            async def test_leaves_a_run_pending(backend, autojump_clock):
-                backend.ledger.accept("orphan", "s")  # accepted, never dispatched
-            """
-        )
-    )
-    result = pytester.runpytest_subprocess()
+    {mark}
+    async def test_clean(trio_runs_backend, autojump_clock):
+        agent = ScriptedAgent(sleep(3600), return_("ok"))
+        ws = await trio_runs_backend.create_workspace("/w", SessionCoordinator.factory(agent))
+        start = trio.current_time()
+        with trio.fail_after(7200):
+            rc = await trio_runs_backend.run(ws.id, AgentMessage("s", "go"))
+        assert rc.result == "ok"
+        assert trio.current_time() - start == 3600  # virtual time: pytest-trio's clock
+
+    {mark}
+    async def test_leaves_a_run_pending(trio_runs_backend, autojump_clock):
+        trio_runs_backend.ledger.accept("orphan", "s")  # accepted, never dispatched
+"""
+
+
+@pytest.mark.parametrize(
+    ("ini", "mark"),
+    [
+        pytest.param("[pytest]\ntrio_mode = true\n", "", id="trio_mode"),
+        pytest.param("[pytest]\n", "@pytest.mark.trio", id="marked-without-trio_mode"),
+    ],
+)
+def test_plugin_backend_fixture_fails_a_test_that_leaves_a_run_pending(pytester, ini, mark):
+    pytester.makeini(ini)
+    header = "import pytest\n" if mark else ""
+    pytester.makepyfile(header + textwrap.dedent(PLUGIN_TESTS).format(mark=mark))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*1 accepted run(s) were left without a terminal: *orphan*"])
+
+
+def test_plugin_adds_one_namespaced_fixture_and_leaves_the_clock_to_pytest_trio(pytester):
+    # A generic `backend` would be silently shadowed by any user conftest; `autojump_clock`
+    # is pytest-trio's and must not be duplicated.
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest_subprocess("--fixtures", "-p", "no:cacheprovider")
+    lines = result.stdout.str().splitlines()
+    start = next(i for i, line in enumerate(lines) if "from trio_runs.pytest_plugin" in line)
+    section = []
+    for line in lines[start + 1 :]:
+        if line.startswith(("---", "===")):
+            break
+        section.append(line)
+    assert [line.split(" -- ")[0] for line in section if " -- " in line] == ["trio_runs_backend"]
+    trio_section = next(i for i, line in enumerate(lines) if "from pytest_trio" in line)
+    assert any(line.startswith("autojump_clock -- ") for line in lines[trio_section:start])
+
+
+def test_plugin_backend_fixture_refuses_a_test_that_is_not_a_trio_test(pytester):
+    pytester.makeini("[pytest]\n")
+    pytester.makepyfile("def test_sync(trio_runs_backend):\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*Trio fixtures can only be used by Trio tests*"])

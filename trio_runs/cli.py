@@ -1,4 +1,4 @@
-"""The ``trio-runs`` command: ``serve``, ``run``, ``status``, ``cancel``, ``demo``, ``bench``.
+"""The ``trio-runs`` command: ``serve``, ``run``, ``status``, ``cancel``, ``demo``.
 
 ``main(argv)`` returns the process exit status; nothing here calls ``sys.exit`` except the
 ``__main__`` guard. Exit statuses of the client commands: 0 completed, 1 failed, 2 usage
@@ -19,7 +19,6 @@ import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -328,14 +327,6 @@ def _build_parser() -> argparse.ArgumentParser:
         help="a waiter without its terminal after this long counts as hung (default: 30)",
     )
     demo.add_argument("--no-live", action="store_true", help="no live display, only the table")
-
-    bench = commands.add_parser(
-        "bench",
-        help="run the benchmarks (from a source checkout)",
-        description="Run the project's benchmarks (the 'benchmarks' package of a source checkout).",
-    )
-    bench.add_argument("--quick", action="store_true", help="a short run")
-    bench.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     return parser
 
 
@@ -374,7 +365,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": _status,
         "cancel": _cancel,
         "demo": _demo,
-        "bench": _bench,
     }
     try:
         with _logging(args.log_level, args.command):
@@ -633,7 +623,7 @@ def _cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- demo and bench ----------------------------------------------------------------------
+# -- demo -------------------------------------------------------------------------------
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -643,29 +633,6 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.main(
         runs=args.runs, seed=args.seed, hang_after=args.hang_after, live=not args.no_live
     )
-
-
-def _bench(args: argparse.Namespace) -> int:
-    # The benchmarks live beside the package in a source checkout (not in the wheel): look
-    # in the current directory and beside an editable install.
-    here = Path(__file__).resolve().parent.parent
-    for root in (Path.cwd(), here):
-        if (root / "benchmarks" / "__init__.py").is_file() and str(root) not in sys.path:
-            sys.path.insert(0, str(root))
-            break
-    try:
-        benchmarks = importlib.import_module("benchmarks")
-    except ImportError:
-        raise _UsageError(
-            "the benchmarks are not available here: 'trio-runs bench' runs the 'benchmarks' "
-            "package of a source checkout (run it from the repository root)"
-        ) from None
-    run_benchmarks = getattr(benchmarks, "main", None)
-    if not callable(run_benchmarks):
-        raise _UsageError("the 'benchmarks' package has no main(argv) function")
-    argv = (["--quick"] if args.quick else []) + (["--json", args.json] if args.json else [])
-    status = run_benchmarks(argv)
-    return int(status or 0)
 
 
 if __name__ == "__main__":
