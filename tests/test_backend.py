@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from dict_store import nonzero_outcomes
 
 from trio_runs import (
     AgentMessage,
@@ -106,13 +107,8 @@ def msg(session_id: str = "s1", prompt: str = "hi", run_id: str = "", **kw: Any)
     return AgentMessage(session_id=session_id, prompt=prompt, run_id=run_id, **kw)
 
 
-@pytest.fixture
-async def backend(autojump_clock):
-    """An open backend; its closing at teardown is bounded too, so a regression fails."""
-    async with open_backend() as b:
-        yield b
-        with trio.fail_after(TIMEOUT):
-            await b.aclose()
+# ``backend`` (tests/conftest.py) runs every test here on both stores: ``RunLedger`` and the
+# independently written ``DictStore``.
 
 
 class CountingFactory:
@@ -218,7 +214,7 @@ async def test_factory_returning_none_makes_a_workspace_without_agent(
     assert backend.get_workspace(ws.id) is ws
     with pytest.raises(AgentNotInitialized):
         backend.send_message(ws.id, msg(run_id="r1"))
-    assert backend.ledger.accepted_total == 0
+    assert backend.ledger.statistics().accepted_total == 0
     assert backend.ledger.state("r1") is None
     assert ws.run_ids == frozenset()
     with trio.fail_after(TIMEOUT):
@@ -306,9 +302,9 @@ def snapshot(backend: Backend, ws: Workspace, sessions: list[str], run_ids: list
     ledger = backend.ledger
     coordinator = ws.coordinator
     state: dict[str, Any] = {
-        "pending": ledger.pending_count,
-        "accepted_total": ledger.accepted_total,
-        "terminals": ledger.terminal_count,
+        "pending": ledger.statistics().pending,
+        "accepted_total": ledger.statistics().accepted_total,
+        "terminals": ledger.statistics().retained,
         "pending_ids": ledger.pending_run_ids(),
         "ids": {run_id: ledger.state(run_id) for run_id in run_ids},
         "ws_runs": ws.run_ids,
@@ -547,7 +543,7 @@ async def test_backend_run_raises_what_send_message_raises(backend, tmp_path, au
     ws = await backend.create_workspace(tmp_path, CountingFactory())
     with trio.fail_after(TIMEOUT), pytest.raises(EmptyPrompt):
         await backend.run(ws.id, msg(prompt=""))
-    assert backend.ledger.accepted_total == 0
+    assert backend.ledger.statistics().accepted_total == 0
 
 
 # -- close_workspace ------------------------------------------------------------------------------
@@ -578,9 +574,9 @@ async def test_close_gives_active_queued_and_just_accepted_runs_one_cancelled_te
     assert all(rc.cancelled and rc.error is None for rc in payloads)
     for rc in payloads:
         assert backend.ledger.get(rc.run_id) == rc
-    assert backend.ledger.outcomes == {"cancelled": 5}
-    assert backend.ledger.pending_count == 0
-    assert backend.ledger.duplicates_suppressed == 0
+    assert nonzero_outcomes(backend.ledger) == {"cancelled": 5}
+    assert backend.ledger.statistics().pending == 0
+    assert backend.ledger.statistics().duplicates_suppressed == 0
     assert sorted(agent.started) == ["active-1", "active-2"]  # the others never started
     assert sorted(agent.cancelled) == ["active-1", "active-2"]
     assert ws.closed
@@ -646,7 +642,7 @@ async def test_close_waits_for_an_agent_that_ignores_cancellation_for_a_while(
 
     assert ws.closed
     assert backend.ledger.get("stubborn") == RunComplete("s1", "stubborn", cancelled=True)
-    assert backend.ledger.pending_count == 0
+    assert backend.ledger.statistics().pending == 0
 
 
 class IgnoringCoordinator(SessionCoordinator):
@@ -671,7 +667,7 @@ async def test_close_cuts_off_runs_after_grace_when_cancel_all_is_ignored(
     assert trio.current_time() - start == 3
     for run_id, session in [("a", "s1"), ("q", "s1"), ("b", "s2")]:
         assert backend.ledger.get(run_id) == RunComplete(session, run_id, cancelled=True)
-    assert backend.ledger.duplicates_suppressed == 0
+    assert backend.ledger.statistics().duplicates_suppressed == 0
     assert ws.closed
 
 
@@ -699,7 +695,7 @@ async def test_closing_twice_concurrently_is_fine(backend, tmp_path, autojump_cl
         ("r1", "cancelled"),
         ("r2", "cancelled"),
     ]
-    assert backend.ledger.duplicates_suppressed == 0
+    assert backend.ledger.statistics().duplicates_suppressed == 0
     with pytest.raises(WorkspaceNotFound):
         await backend.close_workspace(ws.id)
 
@@ -775,8 +771,8 @@ async def test_leaving_open_backend_normally_closes_every_workspace_gracefully(
     assert "w1-queued" not in agent.started
     for run_id in ids:
         assert backend.ledger.get(run_id).outcome == "cancelled", run_id
-    assert backend.ledger.pending_count == 0
-    assert backend.ledger.duplicates_suppressed == 0
+    assert backend.ledger.statistics().pending == 0
+    assert backend.ledger.statistics().duplicates_suppressed == 0
     assert len(workspaces) == 2
     assert all(ws.closed for ws in workspaces)
     assert all(ws.run_completions.is_shut_down for ws in workspaces)
@@ -822,8 +818,8 @@ async def test_leaving_open_backend_with_an_exception_reraises_it_unwrapped(
     for run_id in seen["ids"]:
         assert ledger.get(run_id) is not None, run_id
         assert ledger.get(run_id).outcome == "cancelled", run_id
-    assert ledger.pending_count == 0
-    assert ledger.duplicates_suppressed == 0
+    assert ledger.statistics().pending == 0
+    assert ledger.statistics().duplicates_suppressed == 0
     assert all(ws.closed for ws in seen["workspaces"])
 
 
@@ -841,7 +837,7 @@ async def test_open_backend_cancelled_from_outside_ends_every_run(tmp_path, auto
     assert scope.cancelled_caught
     assert len(ids) == 5
     assert all(ledger.get(run_id).outcome == "cancelled" for run_id in ids)
-    assert ledger.pending_count == 0
+    assert ledger.statistics().pending == 0
 
 
 async def test_open_backend_uses_the_given_ledger(tmp_path, autojump_clock):
@@ -853,7 +849,7 @@ async def test_open_backend_uses_the_given_ledger(tmp_path, autojump_clock):
             assert ws.ledger is ledger
             await backend.run(ws.id, msg(run_id="r1", prompt="q"))
     assert ledger.get("r1") == RunComplete("s1", "r1", result="answer to q")
-    assert ledger.accepted_total == 1
+    assert ledger.statistics().accepted_total == 1
 
 
 async def test_runs_outlive_the_request_that_started_them(backend, tmp_path, autojump_clock):

@@ -168,11 +168,9 @@ class Harness:
         With ``attach`` the call is attached to the reservation at once (as the backend
         does), so the coordinator knows the run before its task enters.
         """
-        accept = self.coord.begin_accepted(session_id)
-        self.ledger.accept(run_id, session_id)
         call = RunCall(session_id, prompt or f"do {run_id}", run_id)
-        if attach:
-            accept.call = call
+        accept = self.coord.begin_accepted(session_id, call if attach else None)
+        self.ledger.accept(run_id, session_id)
         return Dispatch(self, accept, call)
 
     def check_invariants(self, *, expect_idle: bool) -> None:
@@ -1287,7 +1285,7 @@ async def test_prepare_is_awaited_before_every_run(autojump_clock):
     """prepare() runs (and finishes) before each run's agent, in each run's context."""
     log: list[tuple[str, str]] = []
 
-    async def prepare() -> None:
+    async def prepare(call: RunCall) -> None:
         log.append(("prepare", current_run_id()))
         await trio.sleep(2)
         log.append(("prepared", current_run_id()))
@@ -1312,7 +1310,7 @@ async def test_prepare_failure_publishes_nothing_and_the_lane_moves_on(autojump_
     models_missing = RuntimeError("models not loaded")
     may_fail = trio.Event()
 
-    async def prepare() -> None:
+    async def prepare(call: RunCall) -> None:
         if current_run_id() == "a":
             await may_fail.wait()
             raise models_missing
@@ -1346,7 +1344,7 @@ async def test_cancel_during_a_slow_prepare_ends_cancelled(autojump_clock):
     """cancel() while prepare() runs: cancelled terminal, not failed; the agent never runs."""
     agent = ScriptedAgent()
 
-    async def prepare() -> None:
+    async def prepare(call: RunCall) -> None:
         await trio.sleep_forever()
 
     async with harness(agent, prepare=prepare) as h, trio.open_nursery() as nursery:
@@ -1364,7 +1362,7 @@ async def test_prepare_turning_cancel_into_an_error_still_ends_cancelled(autojum
     """cancel() while prepare() runs, prepare raising in response: still cancelled."""
     agent = ScriptedAgent()
 
-    async def prepare() -> None:
+    async def prepare(call: RunCall) -> None:
         try:
             await trio.sleep_forever()
         except trio.Cancelled:
@@ -1385,7 +1383,7 @@ async def test_run_publishes_a_prepare_failure_as_a_failed_terminal(autojump_clo
     and then re-raised."""
     failure = RuntimeError("no credentials")
 
-    async def prepare() -> None:
+    async def prepare(call: RunCall) -> None:
         await trio.lowlevel.checkpoint()
         raise failure
 

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from dict_store import nonzero_outcomes
 
 from trio_runs import (
     AgentMessage,
@@ -49,20 +50,17 @@ TIMEOUT = 30  # virtual seconds: every wait is bounded so a regression fails, ne
 
 
 class StubAccept:
-    """The reservation a :class:`StubCoordinator` hands out; records its release."""
+    """The reservation a :class:`StubCoordinator` hands out (the ``Reservation`` protocol and
+    nothing more: no context manager); records its release."""
 
-    def __init__(self, session_id: str) -> None:
+    def __init__(self, session_id: str, sequence: int, call: RunCall | None) -> None:
         self.session_id = session_id
+        self.sequence = sequence
+        self.call = call
         self.closed = False
 
     def close(self) -> None:
         self.closed = True
-
-    def __enter__(self) -> StubAccept:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 class StubCoordinator:
@@ -109,8 +107,8 @@ class StubCoordinator:
     async def run(self, session_id: str, prompt: str, *, run_id: str = "", attachments=()):
         raise NotImplementedError("the dispatcher never calls run()")
 
-    def begin_accepted(self, session_id: str) -> StubAccept:
-        accept = StubAccept(session_id)
+    def begin_accepted(self, session_id: str, call: RunCall | None = None) -> StubAccept:
+        accept = StubAccept(session_id, len(self.accepts) + 1, call)
         self.accepts.append(accept)
         return accept
 
@@ -194,13 +192,8 @@ async def settle_and_wait(backend: Backend, run_id: str) -> RunComplete:
     return rc
 
 
-@pytest.fixture
-async def backend(autojump_clock):
-    """An open backend; its closing at teardown is bounded too, so a regression fails."""
-    async with open_backend() as b:
-        yield b
-        with trio.fail_after(TIMEOUT):
-            await b.aclose()
+# ``backend`` (tests/conftest.py) runs every test here on both stores: ``RunLedger`` and the
+# independently written ``DictStore``.
 
 
 # -- (a) a pre-run error gets exactly one failed terminal ----------------------------------
@@ -234,9 +227,9 @@ async def test_pre_run_error_publishes_exactly_one_failed_terminal(
         ]
     assert backend.ledger.get("run-1") == rc
     assert backend.ledger.state("run-1") == "terminal"
-    assert backend.ledger.outcomes["failed"] == 1
-    assert backend.ledger.duplicates_suppressed == 0
-    assert backend.ledger.pending_count == 0
+    assert backend.ledger.statistics().failed_total == 1
+    assert backend.ledger.statistics().duplicates_suppressed == 0
+    assert backend.ledger.statistics().pending == 0
     # The dispatcher owns the reservation and released it; the run left the workspace.
     assert [a.closed for a in stub.accepts] == [True]
     assert ws.run_ids == frozenset()
@@ -255,7 +248,7 @@ async def test_pre_run_error_does_not_crash_the_workspace(backend, tmp_path, aut
     with trio.fail_after(TIMEOUT):
         second = await backend.run(ws.id, msg("run-2"))
     assert second == RunComplete(SESSION, "run-2", result="stub result")
-    assert backend.ledger.outcomes == {"failed": 1, "completed": 1}
+    assert nonzero_outcomes(backend.ledger) == {"failed": 1, "completed": 1}
 
 
 async def test_prepare_failure_with_session_coordinator_gets_one_failed_terminal(
@@ -269,7 +262,7 @@ async def test_prepare_failure_with_session_coordinator_gets_one_failed_terminal
     prepare_calls: list[int] = []
     agent_calls: list[str] = []
 
-    async def prepare() -> None:
+    async def prepare(call: RunCall) -> None:
         prepare_calls.append(1)
         await trio.sleep(1)
         if len(prepare_calls) == 1:
@@ -293,7 +286,7 @@ async def test_prepare_failure_with_session_coordinator_gets_one_failed_terminal
             )
         ]
         assert agent_calls == []
-        assert backend.ledger.duplicates_suppressed == 0
+        assert backend.ledger.statistics().duplicates_suppressed == 0
         assert not ws.coordinator.is_session_busy(SESSION)
 
         # The workspace survived: the next run goes through prepare and the agent.
@@ -333,7 +326,7 @@ async def test_no_fallback_when_coordinator_published_before_failing(
         assert [e.payload.message for e in drain(notes)] == [
             "stream failed after publishing terminal event"
         ]
-    assert backend.ledger.duplicates_suppressed == 0
+    assert backend.ledger.statistics().duplicates_suppressed == 0
     assert backend.ledger.get("run-1") == rc
 
 
@@ -352,7 +345,7 @@ async def test_marker_set_in_a_child_task_suppresses_the_fallback(
         rc = await settle_and_wait(backend, "run-1")
         assert rc.error == "published by a child task"
         assert [e.payload for e in drain(terminals)] == [rc]
-    assert backend.ledger.duplicates_suppressed == 0
+    assert backend.ledger.statistics().duplicates_suppressed == 0
 
 
 async def test_marker_without_a_published_terminal_still_ends_the_run_once(
@@ -373,8 +366,8 @@ async def test_marker_without_a_published_terminal_still_ends_the_run_once(
         assert rc == RunComplete(SESSION, "run-1", error="boom")
         assert [e.payload for e in drain(terminals)] == [rc]
         assert [e.payload.message for e in drain(notes)] == ["boom"]
-    assert backend.ledger.duplicates_suppressed == 0
-    assert backend.ledger.pending_count == 0
+    assert backend.ledger.statistics().duplicates_suppressed == 0
+    assert backend.ledger.statistics().pending == 0
 
 
 async def test_marker_without_a_published_terminal_on_return_records_the_returned_one(
@@ -393,7 +386,7 @@ async def test_marker_without_a_published_terminal_on_return_records_the_returne
         assert rc == RunComplete(SESSION, "run-1", result="returned")
         assert [e.payload for e in drain(terminals)] == [rc]
         assert drain(notes) == []
-    assert backend.ledger.duplicates_suppressed == 0
+    assert backend.ledger.statistics().duplicates_suppressed == 0
 
 
 async def test_close_leaves_no_run_of_a_misbehaving_coordinator_pending(
@@ -409,7 +402,7 @@ async def test_close_leaves_no_run_of_a_misbehaving_coordinator_pending(
             await backend.close_workspace(ws.id)
         events = drain(terminals)
     assert backend.ledger.state("run-1") == "terminal"
-    assert backend.ledger.pending_count == 0
+    assert backend.ledger.statistics().pending == 0
     assert [e.payload.run_id for e in events] == ["run-1"]
     assert events[0].payload.outcome != "completed"
     with trio.fail_after(TIMEOUT):
@@ -446,8 +439,8 @@ async def test_cancellation_publishes_no_error_terminal(backend, tmp_path, autoj
         assert events[0].payload.error is None
         assert drain(notes) == []
     assert backend.ledger.get("run-1") == RunComplete(SESSION, "run-1", cancelled=True)
-    assert backend.ledger.outcomes == {"cancelled": 1}
-    assert backend.ledger.duplicates_suppressed == 0
+    assert nonzero_outcomes(backend.ledger) == {"cancelled": 1}
+    assert backend.ledger.statistics().duplicates_suppressed == 0
     assert [a.closed for a in stub.accepts] == [True]
 
 
@@ -482,7 +475,7 @@ async def test_session_coordinator_cancel_gives_one_cancelled_terminal(
         assert [e.payload for e in drain(terminals)] == [rc]
         assert drain(notes) == []
     assert saw_cancel == ["run-1"]
-    assert backend.ledger.duplicates_suppressed == 0
+    assert backend.ledger.statistics().duplicates_suppressed == 0
     assert not ws.closing  # cancelling a run is not closing the workspace
 
 
@@ -530,7 +523,7 @@ async def test_coordinator_returning_an_unpublished_terminal_gets_it_recorded(
         assert rc == RunComplete(SESSION, "run-1", result={"answer": 42})
         assert [e.payload for e in drain(terminals)] == [rc]
     assert backend.ledger.get("run-1") == rc
-    assert backend.ledger.outcomes == {"completed": 1}
+    assert nonzero_outcomes(backend.ledger) == {"completed": 1}
 
 
 async def test_coordinator_returning_a_foreign_terminal_still_ends_the_run(
@@ -582,7 +575,7 @@ async def test_base_exception_gets_a_failed_terminal_before_propagating(tmp_path
     assert ledger.get("run-1") == expected
     assert waiter_got == [expected]
     assert seen_terminals == [expected]
-    assert ledger.pending_count == 0
+    assert ledger.statistics().pending == 0
     assert stub.workspace is not None
     assert stub.workspace.closed
 

@@ -191,7 +191,7 @@ async def test_begin_accepted_fault_is_raised_by_send_message_with_nothing_half_
     assert isinstance(ws.coordinator, FaultyCoordinator)
     assert ws.coordinator.injected == 1
     assert ledger.state("refused") is None
-    assert (ledger.accepted_total, ledger.pending_count) == (1, 1)
+    assert (ledger.statistics().accepted_total, ledger.statistics().pending) == (1, 1)
     assert not coordinator.is_session_busy("s1")
     assert coordinator.session_count == 1  # only s2's
     assert ws.run_ids == frozenset({"other"})
@@ -207,7 +207,7 @@ async def test_begin_accepted_fault_is_raised_by_send_message_with_nothing_half_
             await recorder.wait_for("other")
         recorder.assert_exactly_once(["refused", "other"])
     assert rc == RunComplete("s1", "refused", result="done")
-    assert ledger.pending_count == 0
+    assert ledger.statistics().pending == 0
 
 
 async def test_ledger_accept_fault_releases_the_reservation(
@@ -240,7 +240,7 @@ async def test_ledger_accept_fault_releases_the_reservation(
                 backend.send_message(ws.id, msg("x", session_id="s2"))
             assert not coordinator.is_session_busy("s2")
             assert coordinator.session_count == 1
-            assert ledger.accepted_total == 2  # a and c
+            assert ledger.statistics().accepted_total == 2  # a and c
             assert ws.run_ids == frozenset({"a", "c"})
 
             gate.set()
@@ -250,10 +250,10 @@ async def test_ledger_accept_fault_releases_the_reservation(
             assert [agent.started.count(r) for r in ["a", "b", "c", "x", "y"]] == [1, 0, 1, 0, 1]
             # Nothing ran for the refused runs, so nothing ended for them either.
             assert (ledger.state("b"), ledger.state("x")) == (None, None)
-            assert ledger.terminal_count == 3
+            assert ledger.statistics().retained == 3
     assert ledger.refused == 2
     assert {rc.outcome for rc in done.values()} == {"completed"}
-    assert ledger.pending_count == 0
+    assert ledger.statistics().pending == 0
 
 
 class RefusingNursery:
@@ -276,7 +276,7 @@ async def test_start_soon_fault_unregisters_the_run_and_releases_the_reservation
     with pytest.raises(RuntimeError, match="closed to new arrivals"):
         backend.send_message(ws.id, msg("r"))
     assert backend.ledger.state("r") is None
-    assert backend.ledger.accepted_total == 0
+    assert backend.ledger.statistics().accepted_total == 0
     assert not coordinator.is_session_busy("s1")
     assert coordinator.session_count == 0
     assert ws.run_ids == frozenset()
@@ -328,8 +328,8 @@ async def test_pre_run_fault_gives_one_failed_terminal_and_the_lane_moves_on(
     assert other == RunComplete("s2", "other", result="ok")
     assert ledger.get("bad") == bad
     assert "bad" not in agent.started
-    assert ledger.duplicates_suppressed == 0
-    assert ledger.pending_count == 0
+    assert ledger.statistics().duplicates_suppressed == 0
+    assert ledger.statistics().pending == 0
     assert not coordinator_of(ws).is_session_busy("s1")
     assert ws.run_ids == frozenset()
 
@@ -401,8 +401,8 @@ async def test_agent_fault_fails_only_its_run(
     assert other == RunComplete("s2", "other", result="ok")
     assert scripted.started.index("next") > scripted.started.index("bad")
     assert scripted.max_concurrent_per_session == 1
-    assert ledger.duplicates_suppressed == 0
-    assert ledger.pending_count == 0
+    assert ledger.statistics().duplicates_suppressed == 0
+    assert ledger.statistics().pending == 0
 
 
 # -- 5. while publishing the terminal -------------------------------------------------------
@@ -436,8 +436,8 @@ async def test_store_failing_once_while_recording_a_terminal_still_records_it(
     assert done["x"] == RunComplete("s1", "x", result="ok")
     assert done["after"] == RunComplete("s1", "after", result="ok")
     assert done["other"] == RunComplete("s2", "other", result="long")
-    assert ledger.duplicates_suppressed == 0
-    assert ledger.pending_count == 0
+    assert ledger.statistics().duplicates_suppressed == 0
+    assert ledger.statistics().pending == 0
 
 
 async def persistent_store_failure(
@@ -491,7 +491,7 @@ async def test_store_failing_for_one_run_still_ends_every_other_run_once(
     for run_id in ["after", "other"]:
         assert ledger.state(run_id) == "terminal", run_id
     assert ledger.pending_run_ids() == ["x"]
-    assert ledger.duplicates_suppressed == 0
+    assert ledger.statistics().duplicates_suppressed == 0
 
 
 async def drop_queued(op: str, backend: Backend, ws: Workspace) -> None:
@@ -581,7 +581,7 @@ async def test_fault_after_the_terminal_gives_no_second_terminal(
     assert ledger.get("r") == expected
     assert nxt == RunComplete("s1", "next", result="ok")
     assert ws.coordinator.injected == 1
-    assert ledger.duplicates_suppressed == 0
+    assert ledger.statistics().duplicates_suppressed == 0
 
 
 # -- 7. during workspace close --------------------------------------------------------------
@@ -646,8 +646,8 @@ async def run_then_close(
 def assert_all_cancelled_once(ledger: RunLedger, sends: list[AgentMessage]) -> None:
     for m in sends:
         assert ledger.get(m.run_id) == RunComplete(m.session_id, m.run_id, cancelled=True), m
-    assert ledger.pending_count == 0
-    assert ledger.duplicates_suppressed == 0
+    assert ledger.statistics().pending == 0
+    assert ledger.statistics().duplicates_suppressed == 0
 
 
 @pytest.mark.parametrize("exit_mode", EXITS)
@@ -658,7 +658,7 @@ async def test_close_cancels_a_hanging_prepare_and_the_runs_behind_it(
     behind it and a run busy in another session each get exactly one cancelled terminal, the
     agent never starts for the first two, and the close does not wait out its grace."""
 
-    async def prepare() -> None:
+    async def prepare(call: RunCall) -> None:
         if current_run_id().startswith("hang"):
             await trio.sleep_forever()
 
@@ -695,7 +695,7 @@ class RaisesWhileCancelled:
             raise ValueError(f"finally of {call.run_id} failed")
 
 
-async def prepare_raising_while_cancelled() -> None:
+async def prepare_raising_while_cancelled(call: RunCall) -> None:
     if current_run_id() == "in-prepare":
         try:
             await trio.sleep_forever()
@@ -993,8 +993,8 @@ async def test_base_exception_in_one_run_keeps_every_other_terminal(
     assert ledger.get("a1") == RunComplete("busy", "a1", cancelled=True)
     assert ledger.get("q1") == RunComplete("busy", "q1", cancelled=True)
     assert ledger.get("w2") == RunComplete("busy", "w2", cancelled=True)
-    assert ledger.pending_count == 0
-    assert ledger.duplicates_suppressed == 0
+    assert ledger.statistics().pending == 0
+    assert ledger.statistics().duplicates_suppressed == 0
     assert "x" not in agent.finished
     assert "q1" not in agent.started
     assert all(ws.closed for ws in workspaces)

@@ -16,7 +16,16 @@ import pytest
 import trio
 import trio.testing
 
-from trio_runs import Backend, RunCall, RunContext, SessionCoordinator, open_backend
+from trio_runs import (
+    Backend,
+    EventType,
+    RunCall,
+    RunContext,
+    RunProgress,
+    RunStore,
+    SessionCoordinator,
+    open_backend,
+)
 from trio_runs.agents import demo
 from trio_runs.http.metrics import render
 from trio_runs.http.schema import ApiError, CreateWorkspace, SubmitMessage
@@ -25,10 +34,20 @@ from trio_runs.http.service import RunService
 TIMEOUT = 120  # virtual seconds
 
 
+_stores: list[RunStore] = []
+
+
+@pytest.fixture(autouse=True)
+def _on_each_store(store: RunStore) -> None:
+    # Every test here runs on both stores (tests/conftest.py): service_at opens its backend
+    # on the one this test was given.
+    _stores[:] = [store]
+
+
 @asynccontextmanager
 async def service_at(root: Path, **kwargs: float) -> AsyncIterator[RunService]:
     with trio.fail_after(TIMEOUT):
-        async with open_backend() as backend:
+        async with open_backend(_stores[0]) as backend:
             yield RunService(backend, demo.coordinator_factory, workspace_root=root, **kwargs)
 
 
@@ -66,7 +85,7 @@ async def test_every_refused_submission_maps_to_its_status_and_registers_nothing
         taken = service.submit(ws.id, SubmitMessage("s", "hello", "taken"))
         assert taken == "taken"
         ledger = service.backend.ledger
-        before = ledger.accepted_total
+        before = ledger.statistics().accepted_total
         cases = [
             ("nope", SubmitMessage("s", "p"), 404, "workspace_not_found"),
             (ws.id, SubmitMessage(" ", "p"), 422, "session_missing"),
@@ -78,7 +97,7 @@ async def test_every_refused_submission_maps_to_its_status_and_registers_nothing
         for workspace_id, message, status, code in cases:
             with refused(status, code):
                 service.submit(workspace_id, message)
-        assert ledger.accepted_total == before
+        assert ledger.statistics().accepted_total == before
         assert ledger.pending_run_ids() == ["taken"] or ledger.state("taken") == "terminal"
 
 
@@ -177,7 +196,7 @@ async def test_cancel_run_cancels_that_run_only(autojump_clock, tmp_path: Path):
             assert service.cancel_run(run_id) == before
         with refused(404, "run_not_found"):
             service.cancel_run("never")
-        assert service.backend.ledger.duplicates_suppressed == 0
+        assert service.backend.ledger.statistics().duplicates_suppressed == 0
 
 
 async def test_cancel_run_during_shutdown_reports_the_terminal(autojump_clock, tmp_path: Path):
@@ -204,7 +223,11 @@ async def test_closing_a_workspace_ends_its_runs_and_keeps_its_counters(
         runs = [service.submit(ws.id, SubmitMessage(f"s{i}", "sleep 100")) for i in range(3)]
         await trio.testing.wait_all_tasks_blocked()
         workspace = service.workspace(ws.id)
-        workspace.events.drop_count += 5  # as if a slow observer had lost some progress
+        async with workspace.events.subscribe():
+            # A subscriber that never reads: the 5 events past its buffer are dropped.
+            for i in range(int(workspace.events.buffer_size) + 5):
+                workspace.events.publish(EventType.CREATED, RunProgress("s0", runs[0], i))
+        assert workspace.events.drop_count == 5
         closed = await service.close_workspace(ws.id)
         assert closed.closing
         assert {service.run(r).state for r in runs} == {"cancelled"}

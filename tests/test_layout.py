@@ -18,9 +18,11 @@ PACKAGE = Path(trio_runs.__file__).parent
 ORDER = [
     "events",
     "errors",
+    "_validation",
     "context",
     "broker",
     "ledger",
+    "_terminals",
     "coordinator",
     "backend",
     "testing",

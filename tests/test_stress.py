@@ -84,7 +84,7 @@ async def run_stress(seed: int) -> None:
             raise RuntimeError(f"agent failed for {call.run_id}")
         return call.prompt
 
-    async def prepare() -> None:
+    async def prepare(call: RunCall) -> None:
         await trio.sleep(0)
         if current_run_id() in prepare_fails:
             raise OSError(f"prepare failed for {current_run_id()}")

@@ -8,8 +8,8 @@ and when the workspace shuts down. Cancellation is never reported as an error.
 
 from __future__ import annotations
 
-from .backend import Backend, CoordinatorFactory, Workspace, open_backend
-from .broker import Broker, Subscription
+from .backend import Backend, BackendStatistics, CoordinatorFactory, Workspace, open_backend
+from .broker import Broker, BrokerStatistics, Subscription
 from .context import (
     RunCompleteMarker,
     current_run_id,
@@ -22,10 +22,14 @@ from .coordinator import (
     AcceptedRun,
     Agent,
     Coordinator,
+    CoordinatorStatistics,
     Prepare,
+    Reservation,
     RetryPolicy,
     RunContext,
     SessionCoordinator,
+    SupportsCancelRun,
+    SupportsLaneQueries,
     new_run_id,
 )
 from .errors import (
@@ -34,6 +38,7 @@ from .errors import (
     DuplicateRun,
     EmptyPrompt,
     InvalidRunId,
+    NotSupported,
     SessionMissing,
     SubscriberOverflow,
     TrioRunsError,
@@ -52,7 +57,7 @@ from .events import (
     RunComplete,
     RunProgress,
 )
-from .ledger import RunLedger, RunStore
+from .ledger import LedgerStatistics, RunLedger, RunStore
 
 __version__ = "0.1.0"
 
@@ -64,17 +69,23 @@ __all__ = [
     "Attachment",
     "Backend",
     "BackendClosed",
+    "BackendStatistics",
     "Broker",
+    "BrokerStatistics",
     "Coordinator",
     "CoordinatorFactory",
+    "CoordinatorStatistics",
     "DuplicateRun",
     "EmptyPrompt",
     "Event",
     "EventType",
     "InvalidRunId",
+    "LedgerStatistics",
+    "NotSupported",
     "Notification",
     "NotificationType",
     "Prepare",
+    "Reservation",
     "RetryPolicy",
     "RunCall",
     "RunComplete",
@@ -87,6 +98,8 @@ __all__ = [
     "SessionMissing",
     "SubscriberOverflow",
     "Subscription",
+    "SupportsCancelRun",
+    "SupportsLaneQueries",
     "TrioRunsError",
     "UnknownRun",
     "Workspace",

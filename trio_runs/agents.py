@@ -17,14 +17,13 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable
-from contextvars import ContextVar
 from typing import Final
 
 import trio
 
 from .backend import CoordinatorFactory, Workspace
-from .coordinator import AcceptedRun, Agent, Coordinator, RunContext, SessionCoordinator
-from .events import RunCall, RunComplete
+from .coordinator import Agent, Coordinator, RunContext, SessionCoordinator
+from .events import RunCall
 
 __all__ = ["DemoAgent", "demo", "load_agent"]
 
@@ -35,20 +34,6 @@ The built-in demo agent (trio_runs.agents:demo) is scripted by the prompt:
   fail          raises mid-run: the run ends failed
   fail-early    fails in prepare, before the run starts: the run ends failed
 """
-
-# The prompt of the run whose ``prepare`` hook is running: ``prepare()`` takes no arguments,
-# so the demo's coordinator hands the prompt over in a context variable set for the run.
-_current_prompt: ContextVar[str] = ContextVar("trio_runs.agents.prompt", default="")
-
-
-class _PromptAwareCoordinator(SessionCoordinator):
-    # A SessionCoordinator whose prepare hook can see the prompt of the run it prepares.
-    async def run_accepted(self, accept: AcceptedRun, call: RunCall) -> RunComplete:
-        token = _current_prompt.set(call.prompt)
-        try:
-            return await super().run_accepted(accept, call)
-        finally:
-            _current_prompt.reset(token)
 
 
 class DemoAgent:
@@ -90,10 +75,10 @@ class DemoAgent:
             await trio.sleep(self.word_delay)
         return call.prompt
 
-    async def prepare(self) -> None:
+    async def prepare(self, call: RunCall) -> None:
         """The pre-run hook: raises for the prompt ``fail-early``, else does nothing."""
         await trio.lowlevel.checkpoint()
-        if _current_prompt.get().split() == ["fail-early"]:
+        if call.prompt.split() == ["fail-early"]:
             raise RuntimeError(
                 "the demo agent failed in prepare, before the run started "
                 "(the prompt 'fail-early' asked)"
@@ -101,7 +86,7 @@ class DemoAgent:
 
     def coordinator_factory(self, workspace: Workspace) -> Coordinator:
         """A ``SessionCoordinator`` for ``workspace`` running this agent and its prepare hook."""
-        return _PromptAwareCoordinator(
+        return SessionCoordinator(
             self,
             run_completions=workspace.run_completions,
             ledger=workspace.ledger,

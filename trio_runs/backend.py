@@ -13,24 +13,25 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import attrs
 import trio
 
+from ._terminals import fallback_terminal, is_cancellation, non_cancelled_leaves, record_terminal
+from ._validation import validate_submission
 from .broker import Broker
 from .context import run_complete_published, with_run_complete_marker, with_run_id
 from .coordinator import (
-    AcceptedRun,
     Coordinator,
-    _fallback_terminal,
-    _is_cancellation,
-    _non_cancelled_leaves,
-    _record_terminal,
-    _validate_submission,
+    Reservation,
+    SupportsCancelRun,
+    SupportsLaneQueries,
     new_run_id,
 )
 from .errors import (
     AgentNotInitialized,
     BackendClosed,
     DuplicateRun,
+    NotSupported,
     WorkspaceClosing,
     WorkspaceNotFound,
 )
@@ -43,9 +44,9 @@ from .events import (
     RunComplete,
     RunProgress,
 )
-from .ledger import RunLedger
+from .ledger import LedgerStatistics, RunLedger, RunStore
 
-__all__ = ["Backend", "CoordinatorFactory", "Workspace", "open_backend"]
+__all__ = ["Backend", "BackendStatistics", "CoordinatorFactory", "Workspace", "open_backend"]
 
 logger = logging.getLogger("trio_runs")
 
@@ -53,6 +54,32 @@ CoordinatorFactory = Callable[["Workspace"], Coordinator | None]
 """Builds a workspace's coordinator from the workspace (``None``: a workspace with no agent)."""
 
 DEFAULT_CLOSE_GRACE = 10.0
+
+
+@attrs.frozen(kw_only=True)
+class BackendStatistics:
+    """A snapshot of a :class:`Backend` and everything in it, from ``Backend.statistics()``.
+
+    Counters (``*_total``, ``drops``, ``overflows``) never go down: closed workspaces' counts
+    are kept. Gauges are summed over the open (and closing) workspaces.
+    """
+
+    workspaces: int
+    """Workspaces open or closing."""
+    runs_in_flight: int
+    """Runs whose dispatch has not finished."""
+    active: int
+    """Runs running now (counted where the coordinator implements ``SupportsLaneQueries``)."""
+    queued: int
+    """Runs waiting in a session's queue."""
+    subscribers: int
+    """Subscriptions open on the workspaces' brokers."""
+    drops: int
+    """Lossy progress events and notifications dropped for slow subscribers, ever."""
+    overflows: int
+    """Subscribers disconnected for exceeding their backlog, ever (every broker)."""
+    ledger: LedgerStatistics
+    """The store's own snapshot."""
 
 
 class Workspace:
@@ -63,13 +90,13 @@ class Workspace:
     ends every accepted run with exactly one terminal before the brokers shut down.
     """
 
-    def __init__(self, workspace_id: str, path: str, ledger: RunLedger) -> None:
+    def __init__(self, workspace_id: str, path: str, ledger: RunStore) -> None:
         self.id = workspace_id
         """The workspace's id (a UUID4 string)."""
         self.path = path
         """The resolved path the workspace was created for."""
         self.ledger = ledger
-        """The backend's ledger: the source of truth for terminals."""
+        """The backend's store: the source of truth for terminals."""
         self.run_completions: Broker[RunComplete] = Broker()
         """Must-deliver: one ``RunComplete`` per accepted run of this workspace."""
         self.notifications: Broker[Notification] = Broker()
@@ -156,17 +183,58 @@ class Backend:
     typed error having reserved, registered and started nothing.
     """
 
-    def __init__(self, nursery: trio.Nursery, ledger: RunLedger) -> None:
+    def __init__(self, nursery: trio.Nursery, ledger: RunStore) -> None:
         self._nursery = nursery
         self._ledger = ledger
         self._workspaces: dict[str, Workspace] = {}
         self._by_path: dict[str, Workspace] = {}
         self._closing = False
+        # Counters of closed workspaces' brokers, so statistics() never goes down.
+        self._closed_drops = 0
+        self._closed_overflows = 0
 
     @property
-    def ledger(self) -> RunLedger:
-        """The ledger every workspace records terminals in."""
+    def ledger(self) -> RunStore:
+        """The store every workspace records terminals in."""
         return self._ledger
+
+    def statistics(self) -> BackendStatistics:
+        """A frozen snapshot of the backend: workspaces, runs, brokers and the store.
+
+        Walks every open workspace and the sessions of its runs in flight.
+        """
+        store = self._ledger
+        runs = active = queued = subscribers = 0
+        drops, overflows = self._closed_drops, self._closed_overflows
+        for workspace in self._workspaces.values():
+            runs += len(workspace._runs)
+            for broker in (workspace.run_completions, workspace.notifications, workspace.events):
+                subscribers += broker.subscriber_count
+                overflows += broker.overflow_count
+            drops += workspace.notifications.drop_count + workspace.events.drop_count
+            coordinator = workspace.coordinator
+            if coordinator is None:
+                continue
+            sessions = {store.session_of(run_id) for run_id in workspace._runs}
+            for session_id in sessions:
+                if session_id is None:
+                    continue
+                if (
+                    isinstance(coordinator, SupportsLaneQueries)
+                    and coordinator.active_run_id(session_id) is not None
+                ):
+                    active += 1
+                queued += coordinator.queued_prompts(session_id)
+        return BackendStatistics(
+            workspaces=len(self._workspaces),
+            runs_in_flight=runs,
+            active=active,
+            queued=queued,
+            subscribers=subscribers,
+            drops=drops,
+            overflows=overflows,
+            ledger=store.statistics(),
+        )
 
     @property
     def workspaces(self) -> list[Workspace]:
@@ -196,7 +264,7 @@ class Backend:
             return existing
         workspace = Workspace(str(uuid.uuid4()), resolved, self._ledger)
         coordinator = coordinator_factory(workspace)
-        if coordinator is not None and not callable(getattr(coordinator, "run_accepted", None)):
+        if coordinator is not None and not isinstance(coordinator, Coordinator):
             raise TypeError(
                 f"coordinator_factory must return a Coordinator or None, got {coordinator!r}"
             )
@@ -229,6 +297,12 @@ class Backend:
     def _unregister(self, workspace: Workspace) -> None:
         if self._workspaces.get(workspace.id) is workspace:
             del self._workspaces[workspace.id]
+            self._closed_drops += workspace.notifications.drop_count + workspace.events.drop_count
+            self._closed_overflows += (
+                workspace.run_completions.overflow_count
+                + workspace.notifications.overflow_count
+                + workspace.events.overflow_count
+            )
         if self._by_path.get(workspace.path) is workspace:
             del self._by_path[workspace.path]
 
@@ -269,26 +343,25 @@ class Backend:
         coordinator = workspace.coordinator
         if coordinator is None:
             raise AgentNotInitialized(workspace_id)
-        _validate_submission(msg.session_id, msg.prompt, msg.run_id, msg.attachments)
+        validate_submission(msg.session_id, msg.prompt, msg.run_id, msg.attachments)
         run_id = msg.run_id or new_run_id()
         # Only a caller's id can already be known: checking a freshly minted UUID4 would cost
         # two lookups in a table of up to `retain` terminals, cold in cache, on every send
         # (and ledger.accept below still refuses a duplicate, releasing the reservation).
-        if msg.run_id and run_id in self._ledger:
+        if msg.run_id and self._ledger.state(run_id) is not None:
             raise DuplicateRun(run_id)
         nursery = workspace._nursery
         assert nursery is not None
         call = RunCall(msg.session_id, msg.prompt, run_id, msg.attachments)
-        accept = coordinator.begin_accepted(msg.session_id)
-        # Attached now so the run is listed as queued (and clear_queue can drop it) before
-        # its task gets to run.
-        accept.call = call
+        # The call goes with the reservation so the run is listed as queued (and clear_queue
+        # can drop it) before its task gets to run.
+        accept = coordinator.begin_accepted(msg.session_id, call)
         try:
             self._ledger.accept(run_id, msg.session_id)
             try:
                 nursery.start_soon(self._dispatch, workspace, coordinator, accept, call)
             except BaseException:
-                self._ledger._discard(run_id)
+                self._ledger.withdraw(run_id)
                 raise
         except BaseException:
             accept.close()
@@ -300,7 +373,7 @@ class Backend:
         self,
         workspace: Workspace,
         coordinator: Coordinator,
-        accept: AcceptedRun,
+        accept: Reservation,
         call: RunCall,
     ) -> None:
         # The seed's runAgent: owns the reservation, attaches the run id and a fresh marker,
@@ -309,17 +382,18 @@ class Backend:
         failure: BaseException | None = None
         returned: object = None
         try:
-            with accept, with_run_id(run_id), with_run_complete_marker():
+            with with_run_id(run_id), with_run_complete_marker():
                 try:
                     returned = await coordinator.run_accepted(accept, call)
                 except BaseException as exc:
                     failure = exc
                     self._after_failure(workspace, session_id, run_id, exc)
-                    if isinstance(exc, Exception) and not _is_cancellation(exc):
+                    if isinstance(exc, Exception) and not is_cancellation(exc):
                         # One run's failure must not take down its workspace's other runs.
                         return
                     raise
         finally:
+            _close_reservation(accept)
             workspace._runs.discard(run_id)
             if self._ledger.state(run_id) == "pending":
                 # Last resort, for a coordinator that flagged the marker (or returned)
@@ -335,7 +409,7 @@ class Backend:
         returned: object,
     ) -> None:
         if failure is not None:
-            rc = _fallback_terminal(session_id, run_id, failure)
+            rc = fallback_terminal(session_id, run_id, failure)
         elif isinstance(returned, RunComplete) and returned.run_id == run_id:
             rc = returned
         else:
@@ -353,7 +427,7 @@ class Backend:
         # Synchronous and never raising: it runs in finally blocks, and a store that fails
         # for one run must not take the workspace's other runs down with it.
         try:
-            _record_terminal(self._ledger, workspace.run_completions, rc)
+            record_terminal(self._ledger, workspace.run_completions, rc)
         except Exception:
             logger.exception("could not record the terminal of run %s", rc.run_id)
 
@@ -361,12 +435,12 @@ class Backend:
         self, workspace: Workspace, session_id: str, run_id: str, exc: BaseException
     ) -> None:
         # Synchronous: may run while cancelled.
-        if _is_cancellation(exc):
+        if is_cancellation(exc):
             # The coordinator owns the cancelled terminal; cancellation is never an error.
             # Only if it published none (a coordinator that is not a SessionCoordinator) is
             # a cancelled terminal recorded here, so no run is left without one.
             if not run_complete_published():
-                self._record(workspace, _fallback_terminal(session_id, run_id, exc))
+                self._record(workspace, fallback_terminal(session_id, run_id, exc))
             return
         message = str(exc) or type(exc).__name__
         workspace.notifications.publish(
@@ -377,7 +451,7 @@ class Backend:
         if not run_complete_published():
             # A pre-run failure (prepare, or anything before the coordinator published):
             # the lossy notification alone could be dropped and leave a waiter hanging.
-            self._record(workspace, _fallback_terminal(session_id, run_id, exc))
+            self._record(workspace, fallback_terminal(session_id, run_id, exc))
 
     def workspace_of(self, run_id: str) -> Workspace | None:
         """The workspace a run was dispatched in, while its dispatch is going on."""
@@ -389,19 +463,19 @@ class Backend:
     def cancel_run(self, run_id: str) -> bool:
         """Cancel one run wherever it is; ``True`` if it was found and had not ended yet.
 
-        The run ends cancelled (never failed); the other runs of its session go on. Needs a
-        coordinator with a ``cancel_run(session_id, run_id)`` method, as
-        ``SessionCoordinator`` has; ``False`` otherwise, and for unknown or ended runs.
+        The run ends cancelled (never failed); the other runs of its session go on. ``False`` for
+        unknown or ended runs. Raises ``NotSupported`` (changing nothing) when the run's
+        coordinator does not implement ``SupportsCancelRun``, as ``SessionCoordinator`` does.
         Never blocks.
         """
         workspace = self.workspace_of(run_id)
         session_id = self._ledger.session_of(run_id)
         if workspace is None or session_id is None or self._ledger.state(run_id) != "pending":
             return False
-        cancel_run = getattr(workspace.coordinator, "cancel_run", None)
-        if not callable(cancel_run):
-            return False
-        return bool(cancel_run(session_id, run_id))
+        coordinator = workspace.coordinator
+        if not isinstance(coordinator, SupportsCancelRun):
+            raise NotSupported(workspace.id, "cancelling one run (SupportsCancelRun)")
+        return bool(coordinator.cancel_run(session_id, run_id))
 
     async def wait_run(self, run_id: str) -> RunComplete:
         """The run's terminal, at once if it already ended; raises ``UnknownRun``."""
@@ -427,6 +501,15 @@ class Backend:
                 nursery.start_soon(workspace._close, grace)
 
 
+def _close_reservation(accept: Reservation) -> None:
+    # Runs in the dispatch's finally: a user's reservation that fails to close must not keep
+    # the run from its last-resort terminal.
+    try:
+        accept.close()
+    except Exception:
+        logger.exception("could not close the reservation %r", accept)
+
+
 def _resolve(path: str | os.PathLike[str]) -> str:
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
@@ -440,7 +523,7 @@ def _resolve(path: str | os.PathLike[str]) -> str:
 
 @asynccontextmanager
 async def open_backend(
-    ledger: RunLedger | None = None, *, close_grace: float = DEFAULT_CLOSE_GRACE
+    ledger: RunStore | None = None, *, close_grace: float = DEFAULT_CLOSE_GRACE
 ) -> AsyncIterator[Backend]:
     """Open a backend whose workspaces (and all their runs) live inside this block.
 
@@ -449,6 +532,8 @@ async def open_backend(
     accepted run still ends with its cancelled terminal. No task outlives the block. An
     exception raised in the block comes out as itself, not wrapped in an ``ExceptionGroup``.
     """
+    if ledger is not None and not isinstance(ledger, RunStore):
+        raise TypeError(f"ledger must implement RunStore, got {type(ledger).__name__}")
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
@@ -474,14 +559,12 @@ def _sole_error(
     # The nursery wraps whatever the block raised; hand it back as it was raised when it is
     # the only thing that went wrong (the Cancelled of our own shutdown does not count). A
     # lone error from a workspace task (e.g. KeyboardInterrupt) is unwrapped to itself too.
-    others = [exc for exc in group.exceptions if not _is_cancellation(exc)]
+    others = [exc for exc in group.exceptions if not is_cancellation(exc)]
     if body_error is not None and not isinstance(body_error, trio.Cancelled):
         # Trio may hand back a copy of a group the block raised (it splits Cancelled out of
         # groups), so recognise it by its leaves, which are never copied.
-        if len(others) == 1 and _non_cancelled_leaves(others[0]) == _non_cancelled_leaves(
-            body_error
-        ):
+        if len(others) == 1 and non_cancelled_leaves(others[0]) == non_cancelled_leaves(body_error):
             return body_error
         return None
-    leaves = [leaf for exc in others for leaf in _non_cancelled_leaves(exc)]
+    leaves = [leaf for exc in others for leaf in non_cancelled_leaves(exc)]
     return leaves[0] if len(leaves) == 1 else None

@@ -13,16 +13,37 @@ from collections import deque
 from types import TracebackType
 from typing import Generic, TypeVar
 
+import attrs
 import trio
 
 from .errors import SubscriberOverflow
 from .events import Event, EventType
 
-__all__ = ["Broker", "Subscription"]
+__all__ = ["Broker", "BrokerStatistics", "Subscription"]
 
 T = TypeVar("T")
 
 _NEW, _OPEN, _CLOSED = 0, 1, 2
+
+
+@attrs.frozen(kw_only=True)
+class BrokerStatistics:
+    """A snapshot of a :class:`Broker`, from :meth:`Broker.statistics`."""
+
+    subscribers: int
+    """Subscriptions currently registered."""
+    backlog: int
+    """Events queued for subscribers and not yet received, summed over subscribers."""
+    drops: int
+    """Lossy events dropped for full subscribers, ever."""
+    overflows: int
+    """Subscribers disconnected for exceeding ``max_backlog``, ever."""
+    buffer_size: int | float
+    """The lossy lane's per-subscriber limit (a construction-time setting)."""
+    max_backlog: int | float
+    """The must-deliver lane's per-subscriber limit (a construction-time setting)."""
+    shut_down: bool
+    """Whether :meth:`Broker.shutdown` was called."""
 
 
 class Subscription(Generic[T]):
@@ -169,12 +190,12 @@ class Broker(Generic[T]):
     """
 
     __slots__ = (
+        "_buffer_size",
+        "_drop_count",
+        "_max_backlog",
+        "_overflow_count",
         "_shut_down",
         "_subscribers",
-        "buffer_size",
-        "drop_count",
-        "max_backlog",
-        "overflow_count",
     )
 
     def __init__(self, buffer_size: int = 4096, max_backlog: int = 65536) -> None:
@@ -186,15 +207,45 @@ class Broker(Generic[T]):
             raise ValueError(
                 f"max_backlog ({max_backlog}) must be at least buffer_size ({buffer_size})"
             )
-        self.buffer_size = buffer_size
-        self.max_backlog = max_backlog
-        self.drop_count = 0
-        """Lossy events dropped, summed over subscribers."""
-        self.overflow_count = 0
-        """Subscribers disconnected for exceeding ``max_backlog``."""
+        self._buffer_size: int | float = buffer_size
+        self._max_backlog: int | float = max_backlog
+        self._drop_count = 0
+        self._overflow_count = 0
         # A dict keeps insertion order (fair, deterministic fan-out) with O(1) removal.
         self._subscribers: dict[Subscription[T], None] = {}
         self._shut_down = False
+
+    @property
+    def buffer_size(self) -> int | float:
+        """How many undelivered events a subscriber may hold before lossy ones are dropped."""
+        return self._buffer_size
+
+    @property
+    def max_backlog(self) -> int | float:
+        """How many undelivered events a subscriber may hold before it is disconnected."""
+        return self._max_backlog
+
+    @property
+    def drop_count(self) -> int:
+        """Lossy events dropped, summed over subscribers."""
+        return self._drop_count
+
+    @property
+    def overflow_count(self) -> int:
+        """Subscribers disconnected for exceeding ``max_backlog``."""
+        return self._overflow_count
+
+    def statistics(self) -> BrokerStatistics:
+        """A frozen snapshot of the broker's counters and settings."""
+        return BrokerStatistics(
+            subscribers=len(self._subscribers),
+            backlog=sum(len(sub._queue) for sub in self._subscribers),
+            drops=self._drop_count,
+            overflows=self._overflow_count,
+            buffer_size=self._buffer_size,
+            max_backlog=self._max_backlog,
+            shut_down=self._shut_down,
+        )
 
     @property
     def subscriber_count(self) -> int:
@@ -225,7 +276,7 @@ class Broker(Generic[T]):
         # The Event is made only once a subscriber has room for it: under a flood most
         # publishes find every buffer full, and then cost no allocation at all.
         event: Event[T] | None = None
-        limit = self.buffer_size
+        limit = self._buffer_size
         dropped = 0
         for sub in self._subscribers:
             queue = sub._queue
@@ -239,7 +290,7 @@ class Broker(Generic[T]):
             if sub._waiter is not None:
                 sub._wake()
         if dropped:
-            self.drop_count += dropped
+            self._drop_count += dropped
 
     def publish_must_deliver(self, type: EventType, payload: T) -> None:
         """Queue for every subscriber, past ``buffer_size`` if need be, in publish order.
@@ -251,7 +302,7 @@ class Broker(Generic[T]):
         if not self._subscribers:
             return
         event = Event(type, payload)
-        limit = self.max_backlog
+        limit = self._max_backlog
         overflowed: list[Subscription[T]] = []
         for sub in self._subscribers:
             queue = sub._queue
@@ -266,10 +317,10 @@ class Broker(Generic[T]):
 
     def _overflow(self, sub: Subscription[T]) -> None:
         backlog = len(sub._queue) + 1
-        sub._overflow = SubscriberOverflow(backlog, int(self.max_backlog))
+        sub._overflow = SubscriberOverflow(backlog, int(self._max_backlog))
         sub._queue.clear()
         del self._subscribers[sub]
-        self.overflow_count += 1
+        self._overflow_count += 1
         sub._wake()
 
     def shutdown(self) -> None:

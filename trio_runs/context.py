@@ -15,6 +15,7 @@ from contextvars import ContextVar, Token
 
 __all__ = [
     "RunCompleteMarker",
+    "current_run_complete_marker",
     "current_run_id",
     "mark_run_complete_published",
     "run_complete_published",
@@ -132,7 +133,10 @@ def run_complete_published() -> bool:
     return marker is not None and marker.published
 
 
-def _current_marker() -> RunCompleteMarker | None:
-    # The coordinator captures the marker when a run enters so that it can flag it from
-    # another task (e.g. ``cancel()`` dropping a queued run publishes that run's terminal).
+def current_run_complete_marker() -> RunCompleteMarker | None:
+    """The marker attached to the current context, or ``None`` when there is none.
+
+    A coordinator captures it when a run enters so that it can flag it from another task
+    (``cancel()`` dropping a queued run publishes that run's terminal from the caller's task).
+    """
     return _marker.get()

@@ -18,39 +18,43 @@ import logging
 import math
 import os
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Final, Protocol
+from typing import Final, Protocol, runtime_checkable
 
 import attrs
 import trio
 
+from ._terminals import fallback_terminal, record_terminal
+from ._validation import validate_submission
 from .broker import Broker
 from .context import (
     RunCompleteMarker,
-    _current_marker,
+    current_run_complete_marker,
     current_run_id,
     with_run_complete_marker,
     with_run_id,
 )
-from .errors import EmptyPrompt, InvalidRunId, SessionMissing
+from .errors import SessionMissing
 from .events import Attachment, EventType, RunCall, RunComplete, RunProgress
-from .ledger import RunLedger
+from .ledger import RunStore
 
 __all__ = [
     "AcceptedRun",
     "Agent",
     "Coordinator",
+    "CoordinatorStatistics",
     "Prepare",
+    "Reservation",
     "RetryPolicy",
     "RunContext",
     "SessionCoordinator",
+    "SupportsCancelRun",
+    "SupportsLaneQueries",
     "WorkspaceResources",
 ]
 
 logger = logging.getLogger("trio_runs")
-
-MAX_RUN_ID_LENGTH: Final = 256
 
 
 class RunContext:
@@ -90,8 +94,9 @@ class RunContext:
 Agent = Callable[[RunCall, RunContext], Awaitable[object]]
 """The user's work for one run: ``async def agent(call, ctx) -> result``."""
 
-Prepare = Callable[[], Awaitable[None]]
-"""An optional hook awaited before every run starts; its failure is a *pre-run* error."""
+Prepare = Callable[[RunCall], Awaitable[None]]
+"""An optional hook awaited with the run's call before it starts (``prepare(call)``); its
+failure is a *pre-run* error."""
 
 
 def _check_attempts(_: object, __: object, value: int) -> None:
@@ -151,6 +156,7 @@ class AcceptedRun:
     """
 
     __slots__ = (
+        "_call",
         "_closed",
         "_coordinator",
         "_entered",
@@ -159,19 +165,21 @@ class AcceptedRun:
         "_ready",
         "_scope",
         "_terminal",
-        "call",
         "sequence",
         "session_id",
     )
 
-    def __init__(self, coordinator: SessionCoordinator, session_id: str, sequence: int) -> None:
+    def __init__(
+        self,
+        coordinator: SessionCoordinator,
+        session_id: str,
+        sequence: int,
+        call: RunCall | None,
+    ) -> None:
         self._coordinator = coordinator
         self.session_id = session_id
         self.sequence = sequence
-        self.call: RunCall | None = None
-        """What the run is for. The dispatcher attaches it at acceptance, so the run shows in
-        ``queued_prompts_list`` (and ``clear_queue`` can drop it) before its task starts;
-        otherwise ``run_accepted`` sets it on entry."""
+        self._call = call
         self._phase: str = _RESERVED
         self._entered = False
         self._closed = False
@@ -179,6 +187,16 @@ class AcceptedRun:
         self._scope: trio.CancelScope | None = None
         self._marker: RunCompleteMarker | None = None
         self._terminal: RunComplete | None = None
+
+    @property
+    def call(self) -> RunCall | None:
+        """What the run is for, once known.
+
+        Given at acceptance (``begin_accepted(session_id, call)``), the run shows in
+        ``queued_prompts_list`` (and ``clear_queue`` can drop it) before its task starts;
+        otherwise it is known from ``run_accepted`` on.
+        """
+        return self._call
 
     @property
     def closed(self) -> bool:
@@ -214,11 +232,45 @@ class AcceptedRun:
         return f"<AcceptedRun session={self.session_id!r} seq={self.sequence} {self._phase}>"
 
 
+@runtime_checkable
+class Reservation(Protocol):
+    """A run's place in its session's lane, as ``Coordinator.begin_accepted`` returns it.
+
+    The backend uses nothing else of it: it reads ``session_id`` and ``sequence``, hands it
+    back to ``run_accepted``, and calls :meth:`close` when the run's dispatch ends (also when
+    it never started). A coordinator returns its own object; :class:`AcceptedRun` is
+    :class:`SessionCoordinator`'s.
+    """
+
+    @property
+    def session_id(self) -> str:
+        """The session the run belongs to."""
+        ...
+
+    @property
+    def sequence(self) -> int:
+        """Acceptance order: larger for every later ``begin_accepted`` of the coordinator."""
+        ...
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` released the reservation."""
+        ...
+
+    def close(self) -> None:
+        """Release the reservation; idempotent, never blocks, never raises."""
+        ...
+
+
+@runtime_checkable
 class Coordinator(Protocol):
     """What the backend needs from a coordinator; :class:`SessionCoordinator` is the real one.
 
-    Implementations publish each run's terminal themselves and then call
-    ``mark_run_complete_published()``; the backend publishes a fallback only when they did not.
+    Implementations publish each run's terminal themselves (record it in the store, fan it
+    out on the workspace's ``run_completions``) and then call
+    ``mark_run_complete_published()``; the backend publishes a fallback only when they did
+    not. Optional extras are protocols of their own: :class:`SupportsCancelRun`,
+    :class:`SupportsLaneQueries`.
     """
 
     async def run(
@@ -232,11 +284,15 @@ class Coordinator(Protocol):
         """Accept and run one prompt in-process; returns its terminal."""
         ...
 
-    def begin_accepted(self, session_id: str) -> AcceptedRun:
-        """Reserve a place for a run of ``session_id``; never blocks."""
+    def begin_accepted(self, session_id: str, call: RunCall | None = None) -> Reservation:
+        """Reserve a place for a run of ``session_id``; never blocks.
+
+        ``call``, when given, is the run the place is for: the dispatcher hands it over at
+        acceptance, so a queued run is listed (and can be dropped) before its task starts.
+        """
         ...
 
-    async def run_accepted(self, accept: AcceptedRun, call: RunCall) -> RunComplete:
+    async def run_accepted(self, accept: Reservation, call: RunCall) -> RunComplete:
         """Run an accepted run to its end; see :class:`SessionCoordinator` for the contract."""
         ...
 
@@ -269,8 +325,47 @@ class Coordinator(Protocol):
         ...
 
 
+@runtime_checkable
+class SupportsCancelRun(Protocol):
+    """A coordinator that can cancel one run, leaving the rest of its session alone."""
+
+    def cancel_run(self, session_id: str, run_id: str) -> bool:
+        """Cancel one run; ``True`` if it was found and had not ended. Never blocks."""
+        ...
+
+
+@runtime_checkable
+class SupportsLaneQueries(Protocol):
+    """A coordinator that can say which run of a session is active and which are queued."""
+
+    def active_run_id(self, session_id: str) -> str | None:
+        """The run id of the session's active run, if it has one."""
+        ...
+
+    def queued_run_ids(self, session_id: str) -> list[str]:
+        """The run ids of the session's queued runs, in the order they will start."""
+        ...
+
+
+@attrs.frozen(kw_only=True)
+class CoordinatorStatistics:
+    """A snapshot of a :class:`SessionCoordinator`, from its ``statistics()``."""
+
+    sessions: int
+    """Sessions with state held (busy, or with a reservation open)."""
+    accepted_total: int
+    """Reservations ever made (``begin_accepted`` calls that returned)."""
+    active: int
+    """Runs running now (at most one per session)."""
+    queued: int
+    """Runs waiting behind their session's active or starting run."""
+    reserved: int
+    """Reservations whose task has not entered ``run_accepted`` yet (those behind the head
+    with a known call are counted in ``queued`` too)."""
+
+
 class WorkspaceResources(Protocol):
-    """What a coordinator is built on: a workspace's brokers and the backend's ledger."""
+    """What a coordinator is built on: a workspace's brokers and the backend's store."""
 
     @property
     def run_completions(self) -> Broker[RunComplete]: ...
@@ -279,7 +374,7 @@ class WorkspaceResources(Protocol):
     def events(self) -> Broker[RunProgress]: ...
 
     @property
-    def ledger(self) -> RunLedger: ...
+    def ledger(self) -> RunStore: ...
 
 
 class _Session:
@@ -295,70 +390,10 @@ class _Session:
         self.open = 0
 
 
-def _non_cancelled_leaves(exc: BaseException) -> list[BaseException]:
-    # An exception's leaves, walking into (nested) groups, leaving out every Cancelled.
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _non_cancelled_leaves(inner)]
-    return [] if isinstance(exc, trio.Cancelled) else [exc]
-
-
-def _is_cancellation(exc: BaseException) -> bool:
-    # A Cancelled may reach us bare or inside a group (an agent's own nursery).
-    return not _non_cancelled_leaves(exc)
-
-
 def _cancelling(scope: trio.CancelScope) -> bool:
     # Whether the run is being cancelled: by its own scope (cancel()), or by an enclosing one
     # (shutdown), which shows as an effective deadline of -inf for the current task.
     return scope.cancel_called or trio.current_effective_deadline() == -math.inf
-
-
-def _record_terminal(
-    ledger: RunLedger, run_completions: Broker[RunComplete] | None, rc: RunComplete
-) -> bool:
-    # The one way a terminal is published: the ledger decides (first writer wins), and only
-    # the winner is fanned out, so no observer ever sees a second terminal for a run.
-    if not ledger.complete(rc):
-        return False
-    if run_completions is not None:
-        run_completions.publish_must_deliver(EventType.UPDATED, rc)
-    return True
-
-
-def _fallback_terminal(session_id: str, run_id: str, exc: BaseException) -> RunComplete:
-    # The terminal for a run whose coordinator did not publish one.
-    if _is_cancellation(exc):
-        return RunComplete(session_id, run_id, cancelled=True)
-    return RunComplete(session_id, run_id, error=str(exc) or type(exc).__name__)
-
-
-def _validate_submission(
-    session_id: object, prompt: object, run_id: object, attachments: Iterable[object]
-) -> None:
-    # Shared by Backend.send_message and SessionCoordinator.run: bad input is refused before
-    # anything is reserved or registered.
-    if not isinstance(session_id, str) or not session_id.strip():
-        raise SessionMissing()
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-    checked: list[Attachment] = []
-    for attachment in attachments:
-        if not isinstance(attachment, Attachment):
-            raise TypeError(f"attachments must be Attachment values, got {type(attachment)}")
-        checked.append(attachment)
-    if not prompt.strip() and not any(a.has_text() for a in checked):
-        raise EmptyPrompt()
-    if run_id != "":
-        _validate_run_id(run_id)
-
-
-def _validate_run_id(run_id: object) -> None:
-    if not isinstance(run_id, str):
-        raise InvalidRunId(run_id, "it must be a str")
-    if not run_id or len(run_id) > MAX_RUN_ID_LENGTH:
-        raise InvalidRunId(run_id, f"it must be 1 to {MAX_RUN_ID_LENGTH} characters long")
-    if not run_id.isprintable() or " " in run_id:
-        raise InvalidRunId(run_id, "it must not contain whitespace or control characters")
 
 
 # The variant nibble of a UUID4 is 10xx: keep the two low random bits, set the high two.
@@ -394,7 +429,7 @@ class SessionCoordinator:
         agent: Agent,
         *,
         run_completions: Broker[RunComplete],
-        ledger: RunLedger,
+        ledger: RunStore,
         events: Broker[RunProgress] | None = None,
         prepare: Prepare | None = None,
         retry: RetryPolicy | None = None,
@@ -486,20 +521,51 @@ class SessionCoordinator:
         """Sessions the coordinator currently holds state for (busy or with reservations)."""
         return len(self._sessions)
 
+    def statistics(self) -> CoordinatorStatistics:
+        """A frozen snapshot: sessions held, reservations made, runs active/queued/reserved.
+
+        Walks every lane: O(runs in flight).
+        """
+        active = queued = reserved = 0
+        for session_id, session in self._sessions.items():
+            for run in session.lane:
+                if run._phase is _ACTIVE:
+                    active += 1
+                elif run._phase is _RESERVED:
+                    reserved += 1
+            queued += len(self._queued(session_id))
+        return CoordinatorStatistics(
+            sessions=len(self._sessions),
+            accepted_total=self._sequence,
+            active=active,
+            queued=queued,
+            reserved=reserved,
+        )
+
     # -- acceptance --------------------------------------------------------------------
 
-    def begin_accepted(self, session_id: str) -> AcceptedRun:
+    def begin_accepted(self, session_id: str, call: RunCall | None = None) -> AcceptedRun:
         """Reserve the next place in ``session_id``'s lane; never blocks.
 
-        Raises ``SessionMissing`` for a blank session id.
+        With ``call`` (which must be for ``session_id`` and carry its run id), the run is
+        known from now on: listed as queued, dropped by ``clear_queue`` and cancellable by
+        ``cancel_run`` before its task enters. Raises ``SessionMissing`` for a blank session
+        id and ``ValueError`` for a call that does not fit, reserving nothing.
         """
         if not isinstance(session_id, str) or not session_id.strip():
             raise SessionMissing()
+        if call is not None:
+            if not isinstance(call, RunCall):
+                raise TypeError(f"call must be a RunCall or None, got {type(call).__name__}")
+            if call.session_id != session_id:
+                raise ValueError(f"call is for session {call.session_id!r}, not {session_id!r}")
+            if not call.run_id:
+                raise ValueError("a call given at acceptance must carry its run id")
         self._sequence += 1
         session = self._sessions.get(session_id)
         if session is None:
             session = self._sessions[session_id] = _Session()
-        accept = AcceptedRun(self, session_id, self._sequence)
+        accept = AcceptedRun(self, session_id, self._sequence, call)
         session.lane.append(accept)
         session.open += 1
         return accept
@@ -551,7 +617,7 @@ class SessionCoordinator:
             return
         accept._terminal = rc
         try:
-            _record_terminal(self._ledger, self._run_completions, rc)
+            record_terminal(self._ledger, self._run_completions, rc)
         except Exception:
             # The store failed to record it. Leave the marker down, so the dispatcher's
             # fallback (or its last resort) records the terminal again, and keep going: this
@@ -656,13 +722,13 @@ class SessionCoordinator:
         a ``prepare`` failure is published as the failed terminal here (there is no
         dispatcher to do it) before it is re-raised.
         """
-        _validate_submission(session_id, prompt, run_id, attachments)
+        validate_submission(session_id, prompt, run_id, attachments)
         run_id = run_id or new_run_id()
         self._ledger.accept(run_id, session_id)
         try:
             accept = self.begin_accepted(session_id)
         except BaseException:
-            self._ledger._discard(run_id)
+            self._ledger.withdraw(run_id)
             raise
         call = RunCall(session_id, prompt, run_id, tuple(attachments))
         with accept, with_run_id(run_id), with_run_complete_marker() as marker:
@@ -670,21 +736,22 @@ class SessionCoordinator:
                 return await self.run_accepted(accept, call)
             except BaseException as exc:
                 if not marker.published:
-                    _record_terminal(
+                    record_terminal(
                         self._ledger,
                         self._run_completions,
-                        _fallback_terminal(session_id, run_id, exc),
+                        fallback_terminal(session_id, run_id, exc),
                     )
                 raise
 
-    async def run_accepted(self, accept: AcceptedRun, call: RunCall) -> RunComplete:
+    async def run_accepted(self, accept: Reservation, call: RunCall) -> RunComplete:
         """Run an accepted run to its end and publish its one terminal.
 
         See the class docstring for what it returns and raises. The reservation is released
-        when this returns, whichever way.
+        when this returns, whichever way. ``accept`` must be an :class:`AcceptedRun` this
+        coordinator made (``ValueError`` otherwise, with nothing published).
         """
-        if accept._coordinator is not self:
-            raise ValueError("this AcceptedRun was made by another coordinator")
+        if not isinstance(accept, AcceptedRun) or accept._coordinator is not self:
+            raise ValueError(f"{accept!r} was made by another coordinator, not this one")
         if accept._entered or (accept._phase is _DONE and accept._terminal is None):
             # Entered by another task, or released unused: it is not ours to finish.
             raise RuntimeError(f"{accept!r} was already entered or closed")
@@ -705,8 +772,8 @@ class SessionCoordinator:
                     f"run id {run_id!r} does not match the call attached at acceptance "
                     f"({accept.call.run_id!r})"
                 )
-            accept.call = call
-            accept._marker = _current_marker()
+            accept._call = call
+            accept._marker = current_run_complete_marker()
             if accept._terminal is not None:
                 # Dropped by cancel() or clear_queue() before its task got here.
                 if accept._marker is not None:
@@ -738,7 +805,7 @@ class SessionCoordinator:
                 if accept._phase is _QUEUED:
                     accept._phase = _DONE
                     lane.remove(accept)
-                self._publish(accept, _fallback_terminal(accept.session_id, call.run_id, exc))
+                self._publish(accept, fallback_terminal(accept.session_id, call.run_id, exc))
                 raise
             if accept._phase is _DONE:
                 # Dropped by cancel() or clear_queue(), which published our terminal.
@@ -760,7 +827,7 @@ class SessionCoordinator:
                 await trio.lowlevel.checkpoint_if_cancelled()
                 if self._prepare is not None:
                     try:
-                        await self._prepare()
+                        await self._prepare(call)
                     except Exception as exc:
                         if not _cancelling(scope):
                             # A pre-run error: nothing is published here; the dispatcher's
@@ -782,7 +849,7 @@ class SessionCoordinator:
         except BaseException as exc:
             if not isinstance(exc, Exception):
                 # Cancelled by an enclosing scope (shutdown), or KeyboardInterrupt & co.
-                self._publish(accept, _fallback_terminal(session_id, run_id, exc))
+                self._publish(accept, fallback_terminal(session_id, run_id, exc))
             raise
         if completed:
             rc = RunComplete(session_id, run_id, result=result)

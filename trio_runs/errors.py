@@ -14,6 +14,7 @@ __all__ = [
     "DuplicateRun",
     "EmptyPrompt",
     "InvalidRunId",
+    "NotSupported",
     "SessionMissing",
     "SubscriberOverflow",
     "TrioRunsError",
@@ -94,6 +95,21 @@ class UnknownRun(TrioRunsError, LookupError):
     def __init__(self, run_id: str) -> None:
         super().__init__(f"no run with id {run_id!r} is known (never accepted, or evicted)")
         self.run_id = run_id
+
+
+class NotSupported(TrioRunsError):
+    """The workspace's coordinator lacks an optional capability the call needs.
+
+    For example ``Backend.cancel_run`` on a coordinator that does not implement
+    ``SupportsCancelRun``. Nothing was changed.
+    """
+
+    def __init__(self, workspace_id: str, capability: str) -> None:
+        super().__init__(
+            f"the coordinator of workspace {workspace_id!r} does not support {capability}"
+        )
+        self.workspace_id = workspace_id
+        self.capability = capability
 
 
 class SubscriberOverflow(TrioRunsError):

@@ -9,14 +9,17 @@ it is never fanned out either.
 from __future__ import annotations
 
 from collections import Counter, deque
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Literal, Protocol, runtime_checkable
 
+import attrs
 import trio
 
 from .errors import DuplicateRun, UnknownRun
 from .events import RunComplete
 
-__all__ = ["RunLedger", "RunState", "RunStore"]
+__all__ = ["LedgerStatistics", "RunLedger", "RunState", "RunStore"]
 
 RunState = Literal["pending", "terminal"]
 
@@ -24,21 +27,62 @@ _SHARDS = 64
 _SHARD_MASK = _SHARDS - 1  # _SHARDS is a power of two
 
 
+@attrs.frozen(kw_only=True)
+class LedgerStatistics:
+    """A snapshot of a run store, from ``statistics()``: every store reports the same fields."""
+
+    accepted_total: int
+    """Runs ever accepted (a withdrawn acceptance is not counted)."""
+    pending: int
+    """Runs accepted and not yet ended."""
+    retained: int
+    """Terminals currently held (a late waiter is answered from these)."""
+    completed_total: int
+    """Terminals recorded with outcome ``completed``."""
+    failed_total: int
+    """Terminals recorded with outcome ``failed``."""
+    cancelled_total: int
+    """Terminals recorded with outcome ``cancelled``."""
+    duplicates_suppressed: int
+    """Second terminals for a run, refused."""
+    evicted_total: int
+    """Terminals forgotten to keep within the retention bound."""
+
+
 @runtime_checkable
 class RunStore(Protocol):
-    """What a ledger implements; durable ledgers (later: on disk, in Redis) implement it too.
+    """The ledger seam: everything the backend, coordinators and the service use of a ledger.
 
-    ``accept`` and ``complete`` are synchronous because terminals are recorded from
-    ``finally`` blocks and cancelled scopes, where nothing may be awaited. A durable store
-    records synchronously in memory and persists behind that.
+    :class:`RunLedger` is the in-memory store; durable ones (on disk, in Redis) implement the
+    same methods. ``accept``, ``withdraw`` and ``complete`` are synchronous because terminals
+    are recorded from ``finally`` blocks and cancelled scopes, where nothing may be awaited.
+
+    The promises every store keeps (each is a test in the shared battery): run ids are unique
+    while known; the first terminal of a run id wins and is never replaced; every waiter on a
+    run gets its one terminal, at once when the run already ended; pending runs are never
+    forgotten; a withdrawn acceptance leaves no trace.
     """
 
     def accept(self, run_id: str, session_id: str) -> None:
-        """Register ``run_id`` as pending; raises ``DuplicateRun`` if it is known already."""
+        """Register ``run_id`` (of ``session_id``) as pending.
+
+        Raises ``DuplicateRun`` if the id is pending or has a retained terminal.
+        """
+        ...
+
+    def withdraw(self, run_id: str) -> None:
+        """Undo the ``accept`` of a run that was never started; a no-op unless it is pending.
+
+        For a submission that failed after ``accept`` (its caller got an error): the run was
+        never acknowledged, so it must leave no trace and get no terminal.
+        """
         ...
 
     def complete(self, rc: RunComplete) -> bool:
-        """Record a terminal; ``True`` for the first one of a run id, ``False`` afterwards."""
+        """Record a terminal; ``True`` for the first one of a run id, ``False`` afterwards.
+
+        Never blocks and never awaits. A terminal for an id never accepted is recorded too.
+        """
         ...
 
     def get(self, run_id: str) -> RunComplete | None:
@@ -53,12 +97,25 @@ class RunStore(Protocol):
         """``"pending"``, ``"terminal"``, or ``None`` for an unknown run id."""
         ...
 
+    def session_of(self, run_id: str) -> str | None:
+        """The session of a pending run or of a retained terminal; ``None`` if unknown."""
+        ...
+
+    def pending_run_ids(self) -> list[str]:
+        """The ids of every run accepted and not yet ended, oldest first."""
+        ...
+
+    def statistics(self) -> LedgerStatistics:
+        """A frozen snapshot of the store's counters."""
+        ...
+
 
 class _Pending:
-    __slots__ = ("done", "session_id", "terminal")
+    __slots__ = ("done", "session_id", "terminal", "withdrawn")
 
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id
+        self.withdrawn = False
         # Created only when somebody waits: most runs are never waited on individually.
         self.done: trio.Event | None = None
         self.terminal: RunComplete | None = None
@@ -77,7 +134,7 @@ class RunLedger:
     def __init__(self, retain: int = 100_000) -> None:
         if not isinstance(retain, int) or isinstance(retain, bool) or retain < 1:
             raise ValueError(f"retain must be a positive int, got {retain!r}")
-        self.retain = retain
+        self._retain = retain
         self._pending: dict[str, _Pending] = {}
         # Terminals by run id, spread over _SHARDS small dicts by hash. One dict of `retain`
         # entries under steady churn (the newest in, the oldest out) is rebuilt every so
@@ -88,14 +145,49 @@ class RunLedger:
         # Eviction order. A deque, not the dict's own order: popping the oldest key of a
         # dict with many deleted leading slots is not O(1) in CPython.
         self._order: deque[str] = deque()
-        self.duplicates_suppressed = 0
+        self._duplicates_suppressed = 0
+        self._accepted_total = 0
+        self._outcomes: Counter[str] = Counter()
+        self._evicted_total = 0
+
+    @property
+    def retain(self) -> int:
+        """How many terminals are held at most (a construction-time setting)."""
+        return self._retain
+
+    @property
+    def duplicates_suppressed(self) -> int:
         """Terminals refused because the run already had one."""
-        self.accepted_total = 0
-        """Runs ever accepted."""
-        self.outcomes: Counter[str] = Counter()
-        """Terminals recorded, by outcome (``completed``, ``failed``, ``cancelled``)."""
-        self.evicted_total = 0
+        return self._duplicates_suppressed
+
+    @property
+    def accepted_total(self) -> int:
+        """Runs ever accepted (a withdrawn acceptance is not counted)."""
+        return self._accepted_total
+
+    @property
+    def outcomes(self) -> Mapping[str, int]:
+        """Terminals recorded, by outcome (``completed``, ``failed``, ``cancelled``); read-only."""
+        return MappingProxyType(self._outcomes)
+
+    @property
+    def evicted_total(self) -> int:
         """Terminals forgotten because more than ``retain`` were held."""
+        return self._evicted_total
+
+    def statistics(self) -> LedgerStatistics:
+        """A frozen snapshot of the ledger's counters."""
+        outcomes = self._outcomes
+        return LedgerStatistics(
+            accepted_total=self._accepted_total,
+            pending=len(self._pending),
+            retained=len(self._order),
+            completed_total=outcomes["completed"],
+            failed_total=outcomes["failed"],
+            cancelled_total=outcomes["cancelled"],
+            duplicates_suppressed=self._duplicates_suppressed,
+            evicted_total=self._evicted_total,
+        )
 
     @property
     def pending_count(self) -> int:
@@ -141,14 +233,21 @@ class RunLedger:
         if run_id in self._pending or run_id in self._table(run_id):
             raise DuplicateRun(run_id)
         self._pending[run_id] = _Pending(session_id)
-        self.accepted_total += 1
+        self._accepted_total += 1
 
-    def _discard(self, run_id: str) -> None:
-        # Undo an ``accept`` whose dispatch never started (the caller got an error), so a
-        # refused submission leaves nothing registered. Only valid for a pending run.
+    def withdraw(self, run_id: str) -> None:
+        """Undo the ``accept`` of a run that was never started; a no-op unless it is pending.
+
+        A refused submission (its caller got an error) leaves nothing registered.
+        """
         pending = self._pending.pop(run_id, None)
         if pending is not None:
-            self.accepted_total -= 1
+            self._accepted_total -= 1
+            if pending.done is not None:
+                # Nobody should wait on a run that was never acknowledged; if somebody does,
+                # wake them into UnknownRun rather than leave them parked for good.
+                pending.withdrawn = True
+                pending.done.set()
 
     def complete(self, rc: RunComplete) -> bool:
         """Record ``rc`` as its run's terminal. ``True`` if it is the first; never blocks.
@@ -160,16 +259,16 @@ class RunLedger:
         run_id = rc.run_id
         table = self._table(run_id)
         if run_id in table:
-            self.duplicates_suppressed += 1
+            self._duplicates_suppressed += 1
             return False
         pending = self._pending.pop(run_id, None)
         table[run_id] = rc
         self._order.append(run_id)
-        self.outcomes[rc.outcome] += 1
-        if len(self._order) > self.retain:
+        self._outcomes[rc.outcome] += 1
+        if len(self._order) > self._retain:
             oldest = self._order.popleft()
             del self._table(oldest)[oldest]
-            self.evicted_total += 1
+            self._evicted_total += 1
         if pending is not None:
             pending.terminal = rc
             if pending.done is not None:
@@ -197,6 +296,8 @@ class RunLedger:
         if pending.done is None:
             pending.done = trio.Event()
         await pending.done.wait()
+        if pending.withdrawn:
+            raise UnknownRun(run_id)
         # Read from the pending record, not the table: the terminal may already have been
         # evicted by the time this task runs again.
         assert pending.terminal is not None

@@ -25,8 +25,8 @@ import trio.testing
 
 from .backend import Workspace
 from .broker import Subscription
-from .context import current_run_id, mark_run_complete_published
-from .coordinator import AcceptedRun, Coordinator, Prepare, RunContext
+from .context import mark_run_complete_published
+from .coordinator import Coordinator, Prepare, Reservation, RunContext
 from .errors import SubscriberOverflow
 from .events import Attachment, RunCall, RunComplete
 
@@ -200,8 +200,8 @@ class FaultPoint(enum.Enum):
 class FaultyCoordinator:
     """Wraps a coordinator and makes chosen runs fail at a chosen :class:`FaultPoint`.
 
-    ``when(call)`` picks the runs (default: every run); for ``BEGIN_ACCEPTED``, where no call
-    exists yet, ``when`` receives a call with only the session id and an empty prompt.
+    ``when(call)`` picks the runs (default: every run); for ``BEGIN_ACCEPTED`` without a call
+    handed over, ``when`` receives a call with only the session id and an empty prompt.
     Everything else is delegated unchanged. :attr:`injected` counts the faults raised.
     """
 
@@ -236,15 +236,15 @@ class FaultyCoordinator:
         """Delegated unchanged."""
         return await self.inner.run(session_id, prompt, run_id=run_id, attachments=attachments)
 
-    def begin_accepted(self, session_id: str) -> AcceptedRun:
+    def begin_accepted(self, session_id: str, call: RunCall | None = None) -> Reservation:
         """Delegated, unless this is the fault point."""
         if self.point is FaultPoint.BEGIN_ACCEPTED:
-            fault = self._fault(RunCall(session_id, ""))
+            fault = self._fault(call if call is not None else RunCall(session_id, ""))
             if fault is not None:
                 raise fault
-        return self.inner.begin_accepted(session_id)
+        return self.inner.begin_accepted(session_id, call)
 
-    async def run_accepted(self, accept: AcceptedRun, call: RunCall) -> RunComplete:
+    async def run_accepted(self, accept: Reservation, call: RunCall) -> RunComplete:
         """Delegated, with the fault injected before or after as configured."""
         if self.point is FaultPoint.BEFORE_RUN:
             fault = self._fault(call)
@@ -298,15 +298,12 @@ def failing_prepare(
     *,
     when: Callable[[str], bool] | None = None,
 ) -> Prepare:
-    """A ``prepare`` hook that raises for the runs ``when(run_id)`` picks (default: all).
-
-    It reads the run id from the context (``current_run_id()``), as the dispatcher sets it.
-    """
+    """A ``prepare`` hook that raises for the runs ``when(run_id)`` picks (default: all)."""
     pick = when or (lambda run_id: True)
 
-    async def prepare() -> None:
+    async def prepare(call: RunCall) -> None:
         await trio.lowlevel.checkpoint()
-        run_id = current_run_id()
+        run_id = call.run_id
         if pick(run_id):
             raise _instantiate(exc, f"prepare failed for {run_id}")
 

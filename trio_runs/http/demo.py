@@ -284,7 +284,7 @@ async def run_demo(
         finally:
             server.request_shutdown()
             ticker.cancel()
-        duplicates_suppressed = server.service.backend.ledger.duplicates_suppressed
+        duplicates_suppressed = server.service.backend.ledger.statistics().duplicates_suppressed
 
     outcomes = Counter[str]()
     duplicates = missing = unexpected = 0

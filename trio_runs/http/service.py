@@ -15,13 +15,14 @@ import os
 import trio
 
 from ..backend import Backend, CoordinatorFactory, Workspace
-from ..coordinator import Coordinator
+from ..coordinator import Coordinator, SupportsLaneQueries
 from ..errors import (
     AgentNotInitialized,
     BackendClosed,
     DuplicateRun,
     EmptyPrompt,
     InvalidRunId,
+    NotSupported,
     SessionMissing,
     UnknownRun,
     WorkspaceClosing,
@@ -70,9 +71,6 @@ class RunService:
         self._factory = coordinator_factory
         self._close_grace = close_grace
         self._draining = False
-        self._retired: set[str] = set()
-        self._retired_drops = 0
-        self._retired_overflows = 0
         self._awaiting_delivery: set[str] = set()
         self._delivered_all = trio.Event()
         self.stream_connections = 0
@@ -141,15 +139,7 @@ class RunService:
         # WorkspaceNotFound: closed by a concurrent request meanwhile, the same end state.
         with trio.CancelScope(shield=True), contextlib.suppress(WorkspaceNotFound):
             await self.backend.close_workspace(workspace_id, grace=self._close_grace)
-        self._retire(workspace)
         return WorkspaceView(workspace.id, workspace.path, closing=True)
-
-    def _retire(self, workspace: Workspace) -> None:
-        # Closed workspaces leave the backend; keep their counters so metrics stay monotonic.
-        if workspace.closed and workspace.id not in self._retired:
-            self._retired.add(workspace.id)
-            self._retired_drops += _drops(workspace)
-            self._retired_overflows += _overflows(workspace)
 
     # -- runs --------------------------------------------------------------------------
 
@@ -206,18 +196,21 @@ class RunService:
         Never blocks.
         """
         self.run(run_id)
-        self.backend.cancel_run(run_id)
+        try:
+            self.backend.cancel_run(run_id)
+        except NotSupported as exc:
+            raise ApiError(501, "not_supported", str(exc)) from None
         return self.run(run_id)
 
     def _live_state(self, run_id: str, session_id: str) -> str:
+        # "pending" where the coordinator cannot tell (it lacks SupportsLaneQueries).
         workspace = self.backend.workspace_of(run_id)
         coordinator = workspace.coordinator if workspace is not None else None
-        if coordinator is None:
+        if not isinstance(coordinator, SupportsLaneQueries):
             return "pending"
-        if _query(coordinator, "active_run_id", session_id) == run_id:
+        if coordinator.active_run_id(session_id) == run_id:
             return "active"
-        queued = _query(coordinator, "queued_run_ids", session_id)
-        if isinstance(queued, list) and run_id in queued:
+        if run_id in coordinator.queued_run_ids(session_id):
             return "queued"
         return "pending"
 
@@ -249,16 +242,20 @@ class RunService:
         if coordinator is None:
             return SessionView(workspace.id, session_id, False, None, ())
         prompts = coordinator.queued_prompts_list(session_id)
-        run_ids = _query(coordinator, "queued_run_ids", session_id)
-        if not (isinstance(run_ids, list) and len(run_ids) == len(prompts)):
-            run_ids = [""] * len(prompts)
-        active = _query(coordinator, "active_run_id", session_id)
+        # Without SupportsLaneQueries the queue is listed by prompt alone (run ids "").
+        run_ids: list[str] = [""] * len(prompts)
+        active: str | None = None
+        if isinstance(coordinator, SupportsLaneQueries):
+            active = coordinator.active_run_id(session_id)
+            queued_ids = coordinator.queued_run_ids(session_id)
+            if len(queued_ids) == len(prompts):
+                run_ids = queued_ids
         return SessionView(
             workspace.id,
             session_id,
             coordinator.is_session_busy(session_id),
-            active if isinstance(active, str) else None,
-            tuple(QueuedRun(str(r), p) for r, p in zip(run_ids, prompts, strict=True)),
+            active,
+            tuple(QueuedRun(r, p) for r, p in zip(run_ids, prompts, strict=True)),
         )
 
     def cancel_session(self, workspace_id: str, session_id: str) -> SessionView:
@@ -280,32 +277,13 @@ class RunService:
     # -- metrics -----------------------------------------------------------------------
 
     def metrics(self) -> list[Metric]:
-        """The service's counters and gauges, for ``GET /metrics``."""
-        ledger = self.backend.ledger
-        workspaces = self.backend.workspaces
-        active = queued = subscribers = 0
-        for workspace in workspaces:
-            subscribers += (
-                workspace.run_completions.subscriber_count
-                + workspace.notifications.subscriber_count
-                + workspace.events.subscriber_count
-            )
-            coordinator = workspace.coordinator
-            if coordinator is None:
-                continue
-            sessions = {ledger.session_of(run_id) for run_id in workspace.run_ids}
-            for session_id in sessions:
-                if session_id is None:
-                    continue
-                if _query(coordinator, "active_run_id", session_id) is not None:
-                    active += 1
-                queued += coordinator.queued_prompts(session_id)
-        live = [ws for ws in workspaces if ws.id not in self._retired]
-        drops = self._retired_drops + sum(_drops(ws) for ws in live)
-        overflows = self._retired_overflows + sum(_overflows(ws) for ws in live)
-        outcomes = tuple(
-            ({"outcome": outcome}, float(ledger.outcomes.get(outcome, 0)))
-            for outcome in ("completed", "failed", "cancelled")
+        """The service's counters and gauges, for ``GET /metrics``, from ``statistics()``."""
+        stats = self.backend.statistics()
+        ledger = stats.ledger
+        outcomes = (
+            ({"outcome": "completed"}, float(ledger.completed_total)),
+            ({"outcome": "failed"}, float(ledger.failed_total)),
+            ({"outcome": "cancelled"}, float(ledger.cancelled_total)),
         )
         return [
             Metric.single(
@@ -324,24 +302,23 @@ class RunService:
                 "trio_runs_lossy_events_dropped_total",
                 "counter",
                 "Lossy progress events and notifications dropped for slow subscribers.",
-                drops,
+                stats.drops,
             ),
             Metric.single(
                 "trio_runs_subscriber_overflows_total",
                 "counter",
                 "Subscribers disconnected for exceeding their backlog limit.",
-                overflows,
+                stats.overflows,
             ),
             Metric.single(
-                "trio_runs_runs_pending",
-                "gauge",
-                "Runs accepted and not ended.",
-                ledger.pending_count,
+                "trio_runs_runs_pending", "gauge", "Runs accepted and not ended.", ledger.pending
             ),
-            Metric.single("trio_runs_runs_active", "gauge", "Runs running now.", active),
-            Metric.single("trio_runs_runs_queued", "gauge", "Runs waiting in a queue.", queued),
+            Metric.single("trio_runs_runs_active", "gauge", "Runs running now.", stats.active),
             Metric.single(
-                "trio_runs_subscribers", "gauge", "Broker subscriptions open.", subscribers
+                "trio_runs_runs_queued", "gauge", "Runs waiting in a queue.", stats.queued
+            ),
+            Metric.single(
+                "trio_runs_subscribers", "gauge", "Broker subscriptions open.", stats.subscribers
             ),
             Metric.single(
                 "trio_runs_event_streams",
@@ -349,7 +326,7 @@ class RunService:
                 "Server-Sent Events connections open.",
                 self.stream_connections,
             ),
-            Metric.single("trio_runs_workspaces", "gauge", "Workspaces open.", len(workspaces)),
+            Metric.single("trio_runs_workspaces", "gauge", "Workspaces open.", stats.workspaces),
         ]
 
     # -- shutdown ----------------------------------------------------------------------
@@ -370,10 +347,7 @@ class RunService:
             len(self.backend.workspaces),
             len(self._awaiting_delivery),
         )
-        workspaces = self.backend.workspaces
         await self.backend.aclose(grace=self._close_grace)
-        for workspace in workspaces:
-            self._retire(workspace)
         with trio.move_on_after(drain):
             await self._delivered_all.wait()
         if self._awaiting_delivery:
@@ -386,22 +360,3 @@ class RunService:
 
 def _view(workspace: Workspace) -> WorkspaceView:
     return WorkspaceView(workspace.id, workspace.path, workspace.closing)
-
-
-def _drops(workspace: Workspace) -> int:
-    return workspace.events.drop_count + workspace.notifications.drop_count
-
-
-def _overflows(workspace: Workspace) -> int:
-    return (
-        workspace.events.overflow_count
-        + workspace.notifications.overflow_count
-        + workspace.run_completions.overflow_count
-    )
-
-
-def _query(coordinator: object, name: str, session_id: str) -> object:
-    # SessionCoordinator's run-id queries are not part of the Coordinator protocol: a custom
-    # coordinator without them just reports no active or queued run ids.
-    method = getattr(coordinator, name, None)
-    return method(session_id) if callable(method) else None

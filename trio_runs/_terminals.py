@@ -1,0 +1,48 @@
+"""Helpers the coordinator and the backend share for ending runs (private).
+
+How an exception reads as an ending (a cancellation or an error), the terminal for a run
+whose coordinator published none, and the one way a terminal is recorded and fanned out.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from .broker import Broker
+from .events import EventType, RunComplete
+from .ledger import RunStore
+
+__all__ = ["fallback_terminal", "is_cancellation", "non_cancelled_leaves", "record_terminal"]
+
+
+def non_cancelled_leaves(exc: BaseException) -> list[BaseException]:
+    """An exception's leaves, walking into (nested) groups, leaving out every ``Cancelled``."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in non_cancelled_leaves(inner)]
+    return [] if isinstance(exc, trio.Cancelled) else [exc]
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is only cancellation: a ``Cancelled``, bare or in (nested) groups."""
+    return not non_cancelled_leaves(exc)
+
+
+def record_terminal(
+    store: RunStore, run_completions: Broker[RunComplete] | None, rc: RunComplete
+) -> bool:
+    """Record ``rc``; fan it out only if it was the run's first terminal. Never awaits.
+
+    The store decides (first writer wins), so no observer ever sees a second terminal.
+    """
+    if not store.complete(rc):
+        return False
+    if run_completions is not None:
+        run_completions.publish_must_deliver(EventType.UPDATED, rc)
+    return True
+
+
+def fallback_terminal(session_id: str, run_id: str, exc: BaseException) -> RunComplete:
+    """The terminal for a run whose coordinator published none, ended by ``exc``."""
+    if is_cancellation(exc):
+        return RunComplete(session_id, run_id, cancelled=True)
+    return RunComplete(session_id, run_id, error=str(exc) or type(exc).__name__)
