@@ -62,11 +62,38 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
     "flood-drops-terminal": (
         "broker.py",
         [
-            ("        limit = self.max_backlog\n", "        limit = self.buffer_size\n"),
+            ("        limit = self._max_backlog\n", "        limit = self._buffer_size\n"),
             (
                 "                overflowed.append(sub)\n                continue",
                 "                continue",
             ),
+        ],
+    ),
+    "withdraw-leaves-trace": (
+        "ledger.py",
+        [
+            (
+                "        pending = self._pending.pop(run_id, None)\n"
+                "        if pending is not None:\n"
+                "            self._accepted_total -= 1\n",
+                "        pending = None\n"
+                "        if pending is not None:\n"
+                "            self._accepted_total -= 1\n",
+            )
+        ],
+    ),
+    "reservation-never-closed": (
+        "backend.py",
+        [("            _close_reservation(accept)\n", "")],
+    ),
+    "counters-forget-closed-workspaces": (
+        "backend.py",
+        [
+            (
+                "            self._closed_drops += "
+                "workspace.notifications.drop_count + workspace.events.drop_count\n",
+                "",
+            )
         ],
     ),
 }

@@ -24,8 +24,9 @@ import trio
 from .backend import CoordinatorFactory, Workspace
 from .coordinator import Agent, Coordinator, RunContext, SessionCoordinator
 from .events import RunCall
+from .ledger import RunStore
 
-__all__ = ["DemoAgent", "demo", "load_agent"]
+__all__ = ["DemoAgent", "demo", "load_agent", "load_store"]
 
 DEMO_HELP: Final = """\
 The built-in demo agent (trio_runs.agents:demo) is scripted by the prompt:
@@ -121,18 +122,7 @@ def load_agent(spec: str) -> CoordinatorFactory:
     ``SessionCoordinator``), or an object with a ``coordinator_factory(workspace)`` method.
     Raises ``ValueError`` with a clear message when the spec cannot be loaded.
     """
-    module_name, sep, attr_path = spec.partition(":")
-    if not sep or not module_name or not attr_path:
-        raise ValueError(f"--agent must look like 'package.module:callable', got {spec!r}")
-    try:
-        target: object = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import agent module {module_name!r}: {exc}") from None
-    for part in attr_path.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError:
-            raise ValueError(f"module {module_name!r} has no attribute {attr_path!r}") from None
+    target = _load(spec, "--agent", "agent")
     factory = getattr(target, "coordinator_factory", None)
     if callable(factory):
         made: Callable[[Workspace], Coordinator | None] = factory
@@ -141,3 +131,34 @@ def load_agent(spec: str) -> CoordinatorFactory:
         agent: Agent = target
         return SessionCoordinator.factory(agent)
     raise ValueError(f"{spec!r} is neither an agent nor has a coordinator_factory method")
+
+
+def load_store(spec: str) -> RunStore:
+    """The store made by the callable named by ``"module:attribute"`` (called with no arguments).
+
+    Raises ``ValueError`` with a clear message when the spec cannot be loaded, or when what
+    it makes does not implement ``RunStore``.
+    """
+    make = _load(spec, "--store", "store")
+    if not callable(make):
+        raise ValueError(f"{spec!r} is not callable: --store names a function or class")
+    store = make()
+    if not isinstance(store, RunStore):
+        raise ValueError(f"{spec!r} made {type(store).__name__}, which does not implement RunStore")
+    return store
+
+
+def _load(spec: str, option: str, what: str) -> object:
+    module_name, sep, attr_path = spec.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise ValueError(f"{option} must look like 'package.module:callable', got {spec!r}")
+    try:
+        target: object = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import {what} module {module_name!r}: {exc}") from None
+    for part in attr_path.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ValueError(f"module {module_name!r} has no attribute {attr_path!r}") from None
+    return target

@@ -23,8 +23,9 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.typing import ASGIFramework
 
-from ..agents import load_agent
+from ..agents import load_agent, load_store
 from ..backend import CoordinatorFactory, open_backend
+from ..ledger import RunStore
 from .app import create_app
 from .service import RunService
 from .sse import DEFAULT_HEARTBEAT
@@ -54,19 +55,44 @@ def _port(_: object, __: object, value: int) -> None:
         raise ValueError(f"port must be 0..65535, got {value!r}")
 
 
+def _token(_: object, __: object, value: str | None) -> None:
+    # The server strips the credentials clients send, and a header cannot carry control or
+    # non-ASCII characters: a token that is empty, surrounded by whitespace or made of such
+    # characters would start fine and then answer 401 to every client. Refuse it up front.
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise TypeError(f"token must be a string or None, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError("the token is empty or blank: give a real token, or none at all")
+    if value != value.strip():
+        raise ValueError(
+            "the token starts or ends with whitespace, so no client could ever match it "
+            "(credentials are compared without surrounding whitespace): remove it"
+        )
+    if not (value.isascii() and value.isprintable()):
+        raise ValueError(
+            "the token has control or non-ASCII characters, which an HTTP header cannot "
+            "carry, so no client could ever match it"
+        )
+
+
 @attrs.frozen(slots=True)
 class ServeOptions:
     """How to serve: where to bind, which agent, and the shutdown and heartbeat timings.
 
-    ``port=0`` picks a free port (the bound URL is in :attr:`RunningServer.url`). An empty
-    ``token`` means none.
+    ``port=0`` picks a free port (the bound URL is in :attr:`RunningServer.url`).
+    ``token=None`` means none; a token no client could ever match (empty, blank, surrounded
+    by whitespace, or with control or non-ASCII characters) is refused with ``ValueError``.
     """
 
     host: str = DEFAULT_HOST
     port: int = attrs.field(default=DEFAULT_PORT, validator=_port)
     agent: str = DEFAULT_AGENT
+    store: str | None = None
+    """``"module:callable"`` making the run store; ``None``: the in-memory ``RunLedger``."""
     workspace_root: str = "."
-    token: str | None = None
+    token: str | None = attrs.field(default=None, validator=_token)
     heartbeat: float = attrs.field(default=DEFAULT_HEARTBEAT, validator=_positive)
     close_grace: float = attrs.field(default=10.0, validator=_non_negative)
     drain: float = attrs.field(default=2.0, validator=_non_negative)
@@ -121,20 +147,24 @@ async def serve(
     options: ServeOptions,
     *,
     coordinator_factory: CoordinatorFactory | None = None,
+    store: RunStore | None = None,
     handle_signals: bool = False,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the API until shutdown is requested; start with ``await nursery.start(serve, …)``.
 
-    ``coordinator_factory`` overrides ``options.agent``. With ``handle_signals`` (main thread
+    ``coordinator_factory`` overrides ``options.agent`` and ``store`` overrides
+    ``options.store`` (default: an in-memory ``RunLedger``). With ``handle_signals`` (main thread
     only), the first SIGINT/SIGTERM starts the graceful shutdown and a second one cuts its
     drain short. Raises ``BindRefused`` before binding anything for a non-loopback host
     without a token, and ``ValueError`` for an agent that cannot be loaded. When it returns,
     every run it accepted has its terminal.
     """
-    token = options.token or None
+    token = options.token
     check_bind(options.host, token)
     factory = coordinator_factory if coordinator_factory is not None else load_agent(options.agent)
+    if store is None and options.store is not None:
+        store = load_store(options.store)
     config = HypercornConfig()
     config.bind = [_bind_address(options.host, options.port)]
     config.accesslog = None
@@ -142,7 +172,7 @@ async def serve(
     config.graceful_timeout = options.graceful_timeout
     shutdown = trio.Event()
     stop_http = trio.Event()
-    async with open_backend(close_grace=options.close_grace) as backend:
+    async with open_backend(store, close_grace=options.close_grace) as backend:
         service = RunService(
             backend,
             factory,
