@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 import time
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -71,8 +72,8 @@ def test_serve_help_documents_the_demo_agent_and_the_api(capsys):
 def test_run_help_documents_the_exit_statuses(capsys):
     code, out, _ = run_main(["run", "--help"], capsys)
     assert code == 0
-    assert "0 completed" in out
-    assert "4 server unreachable or lost" in out
+    assert "0  completed" in out
+    assert "4  server unreachable or lost" in out
     assert "Ctrl-C cancels the run on the server before exiting" in " ".join(out.split())
 
 
@@ -192,7 +193,7 @@ def test_run_still_ends_right_when_the_event_stream_is_refused(capsys, monkeypat
         raise ClientError(503, "nope", "no stream for you")
 
     monkeypatch.setattr(RunsClient, "stream_events", refuse)
-    args = argparse.Namespace(session="s", workspace="w", quiet=False)
+    args = argparse.Namespace(session="s", workspace="w", quiet=False, output="text")
 
     async def main() -> int:
         with trio.fail_after(20):
@@ -265,7 +266,7 @@ def test_cancel_run_cancels_that_run_only(capsys, tmp_path: Path):
         wait_state(http, "first", "active")
         wait_state(http, "second", "queued")
 
-        client = ["--server", url, "--timeout", "5"]
+        client = ["--server", url, "--timeout", "5", "--output", "json"]
         code, out, err = run_main(["cancel", "--run", "first", *client], capsys)
         assert code == 0, err
         shown = json.loads(out)
@@ -283,6 +284,265 @@ def test_cancel_run_cancels_that_run_only(capsys, tmp_path: Path):
         assert code == 0
         assert json.loads(out) == after
         code, out, err = run_main(["cancel", "--run", "nobody", *client], capsys)
-        assert code == 2
+        assert code == cli.EXIT_UNKNOWN_RUN
         assert out == ""
         assert "no run 'nobody' is known" in err
+
+
+# -- issue 10, item 3: tokens no client could ever match are refused at start-up -----------
+
+
+@pytest.fixture
+def no_serving(monkeypatch):
+    # `serve` must refuse before it starts anything: if it got as far as trio.run, fail
+    # at once rather than serve forever.
+    def started(*args: object, **kwargs: object) -> None:
+        raise AssertionError("serve started instead of refusing")
+
+    monkeypatch.setattr(cli.trio, "run", started)
+
+
+@pytest.mark.parametrize(
+    ("token", "reason"),
+    [
+        ("", "empty or blank"),
+        (" ", "empty or blank"),
+        (" s3cret", "whitespace"),
+        ("s3cret\n", "whitespace"),
+        ("s3\tcret", "control or non-ASCII"),
+        ("naïve", "control or non-ASCII"),
+    ],
+)
+def test_serve_refuses_a_token_no_client_could_match(
+    capsys, monkeypatch, no_serving, token: str, reason: str
+):
+    monkeypatch.delenv("TRIO_RUNS_TOKEN", raising=False)
+    for host in ("0.0.0.0", "127.0.0.1"):
+        code, _, err = run_main(["serve", "--host", host, "--port", "0", "--token", token], capsys)
+        assert code == 2, err
+        assert reason in err
+    monkeypatch.setenv("TRIO_RUNS_TOKEN", token or " ")
+    code, _, err = run_main(["serve", "--host", "0.0.0.0", "--port", "0"], capsys)
+    assert code == 2, err
+
+
+# -- issue 10, item 5: CLI conventions -------------------------------------------------------
+
+
+def unreachable() -> list[str]:
+    return ["--server", f"http://127.0.0.1:{free_port()}", "--timeout", "0.3"]
+
+
+def test_run_prints_progress_on_stderr_and_the_result_alone_on_stdout(capsys, tmp_path: Path):
+    with server_thread(tmp_path) as url:
+        client = ["--server", url, "--timeout", "5"]
+        code, out, err = run_main(["run", *client, "--session", "s", "hello world"], capsys)
+        assert code == 0, err
+        assert out == "hello world\n"
+        assert "hello\n" in err
+        assert "world\n" in err
+
+
+def test_run_status_and_cancel_print_json_with_output_json(capsys, tmp_path: Path):
+    with server_thread(tmp_path) as url:
+        client = ["--server", url, "--timeout", "5", "--output", "json"]
+        code, out, err = run_main(
+            ["run", *client, "--session", "s", "--run-id", "j1", "hi there"], capsys
+        )
+        assert code == 0, err
+        shown = json.loads(out)
+        assert (shown["run_id"], shown["session_id"], shown["state"]) == ("j1", "s", "completed")
+        assert shown["terminal"]["result"] == "hi there"
+
+        code, out, err = run_main(
+            ["run", *client, "--session", "s", "--run-id", "j2", "fail"], capsys
+        )
+        assert code == 1
+        assert json.loads(out)["state"] == "failed"
+        assert "j2 failed" in err
+
+        code, out, _ = run_main(["status", *client, "j1"], capsys)
+        assert code == 0
+        assert json.loads(out) == shown
+        code, out, _ = run_main(["cancel", *client, "--run", "j1"], capsys)
+        assert code == 0
+        assert json.loads(out) == shown
+        code, out, _ = run_main(["cancel", *client, "--session", "s"], capsys)
+        assert code == 0
+        assert json.loads(out)["session_id"] == "s"
+
+
+def test_status_and_cancel_print_text_by_default(capsys, tmp_path: Path):
+    with server_thread(tmp_path) as url:
+        client = ["--server", url, "--timeout", "5"]
+        assert (
+            run_main(["run", *client, "--session", "s", "--run-id", "t1", "-q", "ok"], capsys)[0]
+            == 0
+        )
+        code, out, _ = run_main(["status", *client, "t1"], capsys)
+        assert code == 0
+        assert out == "run t1 (session s): completed\nresult: ok\n"
+        code, out, _ = run_main(["cancel", *client, "--session", "s"], capsys)
+        assert code == 0
+        assert out == "session s: idle, 0 queued\n"
+
+
+def test_an_unknown_run_has_one_exit_status_everywhere(capsys, tmp_path: Path):
+    with server_thread(tmp_path) as url:
+        client = ["--server", url, "--timeout", "5"]
+        for command in (
+            ["status", "nobody"],
+            ["status", "--wait", "nobody"],
+            ["cancel", "--run", "nobody"],
+        ):
+            for output in ("text", "json"):
+                code, out, err = run_main([*command, *client, "--output", output], capsys)
+                assert code == cli.EXIT_UNKNOWN_RUN == 5, (command, err)
+                assert out == ""
+                assert "no run 'nobody' is known" in err
+
+
+def test_the_exit_statuses_are_one_table_in_the_help_and_the_readme(capsys):
+    table = {
+        0: "completed",
+        1: "failed",
+        2: "usage or refused",
+        3: "cancelled",
+        4: "server unreachable or lost",
+        5: "unknown run",
+        6: "abandoned",
+    }
+    constants = [
+        cli.EXIT_OK,
+        cli.EXIT_FAILED,
+        cli.EXIT_USAGE,
+        cli.EXIT_CANCELLED,
+        cli.EXIT_LOST,
+        cli.EXIT_UNKNOWN_RUN,
+        cli.EXIT_ABANDONED,
+    ]
+    assert constants == list(table)
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    for command in ("run", "status", "cancel"):
+        _, out, _ = run_main([command, "--help"], capsys)
+        for code, meaning in table.items():
+            assert f"  {code}  {meaning}" in out, (command, code)
+    for code, meaning in table.items():
+        assert f"| {code} | {meaning}" in readme, code
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_log_level_goes_before_or_after_the_command(capsys, monkeypatch, position: str):
+    levels: list[str | None] = []
+    real = cli._logging
+
+    def recording(level: str | None, command: str) -> object:
+        levels.append(level)
+        return real(level, command)
+
+    monkeypatch.setattr(cli, "_logging", recording)
+    option = ["--log-level", "debug"]
+    command = ["status", "x", *unreachable()]
+    argv = [*option, *command] if position == "before" else [*command, *option]
+    code, _, err = run_main(argv, capsys)
+    assert code == cli.EXIT_LOST, err
+    assert levels == ["debug"]
+    # Given twice, the one after the command wins.
+    code, _, _ = run_main(["--log-level", "error", *command, "--log-level", "info"], capsys)
+    assert levels[-1] == "info"
+
+
+@pytest.fixture
+def fake_serve(monkeypatch):
+    # Records the options `serve` would serve with, without binding anything.
+    import trio_runs.http
+
+    served: list[object] = []
+
+    async def serve(options: object, *, task_status: trio.TaskStatus[object], **_: object) -> None:
+        served.append(options)
+        task_status.started(types.SimpleNamespace(url="http://fake"))
+
+    monkeypatch.setattr(trio_runs.http, "serve", serve, raising=False)
+    for name in ("TRIO_RUNS_HOST", "TRIO_RUNS_PORT", "TRIO_RUNS_AGENT", "TRIO_RUNS_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    return served
+
+
+def test_serve_takes_host_port_and_agent_from_the_environment(capsys, monkeypatch, fake_serve):
+    monkeypatch.setenv("TRIO_RUNS_HOST", "::1")
+    monkeypatch.setenv("TRIO_RUNS_PORT", "9123")
+    monkeypatch.setenv("TRIO_RUNS_AGENT", "trio_runs.agents:DemoAgent")
+    code, out, err = run_main(["serve"], capsys)
+    assert code == 0, err
+    options = fake_serve.pop()
+    assert (options.host, options.port, options.agent) == (
+        "::1",
+        9123,
+        "trio_runs.agents:DemoAgent",
+    )
+    assert "serving on http://fake" in out
+    # The flags win over the environment.
+    code, _, err = run_main(
+        ["serve", "--host", "127.0.0.1", "--port", "0", "--agent", "trio_runs.agents:demo"], capsys
+    )
+    assert code == 0, err
+    options = fake_serve.pop()
+    assert (options.host, options.port, options.agent) == ("127.0.0.1", 0, "trio_runs.agents:demo")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("TRIO_RUNS_PORT", "70000", "TRIO_RUNS_PORT: port must be 0..65535"),
+        ("TRIO_RUNS_PORT", "http", "TRIO_RUNS_PORT: not a port number"),
+        ("TRIO_RUNS_HOST", "0.0.0.0", "refusing to serve on '0.0.0.0' without a token"),
+        ("TRIO_RUNS_AGENT", "no.such.module_x:agent", "cannot import agent module"),
+    ],
+)
+def test_serve_refuses_bad_environment_values(
+    capsys, monkeypatch, fake_serve, name: str, value: str, message: str
+):
+    monkeypatch.setenv(name, value)
+    code, _, err = run_main(["serve"], capsys)
+    assert code == 2
+    assert message in err
+    assert fake_serve == []
+
+
+@pytest.mark.parametrize("command", ["", "serve", "run", "status", "cancel", "demo"])
+@pytest.mark.parametrize(("columns", "widest"), [(80, 80), (400, 100)])
+def test_help_is_wrapped_to_the_terminal(capsys, monkeypatch, command, columns, widest):
+    monkeypatch.setenv("COLUMNS", str(columns))
+    code, out, _ = run_main([*command.split(), "--help"], capsys)
+    assert code == 0
+    too_wide = [line for line in out.splitlines() if len(line) > widest]
+    assert too_wide == []
+
+
+def test_only_the_demo_needs_rich(capsys, monkeypatch):
+    real = cli.importlib.util.find_spec
+
+    def find_spec(name: str, *args: object) -> object:
+        return None if name == "rich" else real(name)
+
+    monkeypatch.setattr(cli.importlib.util, "find_spec", find_spec)
+    code, _, err = run_main(["status", "x", *unreachable()], capsys)
+    assert code == cli.EXIT_LOST, err
+    code, _, err = run_main(["demo", "--runs", "12", "--no-live"], capsys)
+    assert code == cli.EXIT_USAGE
+    assert "rich missing" in err
+    assert "trio-runs[demo]" in err
+
+
+def test_rich_is_in_the_demo_extra_only():
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    extras = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"][
+        "optional-dependencies"
+    ]
+    assert not any(req.startswith("rich") for req in extras["http"])
+    assert any(req.startswith("rich") for req in extras["demo"])
+    assert "trio-runs[http]" in extras["demo"]
+    assert "trio-runs[demo]" in extras["test"]  # the README's first command runs the demo

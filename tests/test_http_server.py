@@ -286,17 +286,17 @@ def test_metrics_and_openapi(tmp_path: Path):
             run_id = await submit(http, ws, "s", prompt)
             assert (await http.get(f"/v1/runs/{run_id}/wait")).status_code == 200
         metrics = await http.get("/metrics")
-        assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+        assert metrics.headers["content-type"].startswith("text/plain; version=")
         text = metrics.text
         for line in (
-            "trio_runs_runs_accepted_total 3",
-            'trio_runs_terminals_total{outcome="completed"} 1',
-            'trio_runs_terminals_total{outcome="failed"} 2',
-            "trio_runs_duplicate_terminals_suppressed_total 0",
-            "trio_runs_lossy_events_dropped_total 0",
-            "trio_runs_runs_active 0",
-            "trio_runs_runs_queued 0",
-            "trio_runs_subscribers 0",
+            "trio_runs_runs_accepted_total 3.0",
+            'trio_runs_terminals_total{outcome="completed"} 1.0',
+            'trio_runs_terminals_total{outcome="failed"} 2.0',
+            "trio_runs_duplicate_terminals_suppressed_total 0.0",
+            "trio_runs_lossy_events_dropped_total 0.0",
+            "trio_runs_runs_active 0.0",
+            "trio_runs_runs_queued 0.0",
+            "trio_runs_subscribers 0.0",
             "# TYPE trio_runs_runs_accepted_total counter",
         ):
             assert line in text.splitlines()
@@ -405,7 +405,7 @@ def test_every_error_shape_and_nothing_is_accepted(tmp_path: Path):
             response = await http.request(method, url, **kwargs)
             assert_error(response, status, code)
         metrics = (await http.get("/metrics")).text
-        assert "trio_runs_runs_accepted_total 1" in metrics.splitlines()
+        assert "trio_runs_runs_accepted_total 1.0" in metrics.splitlines()
         assert server.service.backend.ledger.pending_run_ids() == [taken]
         assert [w["id"] for w in (await http.get("/v1/workspaces")).json()["workspaces"]] == [ws]
 
@@ -437,10 +437,10 @@ def test_an_unexpected_failure_is_a_logged_json_500(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
     async def body(server: RunningServer, http: httpx.AsyncClient) -> None:
-        def broken() -> list[Any]:
+        def broken() -> Any:
             raise RuntimeError("metrics exploded")
 
-        server.service.metrics = broken  # type: ignore[method-assign]
+        server.service.backend.statistics = broken  # type: ignore[method-assign]
         assert_error(await http.get("/metrics"), 500, "internal_error")
         assert "exploded" not in (await http.get("/metrics")).text
 
@@ -525,6 +525,21 @@ def test_binding_beyond_loopback_needs_a_token(host: str, token: str | None, all
             check_bind(host, token)
 
 
+@pytest.mark.parametrize(
+    "token", ["", " ", "\t", " s3cret", "s3cret ", "s3cret\n", "s3\x00", "naïve"]
+)
+def test_a_token_no_client_could_match_is_refused(token: str):
+    # The server compares stripped credentials, and a header carries printable ASCII only:
+    # such a token would start fine and then answer 401 to every client.
+    with pytest.raises(ValueError, match="token"):
+        ServeOptions(token=token)
+
+
+@pytest.mark.parametrize("token", ["s3cret", "two words", "a-b.c_d~e+f/g="])
+def test_a_token_any_client_can_send_is_accepted(token: str):
+    assert ServeOptions(token=token).token == token
+
+
 def test_serve_refuses_before_binding_anything():
     async def main() -> None:
         with trio.fail_after(TIMEOUT), pytest.raises(BindRefused):
@@ -606,7 +621,7 @@ def test_a_disconnected_stream_leaves_no_subscriber_behind(tmp_path: Path):
                 assert server.service.stream_connections == 1
             await until(lambda: sum(b.subscriber_count for b in brokers) == 0)
             await until(lambda: server.service.stream_connections == 0)
-        assert "trio_runs_event_streams 0" in (await http.get("/metrics")).text
+        assert "trio_runs_event_streams 0.0" in (await http.get("/metrics")).text
 
     serving(tmp_path, body)
 

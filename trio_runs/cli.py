@@ -1,9 +1,12 @@
 """The ``trio-runs`` command: ``serve``, ``run``, ``status``, ``cancel``, ``demo``.
 
 ``main(argv)`` returns the process exit status; nothing here calls ``sys.exit`` except the
-``__main__`` guard. Exit statuses of the client commands: 0 completed, 1 failed, 2 usage
-(or a request the server refused as invalid), 3 cancelled, 4 server unreachable or lost,
-130 interrupted before anything was submitted.
+``__main__`` guard. Conventions, the same for every command: what a command produces (a run's
+result, or with ``--output json`` one JSON document) goes to stdout, and nothing else does;
+progress and messages go to stderr. One exit status per meaning (``EXIT_*``, the table in
+``--help`` and the README): 0 completed (or done), 1 failed, 2 usage or refused, 3 cancelled,
+4 server unreachable or lost, 5 unknown run, 6 abandoned (reserved), 130 interrupted before
+anything was submitted.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ import importlib.util
 import json
 import logging
 import os
+import re
+import shutil
 import sys
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import trio
 
@@ -30,58 +35,138 @@ from .agents import DEMO_HELP
 if TYPE_CHECKING:
     from .events import RunComplete
     from .http.client import RunsClient, SseEvent
+    from .http.schema import RunView, SessionView
 
-__all__ = ["EXIT_CANCELLED", "EXIT_FAILED", "EXIT_LOST", "EXIT_OK", "EXIT_USAGE", "main"]
+__all__ = [
+    "EXIT_ABANDONED",
+    "EXIT_CANCELLED",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_LOST",
+    "EXIT_OK",
+    "EXIT_UNKNOWN_RUN",
+    "EXIT_USAGE",
+    "main",
+]
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_CANCELLED: Final = 3
 EXIT_LOST: Final = 4
+EXIT_UNKNOWN_RUN: Final = 5
+# Reserved for durable stores: a run that a restarted server ended as failed *and* flagged
+# abandoned (DESIGN.md, D3). Until a terminal carries that flag, no command returns it.
+EXIT_ABANDONED: Final = 6
 EXIT_INTERRUPTED: Final = 130
 
 _EXIT_BY_OUTCOME: Final = {"completed": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
 
 _ENV_SERVER = "TRIO_RUNS_SERVER"
 _ENV_TOKEN = "TRIO_RUNS_TOKEN"
+_ENV_HOST = "TRIO_RUNS_HOST"
+_ENV_PORT = "TRIO_RUNS_PORT"
+_ENV_AGENT = "TRIO_RUNS_AGENT"
+
+_DEFAULT_HOST = "127.0.0.1"
+_DEFAULT_PORT = 8765
+_DEFAULT_AGENT = "trio_runs.agents:demo"
+
+_LOG_LEVELS = ["debug", "info", "warning", "error"]
+_HELP_WIDTH = 100  # help is wrapped to the terminal, and never wider than this
 
 _API_SUMMARY = """\
-HTTP API (JSON, under /v1; OpenAPI document at /v1/openapi.json):
-  POST   /v1/workspaces                          {path} -> 201 {id, path}
-  DELETE /v1/workspaces/{id}                     graceful close
-  POST   /v1/workspaces/{id}/messages            {session_id, prompt, run_id?} -> 202 {run_id}
-  GET    /v1/runs/{run_id}                       {run_id, session_id, state, terminal?}
-  GET    /v1/runs/{run_id}/wait?timeout=S        200 once ended, 202 after S s (S <= 60)
-  POST   /v1/runs/{run_id}/cancel                cancel this run only -> the run
+HTTP API (JSON under /v1; the OpenAPI document is at /v1/openapi.json):
+  POST   /v1/workspaces                      {path} -> 201 {id, path}
+  DELETE /v1/workspaces/{id}                 graceful close
+  POST   /v1/workspaces/{id}/messages        {session_id, prompt, run_id?} -> 202 {run_id}
+  GET    /v1/runs/{run_id}                   {run_id, session_id, state, terminal?}
+  GET    /v1/runs/{run_id}/wait?timeout=S    200 once ended, 202 after S s (S <= 60)
+  POST   /v1/runs/{run_id}/cancel            cancel this run only -> the run
   POST   /v1/workspaces/{id}/sessions/{sid}/cancel
   DELETE /v1/workspaces/{id}/sessions/{sid}/queue
-  GET    /v1/workspaces/{id}/sessions/{sid}      {busy, active, queued}
-  GET    /v1/workspaces/{id}/events              Server-Sent Events
-  GET    /healthz, GET /metrics                  health; Prometheus metrics
+  GET    /v1/workspaces/{id}/sessions/{sid}  {busy, active, queued}
+  GET    /v1/workspaces/{id}/events          Server-Sent Events
+  GET    /healthz, GET /metrics              health; Prometheus metrics
 """
 
 _EXIT_CODES = """\
-exit status: 0 completed (result on stdout), 1 failed (error on stderr), 2 usage,
-3 cancelled, 4 server unreachable or lost (never hangs: see --timeout)
+exit status (the same for every command):
+  0  completed (with a result on stdout), or done
+  1  failed: the run's error is on stderr
+  2  usage or refused: bad arguments, or a request the server refused
+  3  cancelled
+  4  server unreachable or lost: no answer within --timeout (never hangs)
+  5  unknown run: the server does not know that run id
+  6  abandoned: failed because a restarted server abandoned it (reserved)
+  130  interrupted (Ctrl-C) before the run was submitted
 """
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    # Wraps prose to the terminal (never wider than _HELP_WIDTH); an indented line (a row of
+    # a table, an example) keeps its layout, and wraps under its second column if too long.
+
+    def __init__(self, prog: str) -> None:
+        columns = shutil.get_terminal_size().columns
+        super().__init__(prog, width=max(40, min(columns, _HELP_WIDTH) - 2))
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        lines: list[str] = []
+        prose: list[str] = []
+
+        def flush() -> None:
+            if prose:
+                lines.extend(
+                    textwrap.wrap(
+                        " ".join(prose), width, initial_indent=indent, subsequent_indent=indent
+                    )
+                )
+                prose.clear()
+
+        for line in text.splitlines():
+            if not line.strip():
+                flush()
+                lines.append("")
+            elif line[0].isspace():
+                flush()
+                lines.extend(_wrap_row(indent + line.rstrip(), width))
+            else:
+                prose.append(line.strip())
+        flush()
+        return "\n".join(lines)
+
+
+def _wrap_row(row: str, width: int) -> list[str]:
+    # A table row "  key   description": continuation lines align with its last column.
+    if len(row) <= width:
+        return [row]
+    indent = len(row) - len(row.lstrip())
+    columns = [match.end() for match in re.finditer(r"\S {2,}(?=\S)", row)]
+    hang = columns[-1] if columns and columns[-1] <= width - 24 else indent + 4
+    return textwrap.wrap(row, width, subsequent_indent=" " * hang) or [row]
 
 
 def _err(message: str) -> None:
     print(f"trio-runs: {message}", file=sys.stderr, flush=True)
 
 
-def _http() -> ModuleType:
-    # The HTTP commands need the http extra; say so plainly rather than with a traceback.
-    missing = [
-        name
-        for name in ("httpx", "starlette", "hypercorn", "rich")
-        if importlib.util.find_spec(name) is None
-    ]
+_HTTP_MODULES: Final = ("httpx", "starlette", "hypercorn")
+
+
+def _require(extra: str, modules: Sequence[str]) -> None:
+    # Say plainly which extra a command needs, rather than fail with a traceback.
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
     if missing:
         raise _UsageError(
-            f"this command needs the http extra ({', '.join(missing)} missing): "
-            "python -m pip install 'trio-runs[http]'"
+            f"this command needs the {extra} extra ({', '.join(missing)} missing): "
+            f"python -m pip install 'trio-runs[{extra}]'"
         )
+
+
+def _http() -> ModuleType:
+    # serve, run, status and cancel need the http extra (rich is the demo's alone).
+    _require("http", _HTTP_MODULES)
     return importlib.import_module("trio_runs.http")
 
 
@@ -132,7 +217,7 @@ def _positive_int(text: str) -> int:
 def _add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server",
-        default=os.environ.get(_ENV_SERVER, "http://127.0.0.1:8765"),
+        default=os.environ.get(_ENV_SERVER) or "http://127.0.0.1:8765",
         metavar="URL",
         help=f"the server's URL (default: ${_ENV_SERVER} or http://127.0.0.1:8765)",
     )
@@ -149,10 +234,31 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
         help="give up with exit status 4 when the server has not answered for this long "
         "(default: 10)",
     )
+    parser.add_argument(
+        "--output",
+        choices=["text", "json"],
+        default="text",
+        help="text (default) or json: one JSON document on stdout, the run as "
+        "'GET /v1/runs/{run_id}' shows it (for cancel --session, the session)",
+    )
+
+
+def _common_options() -> argparse.ArgumentParser:
+    # Options every command takes after its name too. SUPPRESS: when not given after the
+    # command, the value given before it (or the top-level default) stands.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS,
+        choices=_LOG_LEVELS,
+        help="log level of the trio_runs logger on stderr (default: warning; serve logs "
+        "its own start and shutdown at info)",
+    )
+    return common
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    formatter = argparse.RawDescriptionHelpFormatter
+    formatter = _HelpFormatter
     parser = argparse.ArgumentParser(
         prog="trio-runs",
         description=textwrap.dedent(
@@ -160,7 +266,8 @@ def _build_parser() -> argparse.ArgumentParser:
             Run long jobs where every accepted run ends in exactly one terminal (completed,
             failed or cancelled) and every waiter observes it, even across processes.
 
-            Start here:  trio-runs demo
+            Start here:
+              trio-runs demo
             """
         ),
         epilog="Run 'trio-runs COMMAND --help' for a command's options.",
@@ -170,11 +277,12 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default=None,
-        choices=["debug", "info", "warning", "error"],
+        choices=_LOG_LEVELS,
         help="log level of the trio_runs logger on stderr (default: warning; serve logs "
-        "its own start and shutdown at info)",
+        "its own start and shutdown at info); also accepted after the command",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = [_common_options()]
 
     serve = commands.add_parser(
         "serve",
@@ -182,19 +290,31 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Serve trio-runs over HTTP (hypercorn on Trio) until SIGINT or SIGTERM. "
         "On shutdown, every accepted run gets its cancelled terminal before the "
         "process exits; a second signal skips the wait for clients to collect them.",
-        epilog=f"{DEMO_HELP}\n{_API_SUMMARY}",
+        epilog=f"{DEMO_HELP}\n{_API_SUMMARY}\nexit status: 0 stopped (every accepted run has "
+        "its terminal), 1 could not serve (the address is in use, say), 2 usage or refused "
+        "(a non-loopback address without a token, a token no client could match, an agent "
+        "that cannot be loaded)",
         formatter_class=formatter,
+        parents=common,
     )
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     serve.add_argument(
-        "--port", type=_port, default=8765, help="port to bind; 0 picks a free one (default: 8765)"
+        "--host",
+        default=None,
+        help=f"address to bind (default: ${_ENV_HOST} or {_DEFAULT_HOST})",
+    )
+    serve.add_argument(
+        "--port",
+        type=_port,
+        default=None,
+        help=f"port to bind; 0 picks a free one (default: ${_ENV_PORT} or {_DEFAULT_PORT})",
     )
     serve.add_argument(
         "--agent",
-        default="trio_runs.agents:demo",
+        default=None,
         metavar="MODULE:CALLABLE",
         help="the agent: an async 'agent(call, ctx)' or an object with a "
-        "'coordinator_factory(workspace)' method (default: trio_runs.agents:demo, below)",
+        f"'coordinator_factory(workspace)' method (default: ${_ENV_AGENT} or "
+        f"{_DEFAULT_AGENT}, below)",
     )
     serve.add_argument(
         "--workspace-root",
@@ -207,7 +327,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--token",
         default=os.environ.get(_ENV_TOKEN) or None,
         help="require 'Authorization: Bearer TOKEN' on every route but /healthz "
-        f"(default: ${_ENV_TOKEN}); required to bind a non-loopback address",
+        f"(default: ${_ENV_TOKEN}); required to bind a non-loopback address. A token "
+        "that is blank, has surrounding whitespace, or control or non-ASCII characters "
+        "is refused",
     )
     serve.add_argument(
         "--heartbeat",
@@ -236,13 +358,15 @@ def _build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="submit a prompt and wait for its run to end",
-        description="Submit a prompt to a server and block until its run ends, printing "
-        "live progress. The ending comes from the server's authoritative /wait endpoint, "
+        description="Submit a prompt to a server and block until its run ends. Live "
+        "progress goes to stderr; stdout gets the result alone (or, with --output json, "
+        "the run). The ending comes from the server's authoritative /wait endpoint, "
         "never from live events alone. Ctrl-C cancels the run on the server before "
         "exiting (this run only: the other runs of its session go on); a second Ctrl-C "
         "exits at once.",
         epilog=_EXIT_CODES,
         formatter_class=formatter,
+        parents=common,
     )
     _add_client_options(run)
     run.add_argument(
@@ -254,7 +378,7 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--session", required=True, metavar="SESSION", help="session id (its lane)")
     run.add_argument("--run-id", default=None, help="use this run id instead of a fresh UUID4")
     run.add_argument(
-        "-q", "--quiet", action="store_true", help="print only the result, no progress"
+        "-q", "--quiet", action="store_true", help="no progress on stderr, only the outcome"
     )
     run.add_argument(
         "prompt",
@@ -266,11 +390,12 @@ def _build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser(
         "status",
         help="show a run's state (and its terminal once it ended)",
-        description="Print a run's state as JSON. With --wait, block until it ends and "
-        "exit with its outcome's status.",
-        epilog="exit status: 0 known (with --wait: completed), 1 unknown run (with --wait: "
-        "failed), 3 cancelled (with --wait), 4 server unreachable or lost",
+        description="Print a run's state (and its result or error once it ended). With "
+        "--wait, block until it ends and exit with its outcome's status; without, exit 0 "
+        "for any run the server knows.",
+        epilog=_EXIT_CODES,
         formatter_class=formatter,
+        parents=common,
     )
     _add_client_options(status)
     status.add_argument("run_id", metavar="RUN_ID")
@@ -281,12 +406,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="cancel one run, or a session's active run and its queue",
         description="With --run, cancel that run only: a queued one ends cancelled at once, "
         "an active one at its agent's next checkpoint, and the other runs of its session go "
-        "on; prints the run as JSON (a run that already ended is left as it is). With "
-        "--session, cancel the session's active run and drop its queued runs (each ends "
-        "cancelled), or with --queue-only only drop the queue; prints the session as JSON.",
-        epilog="exit status: 0 done, 2 usage or refused (an unknown run), 4 server "
-        "unreachable or lost",
+        "on; prints the run (a run that already ended is left as it is). With --session, "
+        "cancel the session's active run and drop its queued runs (each ends cancelled), "
+        "or with --queue-only only drop the queue; prints the session. Exits 0 once the "
+        "server took the cancellation.",
+        epilog=_EXIT_CODES,
         formatter_class=formatter,
+        parents=common,
     )
     _add_client_options(cancel)
     target = cancel.add_mutually_exclusive_group(required=True)
@@ -311,9 +437,11 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Start an in-process server on a free loopback port and drive many "
         "client runs of the demo agent through it over HTTP: completions, failures before "
         "start and mid-run, cancels while queued and while active, a workspace closed "
-        "mid-flight and late waiters. Shows live progress, then a table. Exits non-zero if "
-        "any run hung, ended twice, or ended differently than it must.",
+        "mid-flight and late waiters. Shows live progress, then a table. Exits 1 if any "
+        "run hung, ended twice, or ended differently than it must. Needs the demo extra "
+        "(python -m pip install 'trio-runs[demo]').",
         formatter_class=formatter,
+        parents=common,
     )
     demo.add_argument(
         "--runs", type=_positive_int, default=120, metavar="N", help="client runs (default: 120)"
@@ -380,13 +508,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- serve -------------------------------------------------------------------------------
 
 
+_T = TypeVar("_T")
+
+
+def _flag_env_default(given: _T | None, name: str, default: _T, convert: Callable[[str], _T]) -> _T:
+    # The flag wins, then the environment variable (unset or empty: not given), then the
+    # default. A bad value in the environment is a usage error that names the variable.
+    if given is not None:
+        return given
+    text = os.environ.get(name, "")
+    if not text:
+        return default
+    try:
+        return convert(text)
+    except argparse.ArgumentTypeError as exc:
+        raise _UsageError(f"${name}: {exc}") from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     http = _http()
+    host = _flag_env_default(args.host, _ENV_HOST, _DEFAULT_HOST, str)
+    port = _flag_env_default(args.port, _ENV_PORT, _DEFAULT_PORT, _port)
+    agent = _flag_env_default(args.agent, _ENV_AGENT, _DEFAULT_AGENT, str)
     try:
         options = http.ServeOptions(
-            host=args.host,
-            port=args.port,
-            agent=args.agent,
+            host=host,
+            port=port,
+            agent=agent,
             workspace_root=args.workspace_root,
             token=args.token,
             heartbeat=args.heartbeat,
@@ -437,22 +585,63 @@ def _show(value: object) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _report_terminal(rc: RunComplete) -> int:
-    if rc.outcome == "completed":
-        print(_show(rc.result), flush=True)
-    elif rc.outcome == "failed":
-        _err(f"run {rc.run_id} failed: {rc.error}")
-    else:
-        _err(f"run {rc.run_id} was cancelled")
+def _print_json(body: dict[str, Any]) -> None:
+    print(json.dumps(body, indent=2), flush=True)
+
+
+def _print_run(view: RunView, output: str) -> None:
+    if output == "json":
+        _print_json(view.to_dict())
+        return
+    lines = [f"run {view.run_id} (session {view.session_id}): {view.state}"]
+    if view.terminal is not None and view.terminal.outcome == "completed":
+        lines.append(f"result: {_show(view.terminal.result)}")
+    elif view.terminal is not None and view.terminal.outcome == "failed":
+        lines.append(f"error: {view.terminal.error}")
+    print("\n".join(lines), flush=True)
+
+
+def _print_session(view: SessionView, output: str) -> None:
+    if output == "json":
+        _print_json(view.to_dict())
+        return
+    active = f"active run {view.active}" if view.active else "idle"
+    print(f"session {view.session_id}: {active}, {len(view.queued)} queued", flush=True)
+
+
+def _ended(rc: RunComplete) -> RunView:
+    # The run as 'GET /v1/runs/{run_id}' shows an ended one.
+    view: RunView = _http().RunView(rc.run_id, rc.session_id, rc.outcome, rc)
+    return view
+
+
+def _outcome_status(rc: RunComplete) -> int:
+    # EXIT_ABANDONED joins here once terminals carry the abandoned flag (DESIGN.md, D3).
     return _EXIT_BY_OUTCOME[rc.outcome]
 
 
-def _client_error_status(exc: Exception) -> int:
+def _report_terminal(rc: RunComplete, output: str = "text") -> int:
+    # stdout: the result alone (text) or the run (json); stderr: why there is no result.
+    if output == "json":
+        _print_run(_ended(rc), output)
+    elif rc.outcome == "completed":
+        print(_show(rc.result), flush=True)
+    if rc.outcome == "failed":
+        _err(f"run {rc.run_id} failed: {rc.error}")
+    elif rc.outcome == "cancelled":
+        _err(f"run {rc.run_id} was cancelled")
+    return _outcome_status(rc)
+
+
+def _client_error_status(exc: Exception, args: argparse.Namespace, run_id: str = "") -> int:
     http = _http()
     if isinstance(exc, http.ServerLost):
         _err(f"server lost: {exc}")
         return EXIT_LOST
     assert isinstance(exc, http.ClientError)
+    if exc.code == "run_not_found" and run_id:
+        _err(f"no run {run_id!r} is known to {args.server}")
+        return EXIT_UNKNOWN_RUN
     if exc.status >= 500 or exc.code in {"workspace_closing", "shutting_down"}:
         _err(f"the server could not take the request: {exc}")
         return EXIT_LOST
@@ -488,7 +677,7 @@ async def _run_main(client: RunsClient, args: argparse.Namespace, prompt: str, r
     def on_event(event: SseEvent) -> None:
         data = event.json()
         if event.event == "progress" and isinstance(data, dict) and not args.quiet:
-            print(_show(data.get("payload")), flush=True)
+            print(_show(data.get("payload")), file=sys.stderr, flush=True)
         elif event.event == "run_complete":
             stream_done.set()
 
@@ -547,9 +736,9 @@ async def _run_main(client: RunsClient, args: argparse.Namespace, prompt: str, r
             # Let the last live progress lines arrive, briefly: the outcome is already known.
             with trio.move_on_after(0.5):
                 await stream_done.wait()
-            status = _report_terminal(terminal)
+            status = _report_terminal(terminal, args.output)
         except (http.ServerLost, http.ClientError) as exc:
-            status = _client_error_status(exc)
+            status = _client_error_status(exc, args)
         nursery.cancel_scope.cancel()
     return status
 
@@ -571,55 +760,46 @@ class _Started:
 def _status(args: argparse.Namespace) -> int:
     http = _http()
 
-    async def status_main() -> int:
+    async def status_main() -> RunView:
         async with http.RunsClient(args.server, token=args.token, timeout=args.timeout) as client:
-            try:
-                view = await client.run(args.run_id)
-            except http.ClientError as exc:
-                if exc.code == "run_not_found":
-                    _err(f"no run {args.run_id!r} is known to {args.server}")
-                    return EXIT_FAILED
-                raise
+            view: RunView = await client.run(args.run_id)
             if args.wait and view.terminal is None:
-                terminal = await client.wait_terminal(args.run_id)
-                view = await client.run(args.run_id)
-                del terminal
-            print(json.dumps(view.to_dict(), indent=2), flush=True)
-            if args.wait:
-                return _EXIT_BY_OUTCOME.get(view.state, EXIT_OK)
-            return EXIT_OK
+                view = _ended(await client.wait_terminal(args.run_id))
+            return view
 
     try:
-        status: int = trio.run(status_main)
+        view = trio.run(status_main)
     except (http.ServerLost, http.ClientError) as exc:
-        return _client_error_status(exc)
-    return status
+        return _client_error_status(exc, args, args.run_id)
+    _print_run(view, args.output)
+    if args.wait and view.terminal is not None:
+        return _outcome_status(view.terminal)
+    return EXIT_OK
 
 
 def _cancel(args: argparse.Namespace) -> int:
     http = _http()
 
-    async def cancel_main() -> dict[str, Any]:
+    async def cancel_main() -> RunView | SessionView:
         async with http.RunsClient(args.server, token=args.token, timeout=args.timeout) as client:
             if args.run is not None:
-                run: dict[str, Any] = (await client.cancel_run(args.run)).to_dict()
+                run: RunView = await client.cancel_run(args.run)
                 return run
             workspace = await client.create_workspace(args.workspace or ".")
             if args.queue_only:
-                view = await client.clear_queue(workspace.id, args.session)
+                session: SessionView = await client.clear_queue(workspace.id, args.session)
             else:
-                view = await client.cancel_session(workspace.id, args.session)
-            body: dict[str, Any] = view.to_dict()
-            return body
+                session = await client.cancel_session(workspace.id, args.session)
+            return session
 
     try:
-        body = trio.run(cancel_main)
+        view = trio.run(cancel_main)
     except (http.ServerLost, http.ClientError) as exc:
-        if isinstance(exc, http.ClientError) and exc.code == "run_not_found":
-            _err(f"no run {args.run!r} is known to {args.server}")
-            return EXIT_USAGE
-        return _client_error_status(exc)
-    print(json.dumps(body, indent=2), flush=True)
+        return _client_error_status(exc, args, args.run or "")
+    if args.run is not None:
+        _print_run(cast("RunView", view), args.output)
+    else:
+        _print_session(cast("SessionView", view), args.output)
     return EXIT_OK
 
 
@@ -627,7 +807,8 @@ def _cancel(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    _http()
+    # The demo extra is the http extra and rich, its live display and table.
+    _require("demo", (*_HTTP_MODULES, "rich"))
     from .http import demo
 
     return demo.main(
