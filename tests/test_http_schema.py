@@ -15,7 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trio_runs import RunComplete
-from trio_runs.http.metrics import Metric, render
 from trio_runs.http.openapi import openapi_document
 from trio_runs.http.schema import (
     MAX_BODY_BYTES,
@@ -234,19 +233,6 @@ def test_malformed_views_are_value_errors(kind: Any, body: object):
 
 
 # -- metrics and OpenAPI --------------------------------------------------------------------
-
-
-def test_prometheus_text_format():
-    text = render(
-        [
-            Metric.single("a_total", "counter", "A thing.", 3),
-            Metric("b", "gauge", "B.", (({"outcome": 'we"ird\n'}, 1.5),)),
-        ]
-    )
-    assert text == (
-        "# HELP a_total A thing.\n# TYPE a_total counter\na_total 3\n"
-        '# HELP b B.\n# TYPE b gauge\nb{outcome="we\\"ird\\n"} 1.5\n'
-    )
 
 
 def test_the_openapi_document_names_every_route_and_the_error_shape():

@@ -27,7 +27,7 @@ from trio_runs import (
     open_backend,
 )
 from trio_runs.agents import demo
-from trio_runs.http.metrics import render
+from trio_runs.http.metrics import exposition, registry_for
 from trio_runs.http.schema import ApiError, CreateWorkspace, SubmitMessage
 from trio_runs.http.service import RunService
 
@@ -49,6 +49,12 @@ async def service_at(root: Path, **kwargs: float) -> AsyncIterator[RunService]:
     with trio.fail_after(TIMEOUT):
         async with open_backend(_stores[0]) as backend:
             yield RunService(backend, demo.coordinator_factory, workspace_root=root, **kwargs)
+
+
+def scrape(service: RunService) -> str:
+    """What ``GET /metrics`` would answer now (Prometheus text format)."""
+    body, _ = exposition(registry_for(service), None)
+    return body.decode()
 
 
 @contextmanager
@@ -233,10 +239,10 @@ async def test_closing_a_workspace_ends_its_runs_and_keeps_its_counters(
         assert {service.run(r).state for r in runs} == {"cancelled"}
         with refused(404, "workspace_not_found"):
             await service.close_workspace(ws.id)
-        text = render(service.metrics())
-        assert "trio_runs_lossy_events_dropped_total 5\n" in text
-        assert 'trio_runs_terminals_total{outcome="cancelled"} 3\n' in text
-        assert "trio_runs_workspaces 0\n" in text
+        text = scrape(service)
+        assert "trio_runs_lossy_events_dropped_total 5.0\n" in text
+        assert 'trio_runs_terminals_total{outcome="cancelled"} 3.0\n' in text
+        assert "trio_runs_workspaces 0.0\n" in text
 
 
 async def test_metrics_count_runs_by_state(autojump_clock, tmp_path: Path):
@@ -246,14 +252,14 @@ async def test_metrics_count_runs_by_state(autojump_clock, tmp_path: Path):
         service.submit(ws.id, SubmitMessage("a", "later"))
         service.submit(ws.id, SubmitMessage("b", "sleep 100"))
         await trio.testing.wait_all_tasks_blocked()
-        text = render(service.metrics())
+        text = scrape(service)
         for line in (
-            "trio_runs_runs_accepted_total 3",
-            "trio_runs_runs_pending 3",
-            "trio_runs_runs_active 2",
-            "trio_runs_runs_queued 1",
-            "trio_runs_duplicate_terminals_suppressed_total 0",
-            "trio_runs_workspaces 1",
+            "trio_runs_runs_accepted_total 3.0",
+            "trio_runs_runs_pending 3.0",
+            "trio_runs_runs_active 2.0",
+            "trio_runs_runs_queued 1.0",
+            "trio_runs_duplicate_terminals_suppressed_total 0.0",
+            "trio_runs_workspaces 1.0",
         ):
             assert f"\n{line}\n" in text
         service.cancel_session(ws.id, "a")

@@ -7,10 +7,14 @@ whole store from ``tests/`` running under ``Backend`` with every promise intact.
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
+import test_e2e as e2e
 import trio
 import trio.testing
 from dict_store import DictStore
@@ -36,6 +40,8 @@ from trio_runs import (
 from trio_runs.testing import TerminalRecorder
 
 TIMEOUT = 60  # virtual seconds
+HERE = Path(__file__).parent
+spawn = e2e.spawn  # the process fixture: everything started is killed in teardown
 
 
 class ErrorCoordinator:
@@ -239,3 +245,58 @@ async def test_a_non_store_is_refused_by_open_backend(autojump_clock):
     with pytest.raises(TypeError, match="RunStore"):
         async with open_backend(object()):  # type: ignore[arg-type]
             pass
+
+
+def test_trio_runs_serve_runs_an_outside_coordinator_on_an_outside_store(spawn, tmp_path):
+    """``trio-runs serve --agent outside_coordinator:plugin --store dict_store:DictStore``: the
+    real CLI clients get their outcomes through the outside pieces, the optional capability
+    it lacks is a 501, and the outside store is what the server counts."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+    }
+    server = e2e.serve(
+        spawn,
+        tmp_path,
+        "--agent",
+        "outside_coordinator:plugin",
+        "--store",
+        "dict_store:DictStore",
+        env=env,
+    )
+    ok = e2e.client(spawn, *e2e.run(server, "a", "hello", "--run-id", "out-ok"), env=env)
+    bad = e2e.client(spawn, *e2e.run(server, "a", "fail", "--run-id", "out-bad"), env=env)
+    assert (ok.finish().code, ok.out.strip()) == (0, "hello")
+    assert bad.finish().code == 1
+    slow = e2e.client(spawn, *e2e.run(server, "b", "sleep 1", "--run-id", "out-slow"), env=env)
+    server.wait_state("out-slow", "pending")  # no SupportsLaneQueries: it cannot say more
+    refused = server.http.post("/v1/runs/out-slow/cancel")
+    assert (refused.status_code, refused.json()["error"]["code"]) == (501, "not_supported")
+    assert slow.finish().code == 0
+    metrics = server.http.get("/metrics").text.splitlines()
+    assert "trio_runs_runs_accepted_total 3.0" in metrics
+    assert 'trio_runs_terminals_total{outcome="failed"} 1.0' in metrics
+    # DictStore does not measure delivery latency: the histogram is left out, not faked.
+    assert not any(line.startswith("trio_runs_terminal_delivery") for line in metrics)
+
+
+def test_serve_refuses_a_store_spec_that_is_not_a_store(tmp_path):
+    for spec, message in (
+        ("dict_store:nonzero_outcomes", "failed to make a store"),
+        ("dict_store:LedgerStatistics", "failed to make a store"),
+        ("outside_coordinator:Plugin", "does not implement RunStore"),
+        ("no_such_module:x", "cannot import store module"),
+        ("dict_store", "must look like"),
+    ):
+        env = {**os.environ, "PYTHONPATH": str(HERE)}
+        done = subprocess.run(
+            [*e2e.CLI, "serve", "--port", "0", "--store", spec],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            cwd=tmp_path,
+            check=False,
+        )
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr

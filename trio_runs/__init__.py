@@ -8,6 +8,7 @@ and when the workspace shuts down. Cancellation is never reported as an error.
 
 from __future__ import annotations
 
+from ._histogram import Histogram
 from .backend import Backend, BackendStatistics, CoordinatorFactory, Workspace, open_backend
 from .broker import Broker, BrokerStatistics, Subscription
 from .context import (
@@ -30,6 +31,7 @@ from .coordinator import (
     SessionCoordinator,
     SupportsCancelRun,
     SupportsLaneQueries,
+    SupportsStatistics,
     new_run_id,
 )
 from .errors import (
@@ -79,6 +81,7 @@ __all__ = [
     "EmptyPrompt",
     "Event",
     "EventType",
+    "Histogram",
     "InvalidRunId",
     "LedgerStatistics",
     "NotSupported",
@@ -100,6 +103,7 @@ __all__ = [
     "Subscription",
     "SupportsCancelRun",
     "SupportsLaneQueries",
+    "SupportsStatistics",
     "TrioRunsError",
     "UnknownRun",
     "Workspace",

@@ -142,7 +142,10 @@ def load_store(spec: str) -> RunStore:
     make = _load(spec, "--store", "store")
     if not callable(make):
         raise ValueError(f"{spec!r} is not callable: --store names a function or class")
-    store = make()
+    try:
+        store = make()
+    except Exception as exc:
+        raise ValueError(f"{spec!r} failed to make a store: {exc!r}") from None
     if not isinstance(store, RunStore):
         raise ValueError(f"{spec!r} made {type(store).__name__}, which does not implement RunStore")
     return store

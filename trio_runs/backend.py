@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 
+from ._histogram import Histogram
 from ._terminals import fallback_terminal, is_cancellation, non_cancelled_leaves, record_terminal
 from ._validation import validate_submission
 from .broker import Broker
@@ -25,6 +26,7 @@ from .coordinator import (
     Reservation,
     SupportsCancelRun,
     SupportsLaneQueries,
+    SupportsStatistics,
     new_run_id,
 )
 from .errors import (
@@ -78,6 +80,11 @@ class BackendStatistics:
     """Lossy progress events and notifications dropped for slow subscribers, ever."""
     overflows: int
     """Subscribers disconnected for exceeding their backlog, ever (every broker)."""
+    queue_wait: Histogram
+    """Seconds from a run's entry to its start, summed over coordinators that report
+    statistics (``SupportsStatistics``, as ``SessionCoordinator`` does)."""
+    run_duration: Histogram
+    """Seconds from a run's start to its terminal, over the same coordinators."""
     ledger: LedgerStatistics
     """The store's own snapshot."""
 
@@ -192,6 +199,8 @@ class Backend:
         # Counters of closed workspaces' brokers, so statistics() never goes down.
         self._closed_drops = 0
         self._closed_overflows = 0
+        self._closed_queue_wait = Histogram()
+        self._closed_run_duration = Histogram()
 
     @property
     def ledger(self) -> RunStore:
@@ -206,6 +215,7 @@ class Backend:
         store = self._ledger
         runs = active = queued = subscribers = 0
         drops, overflows = self._closed_drops, self._closed_overflows
+        queue_wait, run_duration = self._closed_queue_wait, self._closed_run_duration
         for workspace in self._workspaces.values():
             runs += len(workspace._runs)
             for broker in (workspace.run_completions, workspace.notifications, workspace.events):
@@ -215,6 +225,10 @@ class Backend:
             coordinator = workspace.coordinator
             if coordinator is None:
                 continue
+            if isinstance(coordinator, SupportsStatistics):
+                own = coordinator.statistics()
+                queue_wait = queue_wait.merged(own.queue_wait)
+                run_duration = run_duration.merged(own.run_duration)
             sessions = {store.session_of(run_id) for run_id in workspace._runs}
             for session_id in sessions:
                 if session_id is None:
@@ -233,6 +247,8 @@ class Backend:
             subscribers=subscribers,
             drops=drops,
             overflows=overflows,
+            queue_wait=queue_wait,
+            run_duration=run_duration,
             ledger=store.statistics(),
         )
 
@@ -303,6 +319,10 @@ class Backend:
                 + workspace.notifications.overflow_count
                 + workspace.events.overflow_count
             )
+            if isinstance(workspace.coordinator, SupportsStatistics):
+                own = workspace.coordinator.statistics()
+                self._closed_queue_wait = self._closed_queue_wait.merged(own.queue_wait)
+                self._closed_run_duration = self._closed_run_duration.merged(own.run_duration)
         if self._by_path.get(workspace.path) is workspace:
             del self._by_path[workspace.path]
 

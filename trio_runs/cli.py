@@ -317,6 +317,13 @@ def _build_parser() -> argparse.ArgumentParser:
         f"{_DEFAULT_AGENT}, below)",
     )
     serve.add_argument(
+        "--store",
+        default=None,
+        metavar="MODULE:CALLABLE",
+        help="a callable that makes the run store (any RunStore implementation), called "
+        "once at start-up (default: the in-memory RunLedger)",
+    )
+    serve.add_argument(
         "--workspace-root",
         default=".",
         metavar="DIR",
@@ -535,6 +542,7 @@ def _serve(args: argparse.Namespace) -> int:
             host=host,
             port=port,
             agent=agent,
+            store=args.store,
             workspace_root=args.workspace_root,
             token=args.token,
             heartbeat=args.heartbeat,
@@ -542,14 +550,22 @@ def _serve(args: argparse.Namespace) -> int:
             drain=args.drain,
         )
         http.check_bind(options.host, options.token)
-        factory = importlib.import_module("trio_runs.agents").load_agent(options.agent)
+        agents = importlib.import_module("trio_runs.agents")
+        factory = agents.load_agent(options.agent)
+        store = agents.load_store(options.store) if options.store is not None else None
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
 
     async def serve_main() -> None:
         async with trio.open_nursery() as nursery:
             server = await nursery.start(
-                partial(http.serve, options, coordinator_factory=factory, handle_signals=True)
+                partial(
+                    http.serve,
+                    options,
+                    coordinator_factory=factory,
+                    store=store,
+                    handle_signals=True,
+                )
             )
             auth = " (bearer token required)" if options.token else ""
             print(

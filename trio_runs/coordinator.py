@@ -25,6 +25,7 @@ from typing import Final, Protocol, runtime_checkable
 import attrs
 import trio
 
+from ._histogram import Histogram, HistogramRecorder
 from ._terminals import fallback_terminal, record_terminal
 from ._validation import validate_submission
 from .broker import Broker
@@ -51,6 +52,7 @@ __all__ = [
     "SessionCoordinator",
     "SupportsCancelRun",
     "SupportsLaneQueries",
+    "SupportsStatistics",
     "WorkspaceResources",
 ]
 
@@ -160,10 +162,12 @@ class AcceptedRun:
         "_closed",
         "_coordinator",
         "_entered",
+        "_entered_at",
         "_marker",
         "_phase",
         "_ready",
         "_scope",
+        "_started_at",
         "_terminal",
         "sequence",
         "session_id",
@@ -182,6 +186,8 @@ class AcceptedRun:
         self._call = call
         self._phase: str = _RESERVED
         self._entered = False
+        self._entered_at = 0.0
+        self._started_at: float | None = None
         self._closed = False
         self._ready: trio.Event | None = None
         self._scope: trio.CancelScope | None = None
@@ -362,6 +368,20 @@ class CoordinatorStatistics:
     reserved: int
     """Reservations whose task has not entered ``run_accepted`` yet (those behind the head
     with a known call are counted in ``queued`` too)."""
+    queue_wait: Histogram
+    """Seconds from a run's entry (``run_accepted``) to its start, for every run started."""
+    run_duration: Histogram
+    """Seconds from a run's start to its terminal, for every run started."""
+
+
+@runtime_checkable
+class SupportsStatistics(Protocol):
+    """A coordinator that reports :class:`CoordinatorStatistics` (``Backend.statistics()``
+    adds them up over workspaces)."""
+
+    def statistics(self) -> CoordinatorStatistics:
+        """A frozen snapshot of the coordinator."""
+        ...
 
 
 class WorkspaceResources(Protocol):
@@ -448,6 +468,8 @@ class SessionCoordinator:
         self._retry = retry or RetryPolicy(max_attempts=1)
         self._sequence = 0
         self._sessions: dict[str, _Session] = {}
+        self._queue_wait = HistogramRecorder()
+        self._run_duration = HistogramRecorder()
 
     @classmethod
     def factory(
@@ -540,6 +562,8 @@ class SessionCoordinator:
             active=active,
             queued=queued,
             reserved=reserved,
+            queue_wait=self._queue_wait.snapshot(),
+            run_duration=self._run_duration.snapshot(),
         )
 
     # -- acceptance --------------------------------------------------------------------
@@ -600,6 +624,10 @@ class SessionCoordinator:
                 self._activate(head)
 
     def _activate(self, accept: AcceptedRun) -> None:
+        # Only entered runs are activated, so this runs inside Trio: the clock is there.
+        now = trio.current_time()
+        accept._started_at = now
+        self._queue_wait.observe(now - accept._entered_at)
         accept._phase = _ACTIVE
         accept._scope = trio.CancelScope()
         if accept._ready is not None:
@@ -616,6 +644,8 @@ class SessionCoordinator:
         if accept._terminal is not None:
             return
         accept._terminal = rc
+        if accept._started_at is not None:
+            self._run_duration.observe(trio.current_time() - accept._started_at)
         try:
             record_terminal(self._ledger, self._run_completions, rc)
         except Exception:
@@ -756,6 +786,7 @@ class SessionCoordinator:
             # Entered by another task, or released unused: it is not ours to finish.
             raise RuntimeError(f"{accept!r} was already entered or closed")
         accept._entered = True
+        accept._entered_at = trio.current_time()
         try:
             if call.session_id != accept.session_id:
                 raise ValueError(

@@ -16,6 +16,7 @@ from typing import Literal, Protocol, runtime_checkable
 import attrs
 import trio
 
+from ._histogram import Histogram, HistogramRecorder
 from .errors import DuplicateRun, UnknownRun
 from .events import RunComplete
 
@@ -47,6 +48,9 @@ class LedgerStatistics:
     """Second terminals for a run, refused."""
     evicted_total: int
     """Terminals forgotten to keep within the retention bound."""
+    delivery_latency: Histogram | None = None
+    """Seconds from a terminal being recorded (for a durable store: committed) to each
+    blocked waiter resuming with it; ``None`` for a store that does not measure it."""
 
 
 @runtime_checkable
@@ -111,11 +115,12 @@ class RunStore(Protocol):
 
 
 class _Pending:
-    __slots__ = ("done", "session_id", "terminal", "withdrawn")
+    __slots__ = ("completed_at", "done", "session_id", "terminal", "withdrawn")
 
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id
         self.withdrawn = False
+        self.completed_at = 0.0
         # Created only when somebody waits: most runs are never waited on individually.
         self.done: trio.Event | None = None
         self.terminal: RunComplete | None = None
@@ -149,6 +154,7 @@ class RunLedger:
         self._accepted_total = 0
         self._outcomes: Counter[str] = Counter()
         self._evicted_total = 0
+        self._delivery = HistogramRecorder()
 
     @property
     def retain(self) -> int:
@@ -187,6 +193,7 @@ class RunLedger:
             cancelled_total=outcomes["cancelled"],
             duplicates_suppressed=self._duplicates_suppressed,
             evicted_total=self._evicted_total,
+            delivery_latency=self._delivery.snapshot(),
         )
 
     @property
@@ -272,6 +279,8 @@ class RunLedger:
         if pending is not None:
             pending.terminal = rc
             if pending.done is not None:
+                # Somebody waits, so Trio is running: time the hand-over.
+                pending.completed_at = trio.current_time()
                 pending.done.set()
         return True
 
@@ -298,6 +307,7 @@ class RunLedger:
         await pending.done.wait()
         if pending.withdrawn:
             raise UnknownRun(run_id)
+        self._delivery.observe(trio.current_time() - pending.completed_at)
         # Read from the pending record, not the table: the terminal may already have been
         # evicted by the time this task runs again.
         assert pending.terminal is not None

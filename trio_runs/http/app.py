@@ -153,9 +153,11 @@ def create_app(
     async def healthz(request: Request) -> Response:
         return json_response({"status": "draining" if service.draining else "ok"})
 
+    registry = prometheus.registry_for(service)
+
     async def metrics(request: Request) -> Response:
-        text = prometheus.render(service.metrics())
-        return Response(text, media_type=prometheus.CONTENT_TYPE)
+        body, content_type = prometheus.exposition(registry, request.headers.get("accept"))
+        return Response(body, headers={"content-type": content_type})
 
     async def openapi(request: Request) -> Response:
         return json_response(openapi_document())

@@ -1,60 +1,127 @@
-"""Prometheus text exposition (format 0.0.4) for the service's counters and gauges."""
+"""``/metrics``: a ``prometheus_client`` collector over ``Backend.statistics()``.
+
+Nothing here keeps counts of its own or reads private state: each scrape takes one snapshot
+of the backend (its workspaces, brokers, coordinators and store) and renders it, with the
+process metrics beside it. The exposition format follows the scrape's ``Accept`` header
+(OpenMetrics when asked for, the Prometheus text format otherwise).
+"""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping
-from typing import Final, Literal
+from collections.abc import Iterator
 
-import attrs
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE", "Metric", "render"]
+from .._histogram import Histogram
+from .service import RunService
 
-CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
-"""The content type of :func:`render`'s output."""
-
-
-@attrs.frozen(slots=True)
-class Metric:
-    """One metric family: a name, its kind, a help line and its labelled samples."""
-
-    name: str
-    kind: Literal["counter", "gauge"]
-    help: str
-    samples: tuple[tuple[Mapping[str, str], float], ...]
-
-    @classmethod
-    def single(
-        cls, name: str, kind: Literal["counter", "gauge"], help: str, value: float
-    ) -> Metric:
-        """A metric with one unlabelled sample."""
-        return cls(name, kind, help, (({}, value),))
+__all__ = ["ServiceCollector", "exposition", "registry_for"]
 
 
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+def _buckets(histogram: Histogram) -> list[tuple[str, float]]:
+    # Prometheus buckets are cumulative and end with +Inf.
+    cumulative = 0
+    out: list[tuple[str, float]] = []
+    for bound, count in zip((*histogram.bounds, float("inf")), histogram.counts, strict=True):
+        cumulative += count
+        out.append(("+Inf" if bound == float("inf") else repr(float(bound)), float(cumulative)))
+    return out
 
 
-def _format_value(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer():
-        return str(int(value))
-    return repr(float(value))
+def _histogram(name: str, documentation: str, histogram: Histogram) -> HistogramMetricFamily:
+    return HistogramMetricFamily(
+        name, documentation, buckets=_buckets(histogram), sum_value=histogram.sum
+    )
 
 
-def render(metrics: Iterable[Metric]) -> str:
-    """The text exposition of ``metrics``, each with its ``# HELP`` and ``# TYPE`` lines."""
-    lines: list[str] = []
-    for metric in metrics:
-        lines.append(f"# HELP {metric.name} {metric.help}")
-        lines.append(f"# TYPE {metric.name} {metric.kind}")
-        for labels, value in metric.samples:
-            if labels:
-                inner = ",".join(f'{k}="{_escape_label(v)}"' for k, v in sorted(labels.items()))
-                lines.append(f"{metric.name}{{{inner}}} {_format_value(value)}")
-            else:
-                lines.append(f"{metric.name} {_format_value(value)}")
-    return "\n".join(lines) + "\n"
+class ServiceCollector(Collector):
+    """Collects the service's metrics from one ``statistics()`` snapshot per scrape."""
+
+    def __init__(self, service: RunService) -> None:
+        self._service = service
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._service.backend.statistics()
+        ledger = stats.ledger
+        yield CounterMetricFamily(
+            "trio_runs_runs_accepted", "Runs accepted.", value=ledger.accepted_total
+        )
+        terminals = CounterMetricFamily(
+            "trio_runs_terminals", "Terminals recorded, by outcome.", labels=["outcome"]
+        )
+        terminals.add_metric(["completed"], ledger.completed_total)
+        terminals.add_metric(["failed"], ledger.failed_total)
+        terminals.add_metric(["cancelled"], ledger.cancelled_total)
+        yield terminals
+        yield CounterMetricFamily(
+            "trio_runs_duplicate_terminals_suppressed",
+            "Second terminals for a run refused by the store (never fanned out).",
+            value=ledger.duplicates_suppressed,
+        )
+        yield CounterMetricFamily(
+            "trio_runs_terminals_evicted",
+            "Terminals forgotten to stay within the retention bound.",
+            value=ledger.evicted_total,
+        )
+        yield CounterMetricFamily(
+            "trio_runs_lossy_events_dropped",
+            "Lossy progress events and notifications dropped for slow subscribers.",
+            value=stats.drops,
+        )
+        yield CounterMetricFamily(
+            "trio_runs_subscriber_overflows",
+            "Subscribers disconnected for exceeding their backlog limit.",
+            value=stats.overflows,
+        )
+        for name, documentation, value in (
+            ("trio_runs_runs_pending", "Runs accepted and not ended.", ledger.pending),
+            ("trio_runs_runs_active", "Runs running now.", stats.active),
+            ("trio_runs_runs_queued", "Runs waiting in a queue.", stats.queued),
+            ("trio_runs_terminals_retained", "Terminals held for late waiters.", ledger.retained),
+            ("trio_runs_subscribers", "Broker subscriptions open.", stats.subscribers),
+            (
+                "trio_runs_event_streams",
+                "Server-Sent Events connections open.",
+                self._service.stream_connections,
+            ),
+            ("trio_runs_workspaces", "Workspaces open.", stats.workspaces),
+        ):
+            yield GaugeMetricFamily(name, documentation, value=value)
+        yield _histogram(
+            "trio_runs_queue_wait_seconds",
+            "Seconds from a run's entry to its start.",
+            stats.queue_wait,
+        )
+        yield _histogram(
+            "trio_runs_run_duration_seconds",
+            "Seconds from a run's start to its terminal.",
+            stats.run_duration,
+        )
+        if ledger.delivery_latency is not None:
+            yield _histogram(
+                "trio_runs_terminal_delivery_seconds",
+                "Seconds from a terminal being recorded to a blocked waiter getting it.",
+                ledger.delivery_latency,
+            )
+
+
+def registry_for(service: RunService) -> CollectorRegistry:
+    """A registry with the service's collector and this process's metrics (CPU, memory…)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServiceCollector(service))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def exposition(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
+    """The scrape body and its content type, in the format the ``Accept`` header asks for."""
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry), content_type

@@ -29,7 +29,6 @@ from ..errors import (
     WorkspaceNotFound,
 )
 from ..events import AgentMessage
-from .metrics import Metric
 from .schema import (
     ApiError,
     CreateWorkspace,
@@ -273,61 +272,6 @@ class RunService:
         if workspace.coordinator is None:
             raise ApiError(409, "agent_not_initialized", f"workspace {workspace_id!r} has no agent")
         return workspace.coordinator
-
-    # -- metrics -----------------------------------------------------------------------
-
-    def metrics(self) -> list[Metric]:
-        """The service's counters and gauges, for ``GET /metrics``, from ``statistics()``."""
-        stats = self.backend.statistics()
-        ledger = stats.ledger
-        outcomes = (
-            ({"outcome": "completed"}, float(ledger.completed_total)),
-            ({"outcome": "failed"}, float(ledger.failed_total)),
-            ({"outcome": "cancelled"}, float(ledger.cancelled_total)),
-        )
-        return [
-            Metric.single(
-                "trio_runs_runs_accepted_total", "counter", "Runs accepted.", ledger.accepted_total
-            ),
-            Metric(
-                "trio_runs_terminals_total", "counter", "Terminals recorded, by outcome.", outcomes
-            ),
-            Metric.single(
-                "trio_runs_duplicate_terminals_suppressed_total",
-                "counter",
-                "Second terminals for a run refused by the ledger (never fanned out).",
-                ledger.duplicates_suppressed,
-            ),
-            Metric.single(
-                "trio_runs_lossy_events_dropped_total",
-                "counter",
-                "Lossy progress events and notifications dropped for slow subscribers.",
-                stats.drops,
-            ),
-            Metric.single(
-                "trio_runs_subscriber_overflows_total",
-                "counter",
-                "Subscribers disconnected for exceeding their backlog limit.",
-                stats.overflows,
-            ),
-            Metric.single(
-                "trio_runs_runs_pending", "gauge", "Runs accepted and not ended.", ledger.pending
-            ),
-            Metric.single("trio_runs_runs_active", "gauge", "Runs running now.", stats.active),
-            Metric.single(
-                "trio_runs_runs_queued", "gauge", "Runs waiting in a queue.", stats.queued
-            ),
-            Metric.single(
-                "trio_runs_subscribers", "gauge", "Broker subscriptions open.", stats.subscribers
-            ),
-            Metric.single(
-                "trio_runs_event_streams",
-                "gauge",
-                "Server-Sent Events connections open.",
-                self.stream_connections,
-            ),
-            Metric.single("trio_runs_workspaces", "gauge", "Workspaces open.", stats.workspaces),
-        ]
 
     # -- shutdown ----------------------------------------------------------------------
 
