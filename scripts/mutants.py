@@ -96,6 +96,23 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
             )
         ],
     ),
+    "terminal-visible-before-commit": (
+        "_terminals.py",
+        [
+            (
+                "    return store.complete(rc, partial(run_completions.publish_must_deliver, "
+                "EventType.UPDATED))\n",
+                "    first = store.complete(rc)\n"
+                "    if first:\n"
+                "        run_completions.publish_must_deliver(EventType.UPDATED, rc)\n"
+                "    return first\n",
+            )
+        ],
+    ),
+    "acknowledge-before-durable": (
+        "backend.py",
+        [("        await self._ledger.flush()\n", "")],
+    ),
 }
 
 

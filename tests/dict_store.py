@@ -7,7 +7,7 @@ from __future__ import annotations
 import trio
 
 from trio_runs import DuplicateRun, LedgerStatistics, RunComplete, RunStore, UnknownRun
-from trio_runs.ledger import RunState
+from trio_runs.ledger import OnVisible, RunState
 
 
 class DictStore:
@@ -32,7 +32,7 @@ class DictStore:
         if isinstance(entry[2], trio.Event):
             entry[2].set()  # its waiters find the run gone: UnknownRun
 
-    def complete(self, rc: RunComplete) -> bool:
+    def complete(self, rc: RunComplete, on_visible: OnVisible | None = None) -> bool:
         entry = self.runs.setdefault(rc.run_id, [rc.session_id, None, None])
         if entry[1] is not None:
             self.counts["duplicates"] += 1
@@ -41,7 +41,12 @@ class DictStore:
         self.counts[rc.outcome] += 1
         if isinstance(entry[2], trio.Event):
             entry[2].set()
+        if on_visible is not None:
+            on_visible(rc)  # nothing to commit: visible at once
         return True
+
+    async def flush(self) -> None:
+        await trio.lowlevel.checkpoint()
 
     def get(self, run_id: str) -> RunComplete | None:
         entry = self.runs.get(run_id)

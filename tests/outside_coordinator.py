@@ -54,9 +54,12 @@ class LockLaneCoordinator:
         self.open: dict[str, int] = {}
 
     def _publish(self, rc: RunComplete) -> None:
-        if self.store.complete(rc):
-            self.run_completions.publish_must_deliver(EventType.UPDATED, rc)
+        # Decided now; fanned out once the store made it durable (on_visible).
+        self.store.complete(rc, self._announce)
         mark_run_complete_published()
+
+    def _announce(self, rc: RunComplete) -> None:
+        self.run_completions.publish_must_deliver(EventType.UPDATED, rc)
 
     async def run(
         self,

@@ -52,6 +52,7 @@ from trio_runs import (
     current_run_id,
     open_backend,
 )
+from trio_runs.ledger import OnVisible
 from trio_runs.testing import (
     FaultPoint,
     FaultyCoordinator,
@@ -154,12 +155,12 @@ class FlakyLedger(RunLedger):
         self.times = times
         self.raised: dict[str, int] = {}
 
-    def complete(self, rc: RunComplete) -> bool:
+    def complete(self, rc: RunComplete, on_visible: OnVisible | None = None) -> bool:
         raised = self.raised.get(rc.run_id, 0)
         if rc.run_id in self.fail and raised < self.times:
             self.raised[rc.run_id] = raised + 1
             raise OSError(f"store down for {rc.run_id}")
-        return super().complete(rc)
+        return super().complete(rc, on_visible)
 
 
 # -- 1. between reservation and ledger registration -----------------------------------------

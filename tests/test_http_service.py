@@ -17,6 +17,7 @@ import trio
 import trio.testing
 
 from trio_runs import (
+    AgentMessage,
     Backend,
     EventType,
     RunCall,
@@ -88,7 +89,7 @@ async def test_every_refused_submission_maps_to_its_status_and_registers_nothing
 ):
     async with service_at(tmp_path) as service:
         ws, _ = await service.create_workspace(CreateWorkspace("w"))
-        taken = service.submit(ws.id, SubmitMessage("s", "hello", "taken"))
+        taken = await service.submit(ws.id, SubmitMessage("s", "hello", "taken"))
         assert taken == "taken"
         ledger = service.backend.ledger
         before = ledger.statistics().accepted_total
@@ -102,7 +103,7 @@ async def test_every_refused_submission_maps_to_its_status_and_registers_nothing
         ]
         for workspace_id, message, status, code in cases:
             with refused(status, code):
-                service.submit(workspace_id, message)
+                await service.submit(workspace_id, message)
         assert ledger.statistics().accepted_total == before
         assert ledger.pending_run_ids() == ["taken"] or ledger.state("taken") == "terminal"
 
@@ -113,7 +114,7 @@ async def test_a_workspace_without_an_agent_is_409(autojump_clock, tmp_path: Pat
             service = RunService(backend, lambda ws: None, workspace_root=tmp_path)
             ws, _ = await service.create_workspace(CreateWorkspace("w"))
             with refused(409, "agent_not_initialized"):
-                service.submit(ws.id, SubmitMessage("s", "p"))
+                await service.submit(ws.id, SubmitMessage("s", "p"))
             with refused(409, "agent_not_initialized"):
                 service.cancel_session(ws.id, "s")
             view = service.session(ws.id, "s")
@@ -124,8 +125,10 @@ async def test_a_workspace_without_an_agent_is_409(autojump_clock, tmp_path: Pat
 async def test_run_states_from_pending_to_outcome(autojump_clock, tmp_path: Path):
     async with service_at(tmp_path) as service:
         ws, _ = await service.create_workspace(CreateWorkspace("w"))
-        first = service.submit(ws.id, SubmitMessage("s", "sleep 10"))
-        second = service.submit(ws.id, SubmitMessage("s", "queued"))
+        # send_message, not the durable submit (which awaits the store): so that the state
+        # before the first run's task started can be seen.
+        first = service.backend.send_message(ws.id, AgentMessage("s", "sleep 10"))
+        second = service.backend.send_message(ws.id, AgentMessage("s", "queued"))
         # Accepted, its task not started yet; the second already waits behind it.
         assert service.run(first).state == "pending"
         assert service.run(second).state == "queued"
@@ -159,8 +162,8 @@ async def test_run_states_from_pending_to_outcome(autojump_clock, tmp_path: Path
 async def test_cancel_and_clear_queue(autojump_clock, tmp_path: Path):
     async with service_at(tmp_path) as service:
         ws, _ = await service.create_workspace(CreateWorkspace("w"))
-        active = service.submit(ws.id, SubmitMessage("s", "sleep 100"))
-        queued = [service.submit(ws.id, SubmitMessage("s", f"q{i}")) for i in range(2)]
+        active = await service.submit(ws.id, SubmitMessage("s", "sleep 100"))
+        queued = [await service.submit(ws.id, SubmitMessage("s", f"q{i}")) for i in range(2)]
         await trio.testing.wait_all_tasks_blocked()
         view = service.clear_queue(ws.id, "s")
         assert view.active == active
@@ -176,9 +179,9 @@ async def test_cancel_and_clear_queue(autojump_clock, tmp_path: Path):
 async def test_cancel_run_cancels_that_run_only(autojump_clock, tmp_path: Path):
     async with service_at(tmp_path) as service:
         ws, _ = await service.create_workspace(CreateWorkspace("w"))
-        active = service.submit(ws.id, SubmitMessage("s", "sleep 100"))
-        queued = [service.submit(ws.id, SubmitMessage("s", f"q{i}")) for i in range(2)]
-        other = service.submit(ws.id, SubmitMessage("t", "sleep 5"))
+        active = await service.submit(ws.id, SubmitMessage("s", "sleep 100"))
+        queued = [await service.submit(ws.id, SubmitMessage("s", f"q{i}")) for i in range(2)]
+        other = await service.submit(ws.id, SubmitMessage("t", "sleep 5"))
         await trio.testing.wait_all_tasks_blocked()
         # A queued run ends at once, and leaves the queue; the rest of the lane stays.
         view = service.cancel_run(queued[0])
@@ -208,7 +211,7 @@ async def test_cancel_run_cancels_that_run_only(autojump_clock, tmp_path: Path):
 async def test_cancel_run_during_shutdown_reports_the_terminal(autojump_clock, tmp_path: Path):
     async with service_at(tmp_path) as service:
         ws, _ = await service.create_workspace(CreateWorkspace("w"))
-        run_id = service.submit(ws.id, SubmitMessage("s", "sleep 100"))
+        run_id = await service.submit(ws.id, SubmitMessage("s", "sleep 100"))
         await trio.testing.wait_all_tasks_blocked()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(service.shutdown, 30)
@@ -226,7 +229,7 @@ async def test_closing_a_workspace_ends_its_runs_and_keeps_its_counters(
 ):
     async with service_at(tmp_path) as service:
         ws, _ = await service.create_workspace(CreateWorkspace("w"))
-        runs = [service.submit(ws.id, SubmitMessage(f"s{i}", "sleep 100")) for i in range(3)]
+        runs = [await service.submit(ws.id, SubmitMessage(f"s{i}", "sleep 100")) for i in range(3)]
         await trio.testing.wait_all_tasks_blocked()
         workspace = service.workspace(ws.id)
         async with workspace.events.subscribe():
@@ -248,9 +251,9 @@ async def test_closing_a_workspace_ends_its_runs_and_keeps_its_counters(
 async def test_metrics_count_runs_by_state(autojump_clock, tmp_path: Path):
     async with service_at(tmp_path) as service:
         ws, _ = await service.create_workspace(CreateWorkspace("w"))
-        service.submit(ws.id, SubmitMessage("a", "sleep 100"))
-        service.submit(ws.id, SubmitMessage("a", "later"))
-        service.submit(ws.id, SubmitMessage("b", "sleep 100"))
+        await service.submit(ws.id, SubmitMessage("a", "sleep 100"))
+        await service.submit(ws.id, SubmitMessage("a", "later"))
+        await service.submit(ws.id, SubmitMessage("b", "sleep 100"))
         await trio.testing.wait_all_tasks_blocked()
         text = scrape(service)
         for line in (
@@ -269,7 +272,7 @@ async def test_metrics_count_runs_by_state(autojump_clock, tmp_path: Path):
 async def test_shutdown_ends_every_run_then_drains_until_collected(autojump_clock, tmp_path: Path):
     async with service_at(tmp_path, close_grace=5) as service:
         ws, _ = await service.create_workspace(CreateWorkspace("w"))
-        runs = [service.submit(ws.id, SubmitMessage(f"s{i}", "sleep 100")) for i in range(2)]
+        runs = [await service.submit(ws.id, SubmitMessage(f"s{i}", "sleep 100")) for i in range(2)]
         await trio.testing.wait_all_tasks_blocked()
         collected: list[str] = []
 
@@ -288,7 +291,7 @@ async def test_shutdown_ends_every_run_then_drains_until_collected(autojump_cloc
         assert collected == ["cancelled", "cancelled"]
         assert service.draining
         with refused(503, "shutting_down"):
-            service.submit(ws.id, SubmitMessage("s", "p"))
+            await service.submit(ws.id, SubmitMessage("s", "p"))
         with refused(503, "shutting_down"):
             await service.create_workspace(CreateWorkspace("other"))
 
@@ -296,7 +299,7 @@ async def test_shutdown_ends_every_run_then_drains_until_collected(autojump_cloc
 async def test_shutdown_drain_is_bounded_when_nobody_collects(autojump_clock, tmp_path: Path):
     async with service_at(tmp_path) as service:
         ws, _ = await service.create_workspace(CreateWorkspace("w"))
-        run_id = service.submit(ws.id, SubmitMessage("s", "sleep 100"))
+        run_id = await service.submit(ws.id, SubmitMessage("s", "sleep 100"))
         await trio.testing.wait_all_tasks_blocked()
         start = trio.current_time()
         await service.shutdown(drain=3)
@@ -324,8 +327,8 @@ async def test_custom_coordinators_without_run_id_queries(autojump_clock, tmp_pa
             assert isinstance(backend, Backend)
             service = RunService(backend, factory, workspace_root=tmp_path)
             ws, _ = await service.create_workspace(CreateWorkspace("w"))
-            first = service.submit(ws.id, SubmitMessage("s", "one"))
-            service.submit(ws.id, SubmitMessage("s", "two"))
+            first = await service.submit(ws.id, SubmitMessage("s", "one"))
+            await service.submit(ws.id, SubmitMessage("s", "two"))
             await trio.testing.wait_all_tasks_blocked()
             assert service.run(first).state == "pending"  # cannot tell, says so honestly
             view = service.session(ws.id, "s")

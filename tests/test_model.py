@@ -105,6 +105,7 @@ from trio_runs import (
     WorkspaceNotFound,
     open_backend,
 )
+from trio_runs.ledger import OnVisible
 from trio_runs.testing import (
     ScriptedAgent,
     Step,
@@ -480,8 +481,8 @@ class TimedLedger(RunLedger):
         super().__init__()
         self.recorded_at: dict[str, float] = {}
 
-    def complete(self, rc: RunComplete) -> bool:
-        first = super().complete(rc)
+    def complete(self, rc: RunComplete, on_visible: OnVisible | None = None) -> bool:
+        first = super().complete(rc, on_visible)
         if first:
             self.recorded_at[rc.run_id] = trio.current_time()
         return first

@@ -32,6 +32,7 @@ from trio_runs import (
     current_run_id,
     open_backend,
 )
+from trio_runs.ledger import OnVisible
 
 RUNS = 2_400
 SESSIONS_PER_WORKSPACE = 30  # two workspaces: 60 sessions
@@ -45,8 +46,8 @@ class CountingLedger(RunLedger):
         self.refused = 0
         self.recorded: Counter[str] = Counter()
 
-    def complete(self, rc: RunComplete) -> bool:
-        first = super().complete(rc)
+    def complete(self, rc: RunComplete, on_visible: OnVisible | None = None) -> bool:
+        first = super().complete(rc, on_visible)
         if first:
             self.recorded[rc.run_id] += 1
         else:

@@ -6,6 +6,8 @@ whose coordinator published none, and the one way a terminal is recorded and fan
 
 from __future__ import annotations
 
+from functools import partial
+
 import trio
 
 from .broker import Broker
@@ -32,13 +34,13 @@ def record_terminal(
 ) -> bool:
     """Record ``rc``; fan it out only if it was the run's first terminal. Never awaits.
 
-    The store decides (first writer wins), so no observer ever sees a second terminal.
+    The store decides at once (first writer wins), so no observer ever sees a second
+    terminal; the fan-out follows the store's commit (``on_visible``), so no observer sees a
+    terminal the store could still lose.
     """
-    if not store.complete(rc):
-        return False
-    if run_completions is not None:
-        run_completions.publish_must_deliver(EventType.UPDATED, rc)
-    return True
+    if run_completions is None:
+        return store.complete(rc)
+    return store.complete(rc, partial(run_completions.publish_must_deliver, EventType.UPDATED))
 
 
 def fallback_terminal(session_id: str, run_id: str, exc: BaseException) -> RunComplete:

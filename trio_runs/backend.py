@@ -497,6 +497,19 @@ class Backend:
             raise NotSupported(workspace.id, "cancelling one run (SupportsCancelRun)")
         return bool(coordinator.cancel_run(session_id, run_id))
 
+    async def submit(self, workspace_id: str, msg: AgentMessage) -> str:
+        """Accept a run like :meth:`send_message`, and return its id once that is durable.
+
+        Returns after the store has made the acceptance durable (``RunStore.flush``): a run
+        acknowledged this way survives a crash of the process (with a durable store). Raises
+        what ``send_message`` raises, having accepted nothing, and whatever ``flush`` raises.
+        If cancelled while waiting for the store, the run stays accepted and runs (its id was
+        just never handed back).
+        """
+        run_id = self.send_message(workspace_id, msg)
+        await self._ledger.flush()
+        return run_id
+
     async def wait_run(self, run_id: str) -> RunComplete:
         """The run's terminal, at once if it already ended; raises ``UnknownRun``."""
         return await self._ledger.wait(run_id)

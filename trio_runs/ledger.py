@@ -9,7 +9,7 @@ it is never fanned out either.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Literal, Protocol, runtime_checkable
 
@@ -20,9 +20,14 @@ from ._histogram import Histogram, HistogramRecorder
 from .errors import DuplicateRun, UnknownRun
 from .events import RunComplete
 
-__all__ = ["LedgerStatistics", "RunLedger", "RunState", "RunStore"]
+__all__ = ["LedgerStatistics", "OnVisible", "RunLedger", "RunState", "RunStore"]
 
-RunState = Literal["pending", "terminal"]
+RunState = Literal["pending", "ending", "terminal"]
+"""``pending``: accepted, no terminal yet; ``ending``: its terminal is decided (a second one
+would be refused) but not yet durable, so nobody is shown it; ``terminal``: visible."""
+
+OnVisible = Callable[[RunComplete], object]
+"""Called with a terminal once it is visible (durable); see :meth:`RunStore.complete`."""
 
 _SHARDS = 64
 _SHARD_MASK = _SHARDS - 1  # _SHARDS is a power of two
@@ -62,9 +67,10 @@ class RunStore(Protocol):
     are recorded from ``finally`` blocks and cancelled scopes, where nothing may be awaited.
 
     The promises every store keeps (each is a test in the shared battery): run ids are unique
-    while known; the first terminal of a run id wins and is never replaced; every waiter on a
-    run gets its one terminal, at once when the run already ended; pending runs are never
-    forgotten; a withdrawn acceptance leaves no trace.
+    while known; the first terminal of a run id wins at once and is never replaced; nobody is
+    shown a terminal before it is durable (``get``, ``wait`` and ``on_visible`` all follow the
+    commit); every waiter on a run gets its one terminal, at once when the run already ended;
+    pending runs are never forgotten; a withdrawn acceptance leaves no trace.
     """
 
     def accept(self, run_id: str, session_id: str) -> None:
@@ -82,15 +88,28 @@ class RunStore(Protocol):
         """
         ...
 
-    def complete(self, rc: RunComplete) -> bool:
+    def complete(self, rc: RunComplete, on_visible: OnVisible | None = None) -> bool:
         """Record a terminal; ``True`` for the first one of a run id, ``False`` afterwards.
 
-        Never blocks and never awaits. A terminal for an id never accepted is recorded too.
+        Decided at once, never blocks, never awaits: a second terminal is refused even before
+        the first is durable. The terminal becomes visible (``get``, ``wait``, state
+        ``"terminal"``) once it is durable, and then ``on_visible(rc)`` is called once, in the
+        Trio thread: at once for an in-memory store, after the commit that holds it for a
+        durable one. Never called for a refused terminal. A terminal for an id never accepted
+        is recorded too.
+        """
+        ...
+
+    async def flush(self) -> None:
+        """Return once everything recorded before this call is durable (at once in memory).
+
+        A durable submit is ``accept`` then ``await flush()``. Cancelling the wait does not
+        undo anything that was recorded.
         """
         ...
 
     def get(self, run_id: str) -> RunComplete | None:
-        """The run's terminal, or ``None`` while it is pending or unknown."""
+        """The run's visible terminal, or ``None`` while it is pending, ending or unknown."""
         ...
 
     async def wait(self, run_id: str) -> RunComplete:
@@ -98,7 +117,7 @@ class RunStore(Protocol):
         ...
 
     def state(self, run_id: str) -> RunState | None:
-        """``"pending"``, ``"terminal"``, or ``None`` for an unknown run id."""
+        """``"pending"``, ``"ending"``, ``"terminal"``, or ``None`` for an unknown run id."""
         ...
 
     def session_of(self, run_id: str) -> str | None:
@@ -106,7 +125,7 @@ class RunStore(Protocol):
         ...
 
     def pending_run_ids(self) -> list[str]:
-        """The ids of every run accepted and not yet ended, oldest first."""
+        """The ids of every run accepted whose terminal is not visible yet, oldest first."""
         ...
 
     def statistics(self) -> LedgerStatistics:
@@ -256,12 +275,13 @@ class RunLedger:
                 pending.withdrawn = True
                 pending.done.set()
 
-    def complete(self, rc: RunComplete) -> bool:
+    def complete(self, rc: RunComplete, on_visible: OnVisible | None = None) -> bool:
         """Record ``rc`` as its run's terminal. ``True`` if it is the first; never blocks.
 
-        A later terminal for the same id returns ``False`` and increments
-        :attr:`duplicates_suppressed`. A terminal for an id that was never accepted is
-        recorded too: a terminal is never refused for being unexpected.
+        In memory, a terminal is visible as soon as it is recorded: ``on_visible(rc)`` is
+        called before this returns. A later terminal for the same id returns ``False`` and
+        increments :attr:`duplicates_suppressed`. A terminal for an id that was never
+        accepted is recorded too: a terminal is never refused for being unexpected.
         """
         run_id = rc.run_id
         table = self._table(run_id)
@@ -282,7 +302,13 @@ class RunLedger:
                 # Somebody waits, so Trio is running: time the hand-over.
                 pending.completed_at = trio.current_time()
                 pending.done.set()
+        if on_visible is not None:
+            on_visible(rc)
         return True
+
+    async def flush(self) -> None:
+        """Nothing to wait for in memory: a checkpoint, so it can be cancelled like any wait."""
+        await trio.lowlevel.checkpoint()
 
     def get(self, run_id: str) -> RunComplete | None:
         """The run's terminal; ``None`` while it is pending, or when the id is unknown."""

@@ -190,7 +190,7 @@ def create_app(
         decoded = decode_submit(await _read_body(request), request.headers.get("content-type"))
         if "/" in decoded.run_id:
             raise ApiError(422, "invalid_run_id", "a run id sent over HTTP must not contain '/'")
-        run_id = service.submit(workspace_id, decoded)
+        run_id = await service.submit(workspace_id, decoded)
         return json_response({"run_id": run_id}, 202)
 
     async def events(request: Request) -> Response:

@@ -142,8 +142,8 @@ class RunService:
 
     # -- runs --------------------------------------------------------------------------
 
-    def submit(self, workspace_id: str, request: SubmitMessage) -> str:
-        """Accept a run in a workspace and return its run id; never blocks.
+    async def submit(self, workspace_id: str, request: SubmitMessage) -> str:
+        """Accept a run in a workspace and return its run id once the store made it durable.
 
         Maps the backend's typed refusals: 404 ``workspace_not_found``; 409
         ``workspace_closing``, ``agent_not_initialized``, ``duplicate_run``; 422
@@ -153,7 +153,7 @@ class RunService:
             raise _shutting_down()
         msg = AgentMessage(request.session_id, request.prompt, request.run_id)
         try:
-            return self.backend.send_message(workspace_id, msg)
+            return await self.backend.submit(workspace_id, msg)
         except WorkspaceNotFound:
             raise self._missing_workspace(workspace_id) from None
         except WorkspaceClosing as exc:
@@ -180,7 +180,7 @@ class RunService:
             self._delivered(run_id)
             return RunView(run_id, terminal.session_id, terminal.outcome, terminal)
         session_id = ledger.session_of(run_id)
-        if session_id is None or ledger.state(run_id) != "pending":
+        if session_id is None or ledger.state(run_id) not in ("pending", "ending"):
             raise ApiError(404, "run_not_found", f"no run with id {run_id!r} is known")
         return RunView(run_id, session_id, self._live_state(run_id, session_id))
 
