@@ -591,3 +591,28 @@ def test_arbitrary_text_decodes_or_raises_value_error(text: str) -> None:
         except ValueError:
             continue
         assert type(value) is cls
+
+
+def test_an_abandoned_terminal_is_a_failure_told_apart_by_its_field():
+    rc = RunComplete("s", "r", error="the server stopped before the run ended", abandoned=True)
+    assert rc.outcome == "failed"
+    assert rc.to_dict()["abandoned"] is True
+    assert RunComplete.from_json(rc.to_json()) == rc
+    plain = RunComplete("s", "r", error="boom")
+    assert "abandoned" not in plain.to_dict()  # every other terminal's shape is unchanged
+    assert RunComplete.from_dict(plain.to_dict()).abandoned is False
+
+
+@pytest.mark.parametrize(
+    "fields", [{"abandoned": True}, {"abandoned": True, "error": "x", "cancelled": True}]
+)
+def test_an_abandoned_terminal_must_be_a_failure(fields):
+    with pytest.raises(ValueError, match="abandoned"):
+        RunComplete("s", "r", **fields)
+    with pytest.raises(ValueError, match="abandoned"):
+        RunComplete.from_dict({"session_id": "s", "run_id": "r", **fields})
+
+
+def test_abandoned_must_be_a_bool_on_the_wire():
+    with pytest.raises(ValueError, match="abandoned"):
+        RunComplete.from_dict({"session_id": "s", "run_id": "r", "error": "x", "abandoned": 1})

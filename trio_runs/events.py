@@ -122,6 +122,11 @@ class RunComplete(_JSONValue):
     ``result`` is the agent's return value (it must be JSON-serialisable to cross a process
     boundary), so a client that lost live events can still reconcile. A terminal is never
     both cancelled and an error as far as :attr:`outcome` is concerned: cancelled wins.
+
+    ``abandoned`` marks a failed terminal given by recovery, not by the run: the process
+    (or node) that ran it stopped before it ended, so whether its work happened is unknown.
+    It is always ``failed`` (``error`` says why) and never cancelled; tell it from an
+    ordinary failure by this field, never by parsing ``error``.
     """
 
     session_id: str
@@ -129,6 +134,11 @@ class RunComplete(_JSONValue):
     result: object = None
     error: str | None = None
     cancelled: bool = False
+    abandoned: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.abandoned and (self.error is None or self.cancelled):
+            raise ValueError("an abandoned terminal is a failure: it needs an error, not cancelled")
 
     @property
     def outcome(self) -> Outcome:
@@ -147,19 +157,24 @@ class RunComplete(_JSONValue):
             "result": self.result,
             "error": self.error,
             "cancelled": self.cancelled,
+            # Only when set: the wire shape of every other terminal stays as it was.
+            **({"abandoned": True} if self.abandoned else {}),
         }
 
     @classmethod
     def from_dict(cls, data: object) -> RunComplete:
         """Decode :meth:`to_dict`'s output; raises ``ValueError`` on any malformed field."""
         what = cls.__name__
-        d = _check_keys(data, what, ("session_id", "run_id"), ("result", "error", "cancelled"))
+        d = _check_keys(
+            data, what, ("session_id", "run_id"), ("result", "error", "cancelled", "abandoned")
+        )
         return cls(
             session_id=_typed(d, "session_id", str, what),
             run_id=_typed(d, "run_id", str, what),
             result=d.get("result"),
             error=_opt(d, "error", (str, type(None)), what, None),
             cancelled=_opt(d, "cancelled", bool, what, False),
+            abandoned=_opt(d, "abandoned", bool, what, False),
         )
 
 
