@@ -200,20 +200,13 @@ def create_app(
                 422, "invalid_query", f"unknown query parameter(s): {', '.join(unknown)}"
             )
         workspace = service.workspace(path(request, "workspace_id"))
-
-        def opened() -> None:
-            service.stream_connections += 1
-
-        def closed() -> None:
-            service.stream_connections -= 1
-
         return EventStream(
             workspace,
             heartbeat=heartbeat,
             run_id=request.query_params.get("run_id"),
             session_id=request.query_params.get("session_id"),
-            on_open=opened,
-            on_close=closed,
+            on_open=service.stream_opened,
+            on_close=service.stream_closed,
         )
 
     async def session(request: Request) -> Response:

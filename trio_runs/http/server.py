@@ -3,32 +3,44 @@
 The backend (and so every workspace and run) lives in the ``serve`` call: nothing outlives
 it. Shutdown, on :meth:`RunningServer.request_shutdown` or the first SIGINT/SIGTERM, goes in
 order: new workspaces and runs are refused (503), every workspace is closed so every accepted
-run gets its cancelled terminal, clients get a bounded drain period to collect those
-terminals, then the HTTP server stops (in-flight responses get hypercorn's graceful timeout).
-A second signal cuts the drain short; the runs still end with their terminals.
+run gets its cancelled terminal (at most ``close_grace``), clients get a bounded drain period
+to collect those terminals (at most ``drain``), then the HTTP server stops: in-flight
+responses get ``graceful_timeout``, after which every connection still open is closed. So
+shutdown ends within ``close_grace + drain + graceful_timeout`` whatever clients do. A second
+signal cuts it short at once; the runs still end with their terminals.
+
+Whatever a client does, no write to it blocks for long: a write it does not take within
+``write_timeout`` closes its connection (hypercorn shields its socket writes from
+cancellation, so a response blocked on a client that stopped reading could otherwise never
+be stopped, not even by hypercorn's own graceful timeout).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import math
 import signal
+import socket
+import struct
 from functools import partial
 from typing import cast
 
 import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
-from hypercorn.typing import ASGIFramework
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ASGIFramework, ConnectionState
+from hypercorn.utils import repr_socket_addr, wrap_app
 
 from ..agents import load_agent, load_store
 from ..backend import CoordinatorFactory, open_backend
 from ..ledger import RunStore
 from .app import create_app
 from .service import RunService
-from .sse import DEFAULT_HEARTBEAT
+from .sse import CLIENT_CONNECTION, DEFAULT_HEARTBEAT, DEFAULT_WRITE_TIMEOUT
 
 __all__ = ["BindRefused", "RunningServer", "ServeOptions", "check_bind", "is_loopback", "serve"]
 
@@ -84,6 +96,9 @@ class ServeOptions:
     ``port=0`` picks a free port (the bound URL is in :attr:`RunningServer.url`).
     ``token=None`` means none; a token no client could ever match (empty, blank, surrounded
     by whitespace, or with control or non-ASCII characters) is refused with ``ValueError``.
+
+    Shutdown ends within ``close_grace + drain + graceful_timeout`` seconds whatever clients
+    do; a client that takes no write for ``write_timeout`` seconds is disconnected.
     """
 
     host: str = DEFAULT_HOST
@@ -97,6 +112,11 @@ class ServeOptions:
     close_grace: float = attrs.field(default=10.0, validator=_non_negative)
     drain: float = attrs.field(default=2.0, validator=_non_negative)
     graceful_timeout: float = attrs.field(default=3.0, validator=_non_negative)
+    """Seconds in-flight responses get once the drain is over; then every connection left
+    (event streams and long polls included) is closed."""
+    write_timeout: float = attrs.field(default=DEFAULT_WRITE_TIMEOUT, validator=_positive)
+    """Seconds a client gets to take each write (64 KiB at most) before its connection is
+    closed; an event stream whose workspace closed has this long to send its last events."""
 
 
 class BindRefused(ValueError):
@@ -186,7 +206,11 @@ async def serve(
             async with trio.open_nursery() as http:
                 binds: list[str] = await http.start(
                     partial(
-                        hypercorn_serve, app, config, shutdown_trigger=stop_http.wait, mode="asgi"
+                        _serve_http,
+                        app,
+                        config,
+                        write_timeout=options.write_timeout,
+                        stop=stop_http,
                     )
                 )
                 url = binds[0]
@@ -212,3 +236,164 @@ async def _watch_signals(shutdown: trio.Event, force: trio.CancelScope) -> None:
                 logger.warning("second signal: stopping now; runs still end cancelled")
                 force.cancel()
                 return
+
+
+# -- the HTTP server: hypercorn's Trio worker loop, with connections shutdown can close ----
+
+_WRITE_CHUNK = 64 * 1024
+"""The most one timed write sends: a client must take this much per ``write_timeout``."""
+
+
+class _ClientConnection(trio.abc.HalfCloseableStream):
+    # One client's TCP connection, as hypercorn's TCPServer uses it. A write the client does
+    # not take in time (or still unfinished at the deadline an ending response set) closes
+    # the connection; so does abort(), from the shutdown path. hypercorn writes in a
+    # cancel-shielded scope: closing the socket is the one way to stop a blocked write.
+
+    def __init__(self, stream: trio.SocketStream, write_timeout: float) -> None:
+        self._stream = stream
+        self.socket = stream.socket  # hypercorn reads the addresses from it
+        self.write_timeout = write_timeout
+        self._deadline = math.inf
+        self._writing: trio.CancelScope | None = None
+        self._aborted = False
+
+    def set_write_deadline(self, deadline: float) -> None:
+        self._deadline = deadline
+        if self._writing is not None:
+            # A write under way keeps its own timeout; a lifted deadline (inf) changes nothing.
+            self._writing.deadline = min(self._writing.deadline, deadline)
+
+    def abort(self) -> None:
+        """Close the connection now, discarding what the client has not taken (a reset)."""
+        if self._aborted:
+            return
+        self._aborted = True
+        with contextlib.suppress(OSError):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.socket.close()  # wakes a blocked write with ClosedResourceError
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        start = 0
+        while True:
+            if self._aborted:
+                raise trio.ClosedResourceError("the connection was closed")
+            chunk = view[start : start + _WRITE_CHUNK]
+            deadline = min(trio.current_time() + self.write_timeout, self._deadline)
+            with trio.CancelScope(deadline=deadline) as writing:
+                self._writing = writing
+                try:
+                    await self._stream.send_all(chunk)
+                finally:
+                    self._writing = None
+            if writing.cancelled_caught:
+                self._cut_off()
+            start += len(chunk)
+            if start >= len(view):
+                return
+
+    def _cut_off(self) -> None:
+        try:
+            peer = repr_socket_addr(self.socket.family, self.socket.getpeername())
+        except OSError:
+            peer = "a client"
+        if self._deadline <= trio.current_time():
+            why = "its response was ending and it did not take the rest in time"
+        else:
+            why = f"it took no data for {self.write_timeout:g}s"
+        logger.info("closed the connection of %s: %s", peer, why)
+        self.abort()
+        raise trio.BrokenResourceError(f"closed the connection: {why}")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class _Connections:
+    # The open client connections, to wait for them and to close what is left.
+    def __init__(self) -> None:
+        self._open: set[_ClientConnection] = set()
+        self._none_open = trio.Event()
+
+    def add(self, connection: _ClientConnection) -> None:
+        self._open.add(connection)
+
+    def discard(self, connection: _ClientConnection) -> None:
+        self._open.discard(connection)
+        if not self._open:
+            self._none_open.set()
+
+    async def wait_closed(self) -> None:
+        if self._open:
+            self._none_open = trio.Event()
+            await self._none_open.wait()
+
+    def abort_all(self) -> int:
+        left = list(self._open)
+        for connection in left:
+            connection.abort()
+        return len(left)
+
+
+async def _serve_http(
+    app: ASGIFramework,
+    config: HypercornConfig,
+    *,
+    write_timeout: float,
+    stop: trio.Event,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    # hypercorn.trio.serve's loop (without lifespan events, which the app does not use), on
+    # _ClientConnection streams. Once ``stop`` is set: no new connections, idle ones close,
+    # in-flight responses get config.graceful_timeout, then every connection left is closed.
+    # Cancelled (a second signal), it closes every connection at once.
+    wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
+    context = WorkerContext(None)
+    listeners: list[trio.SocketListener] = []
+    binds: list[str] = []
+    for sock in config.create_sockets().insecure_sockets:
+        sock.listen(config.backlog)
+        listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+        binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+    connections = _Connections()
+
+    async def handle(stream: trio.SocketStream) -> None:
+        connection = _ClientConnection(stream, write_timeout)
+        connections.add(connection)
+        # The tasks serving this connection's requests inherit it (the event stream uses it).
+        CLIENT_CONNECTION.set(connection)
+        try:
+            # TCPServer is typed to take an SSLStream; it uses the SocketStream interface too.
+            as_typed = cast("trio.SSLStream[trio.SocketStream]", connection)
+            server = TCPServer(wrapped, config, context, ConnectionState({}), as_typed)
+            await server.run()
+        finally:
+            connections.discard(connection)
+
+    async with trio.open_nursery() as handlers:
+        try:
+            async with trio.open_nursery() as accepting:
+                accepting.start_soon(
+                    partial(trio.serve_listeners, handle, listeners, handler_nursery=handlers)
+                )
+                task_status.started(binds)
+                await stop.wait()
+                accepting.cancel_scope.cancel()  # closes the listeners
+            await context.terminated.set()  # idle kept-alive connections close now
+            with trio.move_on_after(config.graceful_timeout):
+                await connections.wait_closed()
+        finally:
+            left = connections.abort_all()
+            if left:
+                logger.info("closed %d connection(s) still open at shutdown", left)
+            handlers.cancel_scope.cancel()

@@ -38,6 +38,7 @@ from .schema import (
     SubmitMessage,
     WorkspaceView,
 )
+from .sse import EventStream
 
 __all__ = ["RunService"]
 
@@ -72,8 +73,30 @@ class RunService:
         self._draining = False
         self._awaiting_delivery: set[str] = set()
         self._delivered_all = trio.Event()
-        self.stream_connections = 0
+        self._streams: set[EventStream] = set()
+
+    @property
+    def stream_connections(self) -> int:
         """Event-stream (SSE) connections currently open."""
+        return len(self._streams)
+
+    def stream_opened(self, stream: EventStream) -> None:
+        """Track an event stream while it is open (its ``on_open``), so that closing its
+        workspace, or the server, ends it within its bound."""
+        if self._draining:
+            stream.end_reason = "shutdown"
+        self._streams.add(stream)
+
+    def stream_closed(self, stream: EventStream) -> None:
+        """Stop tracking an event stream (its ``on_close``)."""
+        self._streams.discard(stream)
+
+    def _end_streams(self, workspace_id: str | None, reason: str) -> None:
+        # Called once the workspace(s) closed: their streams send what is queued and a last
+        # ``end`` event within the write timeout, or their connection is closed.
+        for stream in list(self._streams):
+            if workspace_id is None or stream.workspace.id == workspace_id:
+                stream.end(reason)
 
     @property
     def draining(self) -> bool:
@@ -138,6 +161,7 @@ class RunService:
         # WorkspaceNotFound: closed by a concurrent request meanwhile, the same end state.
         with trio.CancelScope(shield=True), contextlib.suppress(WorkspaceNotFound):
             await self.backend.close_workspace(workspace_id, grace=self._close_grace)
+        self._end_streams(workspace.id, "shutdown" if self._draining else "workspace_closed")
         return WorkspaceView(workspace.id, workspace.path, closing=True)
 
     # -- runs --------------------------------------------------------------------------
@@ -280,9 +304,12 @@ class RunService:
 
         Returns once every accepted run has its terminal and either every run that was
         pending when shutdown began has had its terminal fetched (by ``GET /v1/runs/{id}``
-        or ``/wait``), or ``drain`` seconds have passed.
+        or ``/wait``), or ``drain`` seconds have passed. Event streams end with their
+        workspaces (reason ``shutdown``), within the write timeout.
         """
         self._draining = True
+        for stream in self._streams:
+            stream.end_reason = "shutdown"
         self._awaiting_delivery = set(self.backend.ledger.pending_run_ids())
         if not self._awaiting_delivery:
             self._delivered_all.set()
@@ -292,6 +319,7 @@ class RunService:
             len(self._awaiting_delivery),
         )
         await self.backend.aclose(grace=self._close_grace)
+        self._end_streams(None, "shutdown")
         with trio.move_on_after(drain):
             await self._delivered_all.wait()
         if self._awaiting_delivery:
