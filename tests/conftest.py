@@ -1,8 +1,11 @@
 """Shared test configuration.
 
-Every async test must run on a virtual clock so sleeps and timeouts cost nothing and a
-regression fails fast instead of hanging: request ``autojump_clock`` (pytest-trio's
-``MockClock(autojump_threshold=0)``). Collection fails for an async test that forgets.
+Every async test must choose its clock, or collection fails. Most run on a virtual clock so
+sleeps and timeouts cost nothing and a regression fails fast instead of hanging: request
+``autojump_clock`` (pytest-trio's ``MockClock(autojump_threshold=0)``). A test that waits on
+real I/O — a writer thread committing to a real SQLite file, a real Redis — requests
+``real_clock`` instead: the autojump clock would jump over every ``fail_after`` while the
+test waits for the thread, so those tests bound every wait in real seconds.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dict_store import DictStore
 
 from trio_runs import Backend, RunLedger, RunStore, open_backend
 
-_CLOCKS = {"autojump_clock", "mock_clock"}
+_CLOCKS = {"autojump_clock", "mock_clock", "real_clock"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -26,7 +29,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             continue
         if not _CLOCKS & set(getattr(item, "fixturenames", ())):
             raise pytest.UsageError(
-                f"{item.nodeid}: async tests must request autojump_clock (virtual time)"
+                f"{item.nodeid}: async tests must request autojump_clock (virtual time), "
+                "or real_clock for tests that wait on real I/O"
             )
 
 
@@ -44,3 +48,9 @@ async def backend(store: RunStore, autojump_clock: object) -> AsyncIterator[Back
         yield opened
         with trio.fail_after(60):
             await opened.aclose()
+
+
+@pytest.fixture
+def real_clock() -> None:
+    """Run this async test on Trio's real clock (it waits on real I/O: threads, files,
+    sockets); every wait in it must still be bounded, in real seconds."""

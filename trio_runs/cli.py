@@ -5,7 +5,7 @@
 result, or with ``--output json`` one JSON document) goes to stdout, and nothing else does;
 progress and messages go to stderr. One exit status per meaning (``EXIT_*``, the table in
 ``--help`` and the README): 0 completed (or done), 1 failed, 2 usage or refused, 3 cancelled,
-4 server unreachable or lost, 5 unknown run, 6 abandoned (reserved), 130 interrupted before
+4 server unreachable or lost, 5 unknown run, 6 abandoned, 130 interrupted before
 anything was submitted.
 """
 
@@ -55,8 +55,8 @@ EXIT_USAGE: Final = 2
 EXIT_CANCELLED: Final = 3
 EXIT_LOST: Final = 4
 EXIT_UNKNOWN_RUN: Final = 5
-# Reserved for durable stores: a run that a restarted server ended as failed *and* flagged
-# abandoned (DESIGN.md, D3). Until a terminal carries that flag, no command returns it.
+# A run that a restarted server ended as failed *and* flagged abandoned (DESIGN.md, D3):
+# whether its work happened is unknown, which is not the run's own failure.
 EXIT_ABANDONED: Final = 6
 EXIT_INTERRUPTED: Final = 130
 
@@ -98,7 +98,7 @@ exit status (the same for every command):
   3  cancelled
   4  server unreachable or lost: no answer within --timeout (never hangs)
   5  unknown run: the server does not know that run id
-  6  abandoned: failed because a restarted server abandoned it (reserved)
+  6  abandoned: the server stopped before the run ended; on restart it ended it abandoned
   130  interrupted (Ctrl-C) before the run was submitted
 """
 
@@ -632,8 +632,8 @@ def _ended(rc: RunComplete) -> RunView:
 
 
 def _outcome_status(rc: RunComplete) -> int:
-    # EXIT_ABANDONED joins here once terminals carry the abandoned flag (DESIGN.md, D3).
-    return _EXIT_BY_OUTCOME[rc.outcome]
+    # An abandoned run failed, but not by its own doing: it gets a status of its own.
+    return EXIT_ABANDONED if rc.abandoned else _EXIT_BY_OUTCOME[rc.outcome]
 
 
 def _report_terminal(rc: RunComplete, output: str = "text") -> int:
@@ -642,7 +642,9 @@ def _report_terminal(rc: RunComplete, output: str = "text") -> int:
         _print_run(_ended(rc), output)
     elif rc.outcome == "completed":
         print(_show(rc.result), flush=True)
-    if rc.outcome == "failed":
+    if rc.abandoned:
+        _err(f"run {rc.run_id} was abandoned (whether its work happened is unknown): {rc.error}")
+    elif rc.outcome == "failed":
         _err(f"run {rc.run_id} failed: {rc.error}")
     elif rc.outcome == "cancelled":
         _err(f"run {rc.run_id} was cancelled")

@@ -16,6 +16,7 @@ __all__ = [
     "InvalidRunId",
     "NotSupported",
     "SessionMissing",
+    "StoreError",
     "SubscriberOverflow",
     "TrioRunsError",
     "UnknownRun",
@@ -110,6 +111,11 @@ class NotSupported(TrioRunsError):
         )
         self.workspace_id = workspace_id
         self.capability = capability
+
+
+class StoreError(TrioRunsError):
+    """The run store cannot do what was asked: its file is unusable, in use by another
+    process, closed, or its disk is failing. Nothing was recorded by the call that raised."""
 
 
 class SubscriberOverflow(TrioRunsError):
