@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 from dict_store import DictStore
+from redis_server import namespace, redis_server, redis_url  # noqa: F401 (fixtures)
 
 from trio_runs import Backend, RunLedger, RunStore, open_backend
 

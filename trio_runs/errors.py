@@ -15,6 +15,7 @@ __all__ = [
     "EmptyPrompt",
     "InvalidRunId",
     "NotSupported",
+    "RedisUnavailable",
     "SessionMissing",
     "StoreError",
     "SubscriberOverflow",
@@ -116,6 +117,13 @@ class NotSupported(TrioRunsError):
 class StoreError(TrioRunsError):
     """The run store cannot do what was asked: its file is unusable, in use by another
     process, closed, or its disk is failing. Nothing was recorded by the call that raised."""
+
+
+class RedisUnavailable(StoreError):
+    """Redis cannot be reached (or did not answer in time): the Redis-backed store refuses new
+    runs, and a wait that cannot be answered fails instead of hanging. Nothing was accepted
+    by the call that raised; writes already accepted stay queued and go through when Redis
+    is back."""
 
 
 class SubscriberOverflow(TrioRunsError):

@@ -1,0 +1,235 @@
+"""The Lua scripts every node runs against Redis (private).
+
+Each script is one atomic step on the server, so the decisions that must be made once for
+the whole cluster are made here and nowhere else:
+
+- ``BATCH`` applies a node's queued writes in order: acceptances (a run id is taken once),
+  withdrawals, and terminals — first writer wins, and the winning terminal is appended to the
+  terminal stream in the same step. A write is *fenced* when the node that made it no longer
+  holds its lease: a zombie's terminal is refused and counted, never recorded.
+- ``REGISTER`` / ``HEARTBEAT`` hold a node's lease (a key with a TTL). ``RECOVER`` declares
+  every node whose lease expired dead and gives each of its runs exactly one terminal: an
+  abandoned failure, recorded and streamed like any other. A node declared dead never takes
+  its lease again, so an incarnation that came back too late stays fenced for good; one
+  whose lease merely expired (Redis restarted, or nobody swept yet) takes it back: none of
+  its runs was ended for it.
+
+Keys (``P`` is the namespace prefix, ``{name}:``, one hash slot):
+``P run:<id>`` hash ``s`` session, ``n`` owning node while pending, ``rc`` terminal JSON,
+``z`` its size; ``P node:<node>:runs`` set of a node's pending runs; ``P nodes`` set of live
+nodes; ``P dead`` nodes declared dead whose runs are being recovered; ``P lease:<node>`` the
+lease; ``P terminals`` the terminal stream (fields ``id``, ``rc``); ``P order`` zset of
+retained terminals by time (ms); ``P bytes`` their size; ``P stats`` hash of cluster-wide
+counters.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BATCH", "HEARTBEAT", "READ", "RECOVER", "REGISTER", "RELEASE"]
+
+# Shared by BATCH and RECOVER: record a terminal (the caller checked it is the first), stream
+# it, and keep retention within count, bytes and age.
+_FINISH = r"""
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function finish(P, limits, id, session, outcome, rc, owner, now)
+  local run = P .. 'run:' .. id
+  redis.call('HSET', run, 'rc', rc, 's', session, 'z', #rc)
+  redis.call('HDEL', run, 'n')
+  if owner then
+    redis.call('SREM', P .. 'node:' .. owner .. ':runs', id)
+  end
+  redis.call('XADD', P .. 'terminals', 'MAXLEN', '~', limits.stream, '*', 'id', id, 'rc', rc)
+  redis.call('ZADD', P .. 'order', now, id)
+  redis.call('INCRBY', P .. 'bytes', #rc)
+  redis.call('HINCRBY', P .. 'stats', outcome, 1)
+  -- Retention: the oldest terminals go first, past the count, the bytes or the age bound.
+  while true do
+    local oldest = redis.call('ZRANGE', P .. 'order', 0, 0, 'WITHSCORES')
+    if #oldest == 0 then break end
+    local count = redis.call('ZCARD', P .. 'order')
+    local bytes = tonumber(redis.call('GET', P .. 'bytes') or '0')
+    if count > limits.count or bytes > limits.bytes or tonumber(oldest[2]) < now - limits.age then
+      local gone = P .. 'run:' .. oldest[1]
+      local size = tonumber(redis.call('HGET', gone, 'z') or '0')
+      redis.call('ZREM', P .. 'order', oldest[1])
+      redis.call('DEL', gone)
+      redis.call('DECRBY', P .. 'bytes', size)
+      redis.call('HINCRBY', P .. 'stats', 'evicted', 1)
+    else
+      break
+    end
+  end
+end
+"""
+
+BATCH = (
+    _FINISH
+    + r"""
+-- ARGV[1] prefix; ARGV[2] JSON {limits, ops}; each op is
+--   ["accept", id, session, node]    -> "ok" | "dup" | "fenced"
+--   ["withdraw", id, node]           -> "ok"
+--   ["complete", id, session, outcome, rc, node] -> "ok" | "dup" | "fenced"
+-- Every op is idempotent for the node that sent it: a batch retried after a lost reply
+-- gets the answers it would have got the first time.
+local P = ARGV[1]
+local req = cjson.decode(ARGV[2])
+local limits = req.limits
+local now = now_ms()
+local live = {}
+local function alive(node)
+  if live[node] == nil then
+    live[node] = redis.call('EXISTS', P .. 'lease:' .. node) == 1
+    if not live[node] and redis.call('SISMEMBER', P .. 'nodes', node) == 1 then
+      -- Expired, but nobody declared it dead (Redis restarted, or no survivor swept):
+      -- none of its runs was ended for it, so it may go on.
+      redis.call('SET', P .. 'lease:' .. node, '1', 'PX', req.ttl)
+      live[node] = true
+    end
+  end
+  return live[node]
+end
+local out = {}
+for i, op in ipairs(req.ops) do
+  local kind, id = op[1], op[2]
+  local run = P .. 'run:' .. id
+  if kind == 'accept' then
+    local node = op[4]
+    local owner = redis.call('HGET', run, 'n')
+    if owner == node then
+      out[i] = 'ok'
+    elseif redis.call('EXISTS', run) == 1 then
+      out[i] = 'dup'
+    elseif not alive(node) then
+      out[i] = 'fenced'
+    else
+      redis.call('HSET', run, 's', op[3], 'n', node)
+      redis.call('SADD', P .. 'node:' .. node .. ':runs', id)
+      redis.call('HINCRBY', P .. 'stats', 'accepted', 1)
+      out[i] = 'ok'
+    end
+  elseif kind == 'withdraw' then
+    local node = op[3]
+    if redis.call('HGET', run, 'n') == node and redis.call('HEXISTS', run, 'rc') == 0 then
+      redis.call('DEL', run)
+      redis.call('SREM', P .. 'node:' .. node .. ':runs', id)
+      redis.call('HINCRBY', P .. 'stats', 'accepted', -1)
+    end
+    out[i] = 'ok'
+  elseif kind == 'complete' then
+    local session, outcome, rc, node = op[3], op[4], op[5], op[6]
+    local recorded = redis.call('HGET', run, 'rc')
+    local owner = redis.call('HGET', run, 'n')
+    if recorded then
+      if recorded == rc then
+        out[i] = 'ok'
+      else
+        redis.call('HINCRBY', P .. 'stats', 'duplicates', 1)
+        out[i] = 'dup'
+      end
+    elseif not alive(node) then
+      -- A zombie: its lease expired, so its runs are (or will be) recovery's to end.
+      redis.call('HINCRBY', P .. 'stats', 'fenced', 1)
+      out[i] = 'fenced'
+    elseif owner and owner ~= node then
+      -- Another node runs it (this node's acceptance of the same id was refused).
+      redis.call('HINCRBY', P .. 'stats', 'duplicates', 1)
+      out[i] = 'dup'
+    else
+      finish(P, limits, id, session, outcome, rc, owner, now)
+      out[i] = 'ok'
+    end
+  else
+    return redis.error_reply('unknown op ' .. tostring(kind))
+  end
+end
+return out
+"""
+)
+
+REGISTER = r"""
+-- ARGV: prefix, node, ttl_ms. A fresh incarnation: its lease, and its place among nodes.
+local P = ARGV[1]
+if redis.call('SET', P .. 'lease:' .. ARGV[2], '1', 'PX', ARGV[3], 'NX') then
+  redis.call('SADD', P .. 'nodes', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+HEARTBEAT = r"""
+-- ARGV: prefix, node, ttl_ms. Extends the lease: 1; takes it again if it expired but the
+-- node was never declared dead (Redis restarted, or nobody swept yet): 2; else 0 (fenced).
+local P = ARGV[1]
+if redis.call('PEXPIRE', P .. 'lease:' .. ARGV[2], ARGV[3]) == 1 then
+  return 1
+end
+if redis.call('SISMEMBER', P .. 'nodes', ARGV[2]) == 1 then
+  redis.call('SET', P .. 'lease:' .. ARGV[2], '1', 'PX', ARGV[3])
+  return 2
+end
+return 0
+"""
+
+RELEASE = r"""
+-- ARGV: prefix, node. A graceful exit: the node is dead now, so any run it still owns is
+-- recovered at the next sweep instead of after the TTL.
+local P = ARGV[1]
+redis.call('DEL', P .. 'lease:' .. ARGV[2])
+if redis.call('SREM', P .. 'nodes', ARGV[2]) == 1 then
+  redis.call('SADD', P .. 'dead', ARGV[2])
+end
+return 1
+"""
+
+RECOVER = (
+    _FINISH
+    + r"""
+-- ARGV[1] prefix; ARGV[2] JSON {limits, error, max}. Every run of a node whose lease is
+-- gone gets one abandoned terminal; returns {run ids recovered}.
+local P = ARGV[1]
+local req = cjson.decode(ARGV[2])
+local now = now_ms()
+-- Declare dead every node whose lease is gone: from now on it cannot take it again.
+for _, node in ipairs(redis.call('SMEMBERS', P .. 'nodes')) do
+  if redis.call('EXISTS', P .. 'lease:' .. node) == 0 then
+    redis.call('SREM', P .. 'nodes', node)
+    redis.call('SADD', P .. 'dead', node)
+  end
+end
+local done = {}
+for _, node in ipairs(redis.call('SMEMBERS', P .. 'dead')) do
+  local key = P .. 'node:' .. node .. ':runs'
+  for _, id in ipairs(redis.call('SRANDMEMBER', key, req.max - #done)) do
+    local run = P .. 'run:' .. id
+    local session = redis.call('HGET', run, 's')
+    if session and redis.call('HEXISTS', run, 'rc') == 0 then
+      local rc = cjson.encode({session_id = session, run_id = id, error = req.error,
+                               cancelled = false, abandoned = true})
+      finish(P, req.limits, id, session, 'failed', rc, node, now)
+      redis.call('HINCRBY', P .. 'stats', 'abandoned', 1)
+      done[#done + 1] = id
+    else
+      redis.call('SREM', key, id)
+    end
+  end
+  if redis.call('SCARD', key) == 0 then
+    redis.call('SREM', P .. 'dead', node)
+  end
+  if #done >= req.max then break end
+end
+return done
+"""
+)
+
+READ = r"""
+-- ARGV[1] prefix, ARGV[2..] run ids: each run's terminal JSON, or nil.
+local out = {}
+for i = 2, #ARGV do
+  out[i - 1] = redis.call('HGET', ARGV[1] .. 'run:' .. ARGV[i], 'rc') or false
+end
+return out
+"""
