@@ -251,7 +251,7 @@ def test_cancel_one_run_and_the_rest_of_its_session_goes_on(tmp_path: Path):
             assert again.json() == seen.json()
         assert_error(await http.post("/v1/runs/nope/cancel"), 404, "run_not_found")
         assert_error(await http.get(f"/v1/runs/{elsewhere}/cancel"), 405, "method_not_allowed")
-        assert server.service.backend.ledger.duplicates_suppressed == 0
+        assert server.service.backend.ledger.statistics().duplicates_suppressed == 0
         assert await state(elsewhere) == "active"  # the other session was never touched
 
     serving(tmp_path, body)
@@ -428,7 +428,7 @@ def test_the_one_mebibyte_limit(tmp_path: Path):
                 yield b" " * 65536
 
         assert_error(await http.post(url, content=chunks(), headers=JSON), 413, "body_too_large")
-        assert server.service.backend.ledger.accepted_total == 1
+        assert server.service.backend.ledger.statistics().accepted_total == 1
 
     serving(tmp_path, body)
 
@@ -452,16 +452,22 @@ def test_an_unexpected_failure_is_a_logged_json_500(
 def test_results_that_are_not_json_still_reach_the_waiter(tmp_path: Path):
     async def agent(call: RunCall, ctx: RunContext) -> object:
         await trio.lowlevel.checkpoint()
-        return {"value": object(), "ratio": float("nan")}
+        if call.prompt == "object":
+            return {"value": object()}
+        return {"ratio": float("nan")}
 
     async def body(server: RunningServer, http: httpx.AsyncClient) -> None:
         ws = await workspace(http)
-        run_id = await submit(http, ws, "s", "x")
-        done = await http.get(f"/v1/runs/{run_id}/wait")
+        nan = await submit(http, ws, "s", "nan")
+        done = await http.get(f"/v1/runs/{nan}/wait")
         assert done.status_code == 200
-        result = done.json()["terminal"]["result"]
-        assert result["ratio"] == "nan"
-        assert result["value"].startswith("<object")
+        assert done.json()["terminal"]["result"] == {"ratio": "nan"}
+        # What the durable store cannot record is a failure everybody sees, not a repr.
+        unstorable = await submit(http, ws, "s", "object")
+        done = await http.get(f"/v1/runs/{unstorable}/wait")
+        terminal = done.json()["terminal"]
+        assert (done.json()["state"], terminal["result"]) == ("failed", None)
+        assert "could not be stored as JSON" in terminal["error"]
 
     serving(tmp_path, body, factory=SessionCoordinator.factory(agent))
 
@@ -496,7 +502,7 @@ def test_token_rules(tmp_path: Path):
         assert cancelled.json()["run_id"] == run_id
         ended = (await http.get(f"/v1/runs/{run_id}/wait", params={"timeout": 10})).json()
         assert ended["state"] == "cancelled"
-        assert server.service.backend.ledger.accepted_total == 1
+        assert server.service.backend.ledger.statistics().accepted_total == 1
 
     serving(tmp_path, body, token="s3cret")
 
@@ -752,6 +758,6 @@ def test_a_retried_submission_is_recognised_not_run_twice(tmp_path: Path):
             with pytest.raises(ClientError, match="duplicate_run"):
                 await client.submit(ws, "s", "once", "rid")
             assert (await client.wait_terminal("rid")).result == "once"
-        assert server.service.backend.ledger.accepted_total == 1
+        assert server.service.backend.ledger.statistics().accepted_total == 1
 
     serving(tmp_path, body)

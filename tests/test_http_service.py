@@ -184,7 +184,7 @@ async def test_cancel_run_cancels_that_run_only(autojump_clock, tmp_path: Path):
         other = await service.submit(ws.id, SubmitMessage("t", "sleep 5"))
         await trio.testing.wait_all_tasks_blocked()
         # A queued run ends at once, and leaves the queue; the rest of the lane stays.
-        view = service.cancel_run(queued[0])
+        view = await service.cancel_run(queued[0])
         assert view.state == "cancelled"
         assert view.terminal is not None
         assert view.terminal.cancelled
@@ -193,7 +193,7 @@ async def test_cancel_run_cancels_that_run_only(autojump_clock, tmp_path: Path):
         assert [q.run_id for q in lane.queued] == [queued[1]]
         # An active run ends at its agent's next checkpoint; the one behind it then runs.
         start = trio.current_time()
-        assert service.cancel_run(active).state == "active"
+        assert (await service.cancel_run(active)).state == "active"
         assert (await service.wait(active, 10)).state == "cancelled"
         assert trio.current_time() == start
         done = await service.wait(queued[1], 10)
@@ -202,9 +202,9 @@ async def test_cancel_run_cancels_that_run_only(autojump_clock, tmp_path: Path):
         # An ended run is left as it is: cancelling it again just reports its terminal.
         for run_id in (queued[0], active, queued[1], other):
             before = service.run(run_id)
-            assert service.cancel_run(run_id) == before
+            assert await service.cancel_run(run_id) == before
         with refused(404, "run_not_found"):
-            service.cancel_run("never")
+            await service.cancel_run("never")
         assert service.backend.ledger.statistics().duplicates_suppressed == 0
 
 
@@ -219,7 +219,7 @@ async def test_cancel_run_during_shutdown_reports_the_terminal(autojump_clock, t
             assert service.draining
             start = trio.current_time()
             # Not refused (it starts no work), and the terminal it reports counts as collected.
-            view = service.cancel_run(run_id)
+            view = await service.cancel_run(run_id)
             assert view.state == "cancelled"
         assert trio.current_time() - start < 30
 

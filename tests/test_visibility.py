@@ -143,3 +143,24 @@ async def test_the_service_answers_202_only_after_the_flush_and_hides_ending_run
             store.commit()
         assert ids == ["r1"]
         assert service.run("r1").state == "completed"
+
+
+async def test_closing_a_workspace_keeps_its_brokers_until_its_terminals_are_visible(
+    autojump_clock,
+):
+    store = CommitLaterStore()
+    agent = ScriptedAgent(return_("done"))
+    async with open_backend(store) as backend:
+        ws = await backend.create_workspace("/w", SessionCoordinator.factory(agent))
+        async with ws.run_completions.subscribe() as sub:
+            run_id = backend.send_message(ws.id, AgentMessage("s", "x"))
+            await trio.testing.wait_all_tasks_blocked()
+            assert store.state(run_id) == "ending"
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(backend.close_workspace, ws.id)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not ws.closed  # waiting for the store, brokers still up
+                store.commit()
+            with trio.fail_after(TIMEOUT):
+                payloads = [event.payload async for event in sub]
+        assert [rc.run_id for rc in payloads] == [run_id]

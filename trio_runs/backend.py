@@ -56,6 +56,8 @@ CoordinatorFactory = Callable[["Workspace"], Coordinator | None]
 """Builds a workspace's coordinator from the workspace (``None``: a workspace with no agent)."""
 
 DEFAULT_CLOSE_GRACE = 10.0
+FLUSH_BOUND = 10.0
+"""Seconds a closing workspace waits for the store to commit its last terminals."""
 
 
 @attrs.frozen(kw_only=True)
@@ -154,10 +156,28 @@ class Workspace:
         finally:
             # Every dispatch has ended here, and each left its run with a terminal.
             self._closing = True
+            await self._until_visible()
             self.run_completions.shutdown()
             self.notifications.shutdown()
             self.events.shutdown()
             self._closed.set()
+
+    async def _until_visible(self) -> None:
+        # A durable store fans a terminal out once it is committed: the brokers must outlive
+        # that, or a subscriber would miss its workspace's last terminals. Runs while
+        # cancelled (hard stop), so shielded and bounded.
+        with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_BOUND) as bounded:
+            try:
+                await self.ledger.flush()
+            except Exception:
+                logger.exception("workspace %s: the store failed to commit its terminals", self.id)
+        if bounded.cancelled_caught:
+            logger.error(
+                "workspace %s: the store did not commit within %ss; subscribers may miss "
+                "terminals a waiter will still get",
+                self.id,
+                FLUSH_BOUND,
+            )
 
     def _begin_close(self) -> None:
         # Synchronous, so that closing several workspaces cancels all of their runs at once,

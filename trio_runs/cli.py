@@ -31,6 +31,8 @@ import trio
 
 from . import __version__
 from .agents import DEMO_HELP
+from .errors import StoreError
+from .sqlite import SqliteRetention
 
 if TYPE_CHECKING:
     from .events import RunComplete
@@ -67,6 +69,7 @@ _ENV_TOKEN = "TRIO_RUNS_TOKEN"
 _ENV_HOST = "TRIO_RUNS_HOST"
 _ENV_PORT = "TRIO_RUNS_PORT"
 _ENV_AGENT = "TRIO_RUNS_AGENT"
+_ENV_DB = "TRIO_RUNS_DB"
 
 _DEFAULT_HOST = "127.0.0.1"
 _DEFAULT_PORT = 8765
@@ -324,6 +327,36 @@ def _build_parser() -> argparse.ArgumentParser:
         "once at start-up (default: the in-memory RunLedger)",
     )
     serve.add_argument(
+        "--db",
+        default=None,
+        metavar="PATH",
+        help="the SQLite database that makes runs durable across restarts (default: "
+        f"${_ENV_DB} or WORKSPACE_ROOT/.trio-runs/runs.db); ':memory:' keeps runs in memory "
+        "only (nothing survives a restart)",
+    )
+    serve.add_argument(
+        "--retain-count",
+        type=_positive_int,
+        default=100_000,
+        metavar="N",
+        help="keep at most N ended runs' terminals (default: 100000); a run id stays taken "
+        "while its terminal is kept",
+    )
+    serve.add_argument(
+        "--retain-bytes",
+        type=_positive_int,
+        default=1 << 30,
+        metavar="BYTES",
+        help="keep at most this many bytes of terminals, results included (default: 1 GiB)",
+    )
+    serve.add_argument(
+        "--retain-age",
+        type=_positive_float,
+        default=7 * 24 * 3600.0,
+        metavar="SECONDS",
+        help="keep no terminal longer than this (default: 604800, a week)",
+    )
+    serve.add_argument(
         "--workspace-root",
         default=".",
         metavar="DIR",
@@ -532,17 +565,30 @@ def _flag_env_default(given: _T | None, name: str, default: _T, convert: Callabl
         raise _UsageError(f"${name}: {exc}") from None
 
 
+def _sole_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def _serve(args: argparse.Namespace) -> int:
     http = _http()
     host = _flag_env_default(args.host, _ENV_HOST, _DEFAULT_HOST, str)
     port = _flag_env_default(args.port, _ENV_PORT, _DEFAULT_PORT, _port)
     agent = _flag_env_default(args.agent, _ENV_AGENT, _DEFAULT_AGENT, str)
+    db = args.db if args.db is not None else (os.environ.get(_ENV_DB) or None)
+    if db is not None and args.store is not None:
+        raise _UsageError("--db and --store both name the run store: give one of them")
     try:
         options = http.ServeOptions(
             host=host,
             port=port,
             agent=agent,
             store=args.store,
+            db=db,
+            retention=SqliteRetention(
+                count=args.retain_count, bytes=args.retain_bytes, seconds=args.retain_age
+            ),
             workspace_root=args.workspace_root,
             token=args.token,
             heartbeat=args.heartbeat,
@@ -576,9 +622,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         trio.run(serve_main)
-    except OSError as exc:
-        _err(f"cannot serve on {options.host}:{options.port}: {exc}")
-        return EXIT_FAILED
+    except (StoreError, OSError, BaseExceptionGroup) as raised:
+        # Start-up failures come out of the nursery wrapped in a group: unwrap the sole one.
+        failure = _sole_leaf(raised)
+        if isinstance(failure, StoreError):
+            _err(f"cannot use the run database: {failure}")
+            return EXIT_USAGE
+        if isinstance(failure, OSError):
+            _err(f"cannot serve on {options.host}:{options.port}: {failure}")
+            return EXIT_FAILED
+        raise
     print("trio-runs: stopped; every accepted run has its terminal", flush=True)
     return EXIT_OK
 

@@ -223,11 +223,11 @@ def create_app(
 
     async def get_run(request: Request) -> Response:
         _no_query(request)
-        return json_response(service.run(path(request, "run_id")).to_dict())
+        return json_response((await service.view(path(request, "run_id"))).to_dict())
 
     async def cancel_run(request: Request) -> Response:
         _no_query(request)
-        return json_response(service.cancel_run(path(request, "run_id")).to_dict())
+        return json_response((await service.cancel_run(path(request, "run_id"))).to_dict())
 
     async def wait_run(request: Request) -> Response:
         timeout = parse_wait_timeout(request.query_params)

@@ -15,7 +15,10 @@ any submission was refused.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -151,11 +154,43 @@ async def run_demo(
     if runs < MIN_RUNS:
         raise ValueError(f"the mixed workload needs at least {MIN_RUNS} runs, got {runs}")
     lanes, closing, singles = _plan(runs, seed)
+    # The durable default, on a database of the demo's own that it removes afterwards.
+    scratch = await trio.to_thread.run_sync(partial(tempfile.mkdtemp, prefix="trio-runs-demo-"))
+    try:
+        return await _run_workload(
+            ServeOptions(
+                port=0,
+                drain=0.5,
+                close_grace=5.0,
+                heartbeat=5.0,
+                db=os.path.join(scratch, "runs.db"),
+            ),
+            lanes,
+            closing,
+            singles,
+            seed=seed,
+            hang_after=hang_after,
+            on_tick=on_tick,
+        )
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(partial(shutil.rmtree, scratch, ignore_errors=True))
+
+
+async def _run_workload(
+    options: ServeOptions,
+    lanes: list[list[_Plan]],
+    closing: list[list[_Plan]],
+    singles: list[_Plan],
+    *,
+    seed: int,
+    hang_after: float,
+    on_tick: Callable[[dict[str, int]], None] | None,
+) -> DemoReport:
     records: list[_Run] = []
     by_id: dict[str, _Run] = {}
     live = Counter[str]()
     started = time.monotonic()
-    options = ServeOptions(port=0, drain=0.5, close_grace=5.0, heartbeat=5.0)
     agent = DemoAgent(word_delay=0.02)
 
     async with trio.open_nursery() as root:

@@ -21,6 +21,7 @@ import contextlib
 import ipaddress
 import logging
 import math
+import os
 import signal
 import socket
 import struct
@@ -38,17 +39,29 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 from ..agents import load_agent, load_store
 from ..backend import CoordinatorFactory, open_backend
 from ..ledger import RunStore
+from ..sqlite import SqliteRetention, open_sqlite_ledger
 from .app import create_app
 from .service import RunService
 from .sse import CLIENT_CONNECTION, DEFAULT_HEARTBEAT, DEFAULT_WRITE_TIMEOUT
 
-__all__ = ["BindRefused", "RunningServer", "ServeOptions", "check_bind", "is_loopback", "serve"]
+__all__ = [
+    "DEFAULT_DB",
+    "BindRefused",
+    "RunningServer",
+    "ServeOptions",
+    "check_bind",
+    "database_path",
+    "is_loopback",
+    "serve",
+]
 
 logger = logging.getLogger("trio_runs.http")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 DEFAULT_AGENT = "trio_runs.agents:demo"
+DEFAULT_DB = os.path.join(".trio-runs", "runs.db")
+"""The run database's path under the workspace root, unless ``--db`` says otherwise."""
 
 
 def _non_negative(_: object, attribute: attrs.Attribute[float], value: float) -> None:
@@ -105,7 +118,12 @@ class ServeOptions:
     port: int = attrs.field(default=DEFAULT_PORT, validator=_port)
     agent: str = DEFAULT_AGENT
     store: str | None = None
-    """``"module:callable"`` making the run store; ``None``: the in-memory ``RunLedger``."""
+    """``"module:callable"`` making the run store; when set, ``db`` is not used."""
+    db: str | None = None
+    """The SQLite run database (durable runs, DESIGN D1-D6); ``None``: ``DEFAULT_DB`` under
+    ``workspace_root``; ``":memory:"``: the in-memory ``RunLedger`` (nothing survives)."""
+    retention: SqliteRetention = attrs.field(factory=SqliteRetention)
+    """How many terminals the database keeps, and for how long (ids stay taken meanwhile)."""
     workspace_root: str = "."
     token: str | None = attrs.field(default=None, validator=_token)
     heartbeat: float = attrs.field(default=DEFAULT_HEARTBEAT, validator=_positive)
@@ -173,18 +191,48 @@ async def serve(
 ) -> None:
     """Serve the API until shutdown is requested; start with ``await nursery.start(serve, …)``.
 
-    ``coordinator_factory`` overrides ``options.agent`` and ``store`` overrides
-    ``options.store`` (default: an in-memory ``RunLedger``). With ``handle_signals`` (main thread
-    only), the first SIGINT/SIGTERM starts the graceful shutdown and a second one cuts its
-    drain short. Raises ``BindRefused`` before binding anything for a non-loopback host
-    without a token, and ``ValueError`` for an agent that cannot be loaded. When it returns,
-    every run it accepted has its terminal.
+    ``coordinator_factory`` overrides ``options.agent``; ``store`` overrides ``options.store``
+    and ``options.db`` (default: the SQLite database, recovered before the first request is
+    served). With ``handle_signals`` (main thread only), the first SIGINT/SIGTERM starts the
+    graceful shutdown and a second one cuts its drain short. Raises ``BindRefused`` before
+    binding anything for a non-loopback host without a token, ``ValueError`` for an agent
+    that cannot be loaded, and ``StoreError`` for a database that cannot be used (in use by
+    another server, not a run database, a newer schema). When it returns, every run it
+    accepted has its terminal, committed.
     """
     token = options.token
     check_bind(options.host, token)
     factory = coordinator_factory if coordinator_factory is not None else load_agent(options.agent)
     if store is None and options.store is not None:
         store = load_store(options.store)
+    async with contextlib.AsyncExitStack() as stack:
+        if store is None and options.db != ":memory:":
+            path = await trio.to_thread.run_sync(database_path, options)
+            store = await stack.enter_async_context(
+                open_sqlite_ledger(path, retention=options.retention)
+            )
+            logger.info("runs are recorded in %s", path)
+        await _serve(options, factory, store, handle_signals, task_status)
+
+
+def database_path(options: ServeOptions) -> str:
+    """Where ``options`` puts the run database (its directory is created). Blocking."""
+    if options.db is not None:
+        path = os.path.abspath(options.db)
+    else:
+        path = os.path.join(os.path.abspath(options.workspace_root), DEFAULT_DB)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
+
+
+async def _serve(
+    options: ServeOptions,
+    factory: CoordinatorFactory,
+    store: RunStore | None,
+    handle_signals: bool,
+    task_status: trio.TaskStatus[RunningServer],
+) -> None:
+    token = options.token
     config = HypercornConfig()
     config.bind = [_bind_address(options.host, options.port)]
     config.accesslog = None

@@ -208,7 +208,18 @@ class RunService:
             raise ApiError(404, "run_not_found", f"no run with id {run_id!r} is known")
         return RunView(run_id, session_id, self._live_state(run_id, session_id))
 
-    def cancel_run(self, run_id: str) -> RunView:
+    async def view(self, run_id: str) -> RunView:
+        """:meth:`run`, after waiting for the store to commit a terminal it already decided.
+
+        A run whose terminal is decided but not yet durable is never shown ended (nothing is
+        visible before it is on disk), nor as still running: the answer waits for the commit,
+        which is milliseconds away.
+        """
+        if self.backend.ledger.state(run_id) == "ending":
+            await self.backend.ledger.flush()
+        return self.run(run_id)
+
+    async def cancel_run(self, run_id: str) -> RunView:
         """Cancel this one run and return its view; the other runs of its session go on.
 
         A queued run ends cancelled at once; an active one as soon as its agent reaches a
@@ -216,14 +227,15 @@ class RunService:
         run that already ended is left as it is and its terminal reported, so cancelling
         twice is harmless. 404 ``run_not_found`` for an unknown id, as :meth:`run`. Allowed
         during shutdown (it starts no work); a terminal it reports counts as collected.
-        Never blocks.
+        Waits only for the store to make what it decided durable.
         """
         self.run(run_id)
         try:
             self.backend.cancel_run(run_id)
         except NotSupported as exc:
             raise ApiError(501, "not_supported", str(exc)) from None
-        return self.run(run_id)
+        # A queued run's cancelled terminal is decided now: the answer shows it once durable.
+        return await self.view(run_id)
 
     def _live_state(self, run_id: str, session_id: str) -> str:
         # "pending" where the coordinator cannot tell (it lacks SupportsLaneQueries).
