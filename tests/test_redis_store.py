@@ -126,17 +126,24 @@ async def test_a_run_id_taken_on_another_node_is_refused_by_the_durable_submit(
         a.accept("r1", "s")
         with trio.fail_after(BOUND):
             await a.flush()
-        b.accept("r1", "s")  # b cannot know yet
+        # Refused at once if b already read the acceptance on the stream, else by Redis.
         with trio.fail_after(BOUND), pytest.raises(DuplicateRun):
+            b.accept("r1", "s")
             await b.flush()
-        assert b.state("r1") is None
+        # b knows the run as pending on another node (not as its own).
+        with trio.fail_after(BOUND):
+            while b.state("r1") is None:
+                await trio.sleep(0.01)
+        assert (b.state("r1"), b.session_of("r1")) == ("pending", "s")
         assert b.pending_run_ids() == []
+        async with node(redis_url, namespace) as late:  # joins knowing what is pending
+            assert (late.state("r1"), late.session_of("r1")) == ("pending", "s")
         a.complete(RunComplete("s", "r1", result=1))
         with trio.fail_after(BOUND):
             assert (await b.wait("r1")).result == 1
         # Still taken once ended (D4: while the terminal is retained), on every node.
         async with node(redis_url, namespace) as c:
-            c.accept("r1", "s")
+            c.accept("r1", "s")  # c has not seen r1: Redis refuses it
             with trio.fail_after(BOUND), pytest.raises(DuplicateRun):
                 await c.flush()
             with pytest.raises(DuplicateRun):

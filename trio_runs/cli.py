@@ -22,7 +22,7 @@ import shutil
 import sys
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AsyncExitStack, contextmanager
 from functools import partial
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
@@ -70,6 +70,7 @@ _ENV_HOST = "TRIO_RUNS_HOST"
 _ENV_PORT = "TRIO_RUNS_PORT"
 _ENV_AGENT = "TRIO_RUNS_AGENT"
 _ENV_DB = "TRIO_RUNS_DB"
+_ENV_REDIS = "TRIO_RUNS_REDIS"
 
 _DEFAULT_HOST = "127.0.0.1"
 _DEFAULT_PORT = 8765
@@ -350,6 +351,27 @@ def _build_parser() -> argparse.ArgumentParser:
         help="keep at most this many bytes of terminals, results included (default: 1 GiB)",
     )
     serve.add_argument(
+        "--redis",
+        default=None,
+        metavar="URL",
+        help=f"join the cluster on this Redis (redis://HOST:PORT/DB; default: ${_ENV_REDIS}): "
+        "any number of nodes serve the same runs; see 'Scaling out' in the README",
+    )
+    serve.add_argument(
+        "--redis-namespace",
+        default="trio-runs",
+        metavar="NAME",
+        help="the cluster's key prefix in Redis, so clusters can share one (default: trio-runs)",
+    )
+    serve.add_argument(
+        "--lease-ttl",
+        type=_positive_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="with --redis: a node silent this long is dead and its runs end abandoned "
+        "(default: 10; heartbeats every third of it)",
+    )
+    serve.add_argument(
         "--retain-age",
         type=_positive_float,
         default=7 * 24 * 3600.0,
@@ -579,6 +601,11 @@ def _serve(args: argparse.Namespace) -> int:
     db = args.db if args.db is not None else (os.environ.get(_ENV_DB) or None)
     if db is not None and args.store is not None:
         raise _UsageError("--db and --store both name the run store: give one of them")
+    redis_url = args.redis if args.redis is not None else (os.environ.get(_ENV_REDIS) or None)
+    if redis_url is not None and (args.db is not None or args.store is not None):
+        raise _UsageError("--redis names the run store: give no --db or --store with it")
+    if redis_url is not None:
+        db = None
     try:
         options = http.ServeOptions(
             host=host,
@@ -603,13 +630,28 @@ def _serve(args: argparse.Namespace) -> int:
         raise _UsageError(str(exc)) from None
 
     async def serve_main() -> None:
-        async with trio.open_nursery() as nursery:
+        async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
+            run_store = store
+            if redis_url is not None:
+                redis = importlib.import_module("trio_runs.redis")
+                joined = await stack.enter_async_context(
+                    redis.open_redis_store(
+                        redis_url,
+                        namespace=args.redis_namespace,
+                        lease_ttl=args.lease_ttl,
+                        limits=redis.RetentionLimits(
+                            count=args.retain_count, bytes=args.retain_bytes, age=args.retain_age
+                        ),
+                    )
+                )
+                _err(f"trio-runs: node {joined.node_id} joined {redis_url}")
+                run_store = joined
             server = await nursery.start(
                 partial(
                     http.serve,
                     options,
                     coordinator_factory=factory,
-                    store=store,
+                    store=run_store,
                     handle_signals=True,
                 )
             )

@@ -18,14 +18,15 @@ Keys (``P`` is the namespace prefix, ``{name}:``, one hash slot):
 ``P run:<id>`` hash ``s`` session, ``n`` owning node while pending, ``rc`` terminal JSON,
 ``z`` its size; ``P node:<node>:runs`` set of a node's pending runs; ``P nodes`` set of live
 nodes; ``P dead`` nodes declared dead whose runs are being recovered; ``P lease:<node>`` the
-lease; ``P terminals`` the terminal stream (fields ``id``, ``rc``); ``P order`` zset of
+lease; ``P terminals`` the terminal stream (fields ``id``, ``rc``); ``P accepted`` the
+acceptance stream (``id``, ``s``; ``w`` for a withdrawal); ``P order`` zset of
 retained terminals by time (ms); ``P bytes`` their size; ``P stats`` hash of cluster-wide
 counters.
 """
 
 from __future__ import annotations
 
-__all__ = ["BATCH", "HEARTBEAT", "READ", "RECOVER", "REGISTER", "RELEASE"]
+__all__ = ["BATCH", "HEARTBEAT", "PENDING", "READ", "RECOVER", "REGISTER", "RELEASE"]
 
 # Shared by BATCH and RECOVER: record a terminal (the caller checked it is the first), stream
 # it, and keep retention within count, bytes and age.
@@ -108,6 +109,7 @@ for i, op in ipairs(req.ops) do
     else
       redis.call('HSET', run, 's', op[3], 'n', node)
       redis.call('SADD', P .. 'node:' .. node .. ':runs', id)
+      redis.call('XADD', P .. 'accepted', 'MAXLEN', '~', limits.stream, '*', 'id', id, 's', op[3])
       redis.call('HINCRBY', P .. 'stats', 'accepted', 1)
       out[i] = 'ok'
     end
@@ -116,6 +118,7 @@ for i, op in ipairs(req.ops) do
     if redis.call('HGET', run, 'n') == node and redis.call('HEXISTS', run, 'rc') == 0 then
       redis.call('DEL', run)
       redis.call('SREM', P .. 'node:' .. node .. ':runs', id)
+      redis.call('XADD', P .. 'accepted', 'MAXLEN', '~', limits.stream, '*', 'id', id, 'w', '1')
       redis.call('HINCRBY', P .. 'stats', 'accepted', -1)
     end
     out[i] = 'ok'
@@ -226,10 +229,30 @@ return done
 )
 
 READ = r"""
--- ARGV[1] prefix, ARGV[2..] run ids: each run's terminal JSON, or nil.
+-- ARGV[1] prefix, ARGV[2..] run ids: each run's terminal JSON, "" while it is pending, or
+-- nil for a run Redis does not know.
 local out = {}
 for i = 2, #ARGV do
-  out[i - 1] = redis.call('HGET', ARGV[1] .. 'run:' .. ARGV[i], 'rc') or false
+  local run = ARGV[1] .. 'run:' .. ARGV[i]
+  out[i - 1] = redis.call('HGET', run, 'rc') or (redis.call('EXISTS', run) == 1 and '') or false
+end
+return out
+"""
+
+PENDING = r"""
+-- ARGV[1] prefix: {id, session, id, session, ...} for every pending run of every node.
+local P = ARGV[1]
+local out = {}
+for _, set in ipairs({'nodes', 'dead'}) do
+  for _, node in ipairs(redis.call('SMEMBERS', P .. set)) do
+    for _, id in ipairs(redis.call('SMEMBERS', P .. 'node:' .. node .. ':runs')) do
+      local session = redis.call('HGET', P .. 'run:' .. id, 's')
+      if session then
+        out[#out + 1] = id
+        out[#out + 1] = session
+      end
+    end
+  end
 end
 return out
 """

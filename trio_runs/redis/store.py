@@ -177,10 +177,14 @@ class RedisStore:
         self._batch = client.register_script(_scripts.BATCH)
         self._read = client.register_script(_scripts.READ)
         self._stream_key = prefix + "terminals"
+        self._accepted_key = prefix + "accepted"
+        self._pending = client.register_script(_scripts.PENDING)
         # Local knowledge.
         self._runs: dict[str, _Run] = {}
         self._terminals: dict[str, RunComplete] = {}
         self._order: deque[str] = deque()
+        # Runs pending on other nodes (from the acceptance stream): run id -> session.
+        self._remote: dict[str, str] = {}
         # Writes.
         self._ops: deque[_Op] = deque()
         self._seq = 0
@@ -199,6 +203,7 @@ class RedisStore:
         self._health_changed = trio.Event()
         # Stream.
         self._last_id = "0-0"
+        self._last_accepted_id = "0-0"
         self._resync = trio.Event()
         # Counters.
         self._accepted_total = 0
@@ -284,14 +289,19 @@ class RedisStore:
     def accept(self, run_id: str, session_id: str) -> None:
         """Register ``run_id`` as pending here and queue its acceptance for Redis.
 
-        Raises ``DuplicateRun`` if this node knows the id; Redis refuses an id another node
-        holds, which ``flush`` then reports. Raises ``RedisUnavailable`` (accepting nothing)
+        Raises ``DuplicateRun`` if this node knows the id (also as pending on another node);
+        Redis refuses an id another node holds that this node did not know of yet, which
+        ``flush`` then reports. Raises ``RedisUnavailable`` (accepting nothing)
         while Redis is not answering.
         """
         if not self._connected:
             raise RedisUnavailable("Redis is not answering: the run was not accepted")
         known = self._runs.get(run_id)
-        if run_id in self._terminals or (known is not None and known.accepted):
+        if (
+            run_id in self._terminals
+            or run_id in self._remote
+            or (known is not None and known.accepted)
+        ):
             raise DuplicateRun(run_id)
         if known is not None:
             # Waiters here were already asking about this id: they wait for this run now.
@@ -362,22 +372,25 @@ class RedisStore:
         return self._terminals.get(run_id)
 
     def state(self, run_id: str) -> RunState | None:
-        """``"pending"``/``"ending"`` for runs accepted here, ``"terminal"`` for terminals held
-        here, ``None`` otherwise (``wait`` asks Redis about other nodes' runs)."""
+        """``"pending"``/``"ending"`` for runs accepted here, ``"pending"`` for runs pending on
+        other nodes (known from the acceptance stream), ``"terminal"`` for terminals held
+        here, ``None`` otherwise."""
         if run_id in self._terminals:
             return "terminal"
         run = self._runs.get(run_id)
         if run is None or not (run.accepted or run.decided is not None):
-            return None
+            return "pending" if run_id in self._remote else None
         return "pending" if run.decided is None else "ending"
 
     def session_of(self, run_id: str) -> str | None:
-        """The session of a run accepted here or of a terminal held here."""
+        """The session of a pending run (of any node) or of a terminal held here."""
         rc = self._terminals.get(run_id)
         if rc is not None:
             return rc.session_id
         run = self._runs.get(run_id)
-        return run.session_id if run is not None and run.accepted else None
+        if run is not None and run.accepted:
+            return run.session_id
+        return self._remote.get(run_id)
 
     def pending_run_ids(self) -> list[str]:
         """Runs accepted here whose terminal is not shown yet, oldest first."""
@@ -496,6 +509,7 @@ class RedisStore:
         if run_id in self._terminals:
             return
         self._terminals[run_id] = rc
+        self._remote.pop(run_id, None)
         self._order.append(run_id)
         if len(self._order) > self._retain:
             oldest = self._order.popleft()
@@ -706,8 +720,10 @@ class RedisStore:
                 self._failed()
                 self._resync.set()  # try again after the next reconnection
                 return
-            for value in cast(list[object], values):
-                if value is not None:
+            for run_id, value in zip(chunk, cast(list[object], values), strict=True):
+                if value is None:
+                    self._remote.pop(run_id, None)  # Redis does not know it (any more)
+                elif value != "":
                     self._show(RunComplete.from_json(cast(str, value)))
 
     # -- stream follower ---------------------------------------------------------------
@@ -721,7 +737,9 @@ class RedisStore:
                     await self._resynchronise()
                 with trio.fail_after(_BLOCK_MS / 1000 + self._timeout):
                     found = await self._blocking.xread(
-                        {key: self._last_id}, count=_MAX_BATCH, block=_BLOCK_MS
+                        {key: self._last_id, self._accepted_key: self._last_accepted_id},
+                        count=_MAX_BATCH,
+                        block=_BLOCK_MS,
                     )
             except _FAILED as exc:
                 logger.debug("stream read failed: %r", exc)
@@ -732,6 +750,13 @@ class RedisStore:
                 continue
             backoff = _BACKOFF_MIN
             self._succeeded()
+            for entry in (found or {}).get(self._accepted_key, ()):
+                self._last_accepted_id = str(entry.identifier)
+                self._note_acceptance(
+                    str(entry.field_values.get("id")),
+                    entry.field_values.get("s"),
+                    withdrawn="w" in entry.field_values,
+                )
             for entry in (found or {}).get(key, ()):
                 self._last_id = str(entry.identifier)
                 self._stream_entries += 1
@@ -745,6 +770,29 @@ class RedisStore:
                     continue
                 self._show(rc)
 
+    def _note_acceptance(self, run_id: str, session_id: object, *, withdrawn: bool) -> None:
+        if withdrawn:
+            self._remote.pop(run_id, None)
+            watched = self._runs.get(run_id)
+            if watched is not None and not watched.accepted and watched.decided is None:
+                # Waited on here, withdrawn there: its waiters find it gone (UnknownRun).
+                watched.withdrawn = True
+                del self._runs[run_id]
+                if watched.done is not None:
+                    watched.done.set()
+            return
+        run = self._runs.get(run_id)
+        if run_id in self._terminals or (run is not None and run.accepted):
+            return
+        if isinstance(session_id, str):
+            self._remote[run_id] = session_id
+
+    async def _load_pending(self) -> None:
+        # Every run pending anywhere, so this node can answer for it from the start.
+        flat = cast(list[object], await self._pending(args=[self._prefix]))
+        for index in range(0, len(flat) - 1, 2):
+            self._note_acceptance(str(flat[index]), flat[index + 1], withdrawn=False)
+
     async def _resynchronise(self) -> None:
         # After a reconnection: a stream that went backwards (Redis lost data) is read
         # again from the start, and every run still waiting here asks Redis directly, in
@@ -752,15 +800,23 @@ class RedisStore:
         self._resync = trio.Event()
         with trio.fail_after(self._timeout):
             newest = await self._client.xrevrange(self._stream_key, "+", "-", count=1)
+            newest_accepted = await self._client.xrevrange(self._accepted_key, "+", "-", count=1)
         if not newest or _stream_id(str(newest[0].identifier)) < _stream_id(self._last_id):
             self._last_id = "0-0"
+        if not newest_accepted or _stream_id(str(newest_accepted[0].identifier)) < _stream_id(
+            self._last_accepted_id
+        ):
+            self._last_accepted_id = "0-0"
         waiting = [run_id for run_id, run in self._runs.items() if run.terminal is None]
-        await self._fetch(waiting)
+        await self._fetch([*waiting, *self._remote])
 
     async def _start_stream(self) -> None:
         with trio.fail_after(self._timeout):
             newest = await self._client.xrevrange(self._stream_key, "+", "-", count=1)
-        self._last_id = str(newest[0].identifier) if newest else "0-0"
+            accepted = await self._client.xrevrange(self._accepted_key, "+", "-", count=1)
+            self._last_id = str(newest[0].identifier) if newest else "0-0"
+            self._last_accepted_id = str(accepted[0].identifier) if accepted else "0-0"
+            await self._load_pending()
 
     # -- lease -------------------------------------------------------------------------
 
