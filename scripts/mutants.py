@@ -113,6 +113,21 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         "backend.py",
         [("        await self._ledger.flush()\n", "")],
     ),
+    "sqlite-visible-before-commit": (
+        "sqlite.py",
+        [
+            (
+                "        self._ending[run_id] = (waiting, rc, on_visible)\n",
+                "        self._ending[run_id] = (waiting, rc, None)\n"
+                "        if on_visible is not None:\n"
+                "            on_visible(rc)\n",
+            )
+        ],
+    ),
+    "sqlite-no-recovery": (
+        "sqlite.py",
+        [("            await trio.to_thread.run_sync(_recover, writer, unended)\n", "")],
+    ),
 }
 
 

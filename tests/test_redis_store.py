@@ -127,7 +127,7 @@ async def test_a_run_id_taken_on_another_node_is_refused_by_the_durable_submit(
         with trio.fail_after(BOUND):
             await a.flush()
         # Refused at once if b already read the acceptance on the stream, else by Redis.
-        with trio.fail_after(BOUND), pytest.raises(DuplicateRun):
+        with trio.fail_after(BOUND), pytest.raises(DuplicateRun):  # noqa: PT012 (either step)
             b.accept("r1", "s")
             await b.flush()
         # b knows the run as pending on another node (not as its own).

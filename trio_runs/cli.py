@@ -841,7 +841,16 @@ async def _run_main(client: RunsClient, args: argparse.Namespace, prompt: str, r
             with trio.move_on_after(min(2.0, client.timeout)):
                 await nursery.start(follow)
             submitting = True
-            await client.submit(workspace_id, args.session, prompt, run_id)
+            try:
+                await client.submit(workspace_id, args.session, prompt, run_id)
+            except http.ClientError as exc:
+                if exc.code != "workspace_not_found":
+                    raise
+                # The server restarted before acknowledging the run (workspaces do not
+                # survive a restart; acknowledged runs do): open the workspace again and
+                # submit again. The run id is ours, so this can never run it twice.
+                workspace_id = (await client.create_workspace(args.workspace)).id
+                await client.submit(workspace_id, args.session, prompt, run_id, resubmitting=True)
             accepted.set()
             if not args.quiet:
                 _err(f"run {run_id} accepted (session {args.session})")

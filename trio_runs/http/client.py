@@ -208,11 +208,21 @@ class RunsClient:
         )
         return WorkspaceView.from_dict(response.json())
 
-    async def submit(self, workspace_id: str, session_id: str, prompt: str, run_id: str) -> str:
+    async def submit(
+        self,
+        workspace_id: str,
+        session_id: str,
+        prompt: str,
+        run_id: str,
+        *,
+        resubmitting: bool = False,
+    ) -> str:
         """Submit a prompt under a client-minted ``run_id``; returns it once accepted.
 
         Transport errors are retried: when an earlier attempt was accepted but its answer
-        lost, the retry's ``duplicate_run`` is recognised as that acceptance.
+        lost, the retry's ``duplicate_run`` is recognised as that acceptance. Pass
+        ``resubmitting=True`` when an earlier call may have been accepted (its answer lost
+        to a server restart), for the same recognition.
         """
         body = {"session_id": session_id, "prompt": prompt, "run_id": run_id}
         path = f"/v1/workspaces/{_quote(workspace_id)}/messages"
@@ -220,7 +230,7 @@ class RunsClient:
         if response.status_code >= 400:
             error = _error_of(response)
             if (
-                attempts > 1
+                (attempts > 1 or resubmitting)
                 and error.code == "duplicate_run"
                 and await self._is_ours(run_id, session_id)
             ):
