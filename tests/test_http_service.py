@@ -22,9 +22,11 @@ from trio_runs import (
     EventType,
     RunCall,
     RunContext,
+    RunLedger,
     RunProgress,
     RunStore,
     SessionCoordinator,
+    StoreError,
     open_backend,
 )
 from trio_runs.agents import demo
@@ -335,3 +337,36 @@ async def test_custom_coordinators_without_run_id_queries(autojump_clock, tmp_pa
             assert view.active is None
             assert [q.prompt for q in view.queued] == ["two"]
             assert [q.run_id for q in view.queued] == [""]
+
+
+class FailingDiskStore(RunLedger):
+    """A store whose disk fails: acceptances are refused, or (``flush_fails``) not made durable."""
+
+    def __init__(self, *, flush_fails: bool = False) -> None:
+        super().__init__()
+        self.flush_fails = flush_fails
+
+    def accept(self, run_id: str, session_id: str) -> None:
+        if not self.flush_fails:
+            raise StoreError("the disk is failing")
+        super().accept(run_id, session_id)
+
+    async def flush(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if self.flush_fails:
+            raise StoreError("the disk is failing")
+
+
+@pytest.mark.parametrize("flush_fails", [False, True])
+async def test_a_failing_store_is_a_503_and_nothing_is_acknowledged(
+    autojump_clock, tmp_path: Path, flush_fails: bool
+):
+    store = FailingDiskStore(flush_fails=flush_fails)
+    async with open_backend(store) as backend:
+        service = RunService(backend, demo.coordinator_factory, workspace_root=tmp_path)
+        ws, _ = await service.create_workspace(CreateWorkspace("w"))
+        with refused(503, "store_unavailable"):
+            await service.submit(ws.id, SubmitMessage("s", "hello", "r1"))
+        if not flush_fails:  # refused before anything was recorded
+            assert store.state("r1") is None
+            assert store.statistics().accepted_total == 0

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import random
 from collections.abc import AsyncGenerator, Callable, Mapping
 from types import TracebackType
 from typing import Any, Final, cast
@@ -182,7 +183,8 @@ class RunsClient:
                 except httpx.TransportError as exc:
                     last_error = exc
                     logger.debug("%s %s failed (%r); retrying", method, path, exc)
-                    await trio.sleep(min(0.05 * 2**attempt, 1.0))
+                    # Jittered, so clients of a restarted server do not come back in step.
+                    await trio.sleep(min(0.05 * 2**attempt, 1.0) * random.uniform(0.5, 1.0))
                     continue
                 return response, attempt
         reason = f": {type(last_error).__name__}: {last_error}" if last_error else ""

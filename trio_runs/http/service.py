@@ -24,6 +24,7 @@ from ..errors import (
     InvalidRunId,
     NotSupported,
     SessionMissing,
+    StoreError,
     UnknownRun,
     WorkspaceClosing,
     WorkspaceNotFound,
@@ -192,6 +193,10 @@ class RunService:
             raise ApiError(422, "empty_prompt", str(exc)) from None
         except InvalidRunId as exc:
             raise ApiError(422, "invalid_run_id", str(exc)) from None
+        except StoreError as exc:
+            # Refused before anything was recorded (accept), or not yet durable (flush): either
+            # way not acknowledged; a retry with the same run id is safe.
+            raise ApiError(503, "store_unavailable", str(exc)) from None
 
     def _missing_workspace(self, workspace_id: str) -> ApiError:
         return ApiError(404, "workspace_not_found", f"no open workspace has id {workspace_id!r}")
