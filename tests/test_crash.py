@@ -76,7 +76,14 @@ def free_port() -> int:
 class Server:
     """One ``trio-runs serve`` process on a fixed port and database."""
 
-    def __init__(self, root: Path, db: Path, port: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        db: Path,
+        port: int,
+        extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(root / f"server-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -91,7 +98,9 @@ class Server:
                 str(db),
                 "--drain",
                 "0",
+                *(extra or []),
             ],
+            env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -335,3 +344,50 @@ def test_sigkill_at_random_moments_loses_and_shows_nothing_wrong(
     assert all(on_disk.get(run_id) is not None for run_id in everything)
     print(f"\ncrash figures over {ITERATIONS} kills (seed {SEED}): {figures}")
     assert figures["acknowledged"] > 0
+
+
+def test_a_run_set_to_rerun_runs_again_after_sigkill_and_its_client_gets_it(
+    started: list[Any], tmp_path: Path
+):
+    """D3's other policy: with ``after_crash="rerun"``, a run still going at the kill runs
+    again from the start after the restart (at least once), and the client blocked on it
+    rides through and gets its one completed terminal."""
+    db = tmp_path / "runs.db"
+    port = free_port()
+    log = tmp_path / "starts.log"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+        ),
+        "RERUN_AGENT_LOG": str(log),
+    }
+    extra = ["--agent", "rerun_agent:plugin"]
+    server = Server(tmp_path, db, port, extra, env)
+    started.append(server)
+    server.wait_ready()
+    rider = subprocess.Popen(
+        [
+            *CLI,
+            *("run", "--server", server.url, "--session", "s", "--run-id", "twice"),
+            *("--timeout", str(CLIENT_TIMEOUT), "sleep 2"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    started.append(rider)
+    deadline = time.monotonic() + START_BOUND
+    while not (log.exists() and log.read_text().count("twice") == 1):
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(0.02)
+    server.kill()
+    server = Server(tmp_path, db, port, extra, env)
+    started.append(server)
+    server.wait_ready()
+    out, err = rider.communicate(timeout=CLIENT_TIMEOUT + 10)
+    assert (rider.returncode, out.strip()) == (0, "slept 2"), err
+    assert log.read_text().split() == ["twice", "twice"]  # ran again, from the start
+    assert database_terminals(db)["twice"]["result"] == "slept 2"

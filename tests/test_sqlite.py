@@ -15,6 +15,7 @@ import trio.testing
 from trio_runs import (
     AgentMessage,
     DuplicateRun,
+    RunCall,
     RunComplete,
     SessionCoordinator,
     StoreError,
@@ -260,3 +261,66 @@ async def test_a_backend_on_sqlite_runs_submits_cancels_and_closes(tmp_path: Pat
         long: True,
         queued: True,
     }
+
+
+async def test_a_run_accepted_to_rerun_runs_again_after_a_crash(tmp_path: Path, real_clock):
+    db = tmp_path / "runs.db"
+    workspace = str(tmp_path / "w")
+    call = RunCall("s", "the prompt", "again")
+    async with open_sqlite_ledger(db) as store:
+        store.accept_rerunnable("again", "s", workspace, call)
+        store.accept("gone", "s")  # accepted without the policy: abandoned on recovery
+        with trio.fail_after(BOUND):
+            await store.flush()
+        # The process dies here: neither run ends (leaving the store ends no run).
+    agent = ScriptedAgent(return_("ran again"))
+    async with open_sqlite_ledger(db) as store:
+        assert store.state("again") == "pending"  # not abandoned: it is to run again
+        assert store.get("gone").abandoned  # type: ignore[union-attr]
+        async with open_backend(store) as backend:
+            assert backend.rerunnable_paths() == [workspace]
+            factory = SessionCoordinator.factory(agent, after_crash="rerun")
+            await backend.create_workspace(workspace, factory)
+            with trio.fail_after(BOUND):
+                rc = await backend.wait_run("again")
+            assert (rc.outcome, rc.result) == ("completed", "ran again")
+            assert backend.rerunnable_paths() == []
+    assert agent.calls == [call]  # at least once: here, exactly once more
+    async with open_sqlite_ledger(db) as store:
+        assert store.recovered == 0
+        assert store.get("again") == rc
+
+
+async def test_a_rerun_coordinator_stores_what_it_takes_to_run_again(tmp_path: Path, real_clock):
+    db = tmp_path / "runs.db"
+    agent = ScriptedAgent(sleep(60))
+    async with open_sqlite_ledger(db) as store, open_backend(store) as backend:
+        factory = SessionCoordinator.factory(agent, after_crash="rerun")
+        ws = await backend.create_workspace(tmp_path / "w", factory)
+        with trio.fail_after(BOUND):
+            run_id = await backend.submit(ws.id, AgentMessage("s", "long one"))
+        with sqlite3.connect(db) as connection:
+            stored = connection.execute(
+                "SELECT workspace, call FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+        assert stored[0] == ws.path
+        assert RunCall.from_json(stored[1]) == RunCall("s", "long one", run_id)
+        await backend.close_workspace(ws.id, grace=0.1)
+
+
+async def test_a_version_1_database_is_migrated(tmp_path: Path, real_clock):
+    db = tmp_path / "runs.db"
+    with sqlite3.connect(db) as connection:
+        connection.executescript(
+            "CREATE TABLE runs (run_id TEXT PRIMARY KEY, session_id TEXT NOT NULL,"
+            " accepted_at REAL NOT NULL, ended_at REAL, terminal TEXT,"
+            " size INTEGER NOT NULL DEFAULT 0);"
+            "INSERT INTO runs (run_id, session_id, accepted_at) VALUES ('old', 's', 1.0);"
+            "PRAGMA user_version = 1;"
+        )
+    async with open_sqlite_ledger(db) as store:
+        assert store.get("old").abandoned  # type: ignore[union-attr]
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(runs)")}
+    assert {"workspace", "call"} <= columns

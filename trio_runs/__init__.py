@@ -21,6 +21,7 @@ from .context import (
 )
 from .coordinator import (
     AcceptedRun,
+    AfterCrash,
     Agent,
     Coordinator,
     CoordinatorStatistics,
@@ -29,6 +30,7 @@ from .coordinator import (
     RetryPolicy,
     RunContext,
     SessionCoordinator,
+    SupportsAfterCrash,
     SupportsCancelRun,
     SupportsLaneQueries,
     SupportsStatistics,
@@ -61,12 +63,13 @@ from .events import (
     RunComplete,
     RunProgress,
 )
-from .ledger import LedgerStatistics, RunLedger, RunStore
+from .ledger import LedgerStatistics, RunLedger, RunStore, SupportsRerun
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AcceptedRun",
+    "AfterCrash",
     "Agent",
     "AgentMessage",
     "AgentNotInitialized",
@@ -105,8 +108,10 @@ __all__ = [
     "StoreError",
     "SubscriberOverflow",
     "Subscription",
+    "SupportsAfterCrash",
     "SupportsCancelRun",
     "SupportsLaneQueries",
+    "SupportsRerun",
     "SupportsStatistics",
     "TrioRunsError",
     "UnknownRun",

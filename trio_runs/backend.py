@@ -24,6 +24,7 @@ from .context import run_complete_published, with_run_complete_marker, with_run_
 from .coordinator import (
     Coordinator,
     Reservation,
+    SupportsAfterCrash,
     SupportsCancelRun,
     SupportsLaneQueries,
     SupportsStatistics,
@@ -46,7 +47,7 @@ from .events import (
     RunComplete,
     RunProgress,
 )
-from .ledger import LedgerStatistics, RunLedger, RunStore
+from .ledger import LedgerStatistics, RunLedger, RunStore, SupportsRerun
 
 __all__ = ["Backend", "BackendStatistics", "CoordinatorFactory", "Workspace", "open_backend"]
 
@@ -122,6 +123,8 @@ class Workspace:
         self._closing = False
         self._start_failed = False
         self._runs: set[str] = set()
+        # Whether a crash reruns this workspace's runs (its coordinator asks, the store can).
+        self._rerun_after_crash = False
 
     @property
     def closing(self) -> bool:
@@ -305,6 +308,11 @@ class Backend:
                 f"coordinator_factory must return a Coordinator or None, got {coordinator!r}"
             )
         workspace.coordinator = coordinator
+        workspace._rerun_after_crash = (
+            isinstance(coordinator, SupportsAfterCrash)
+            and coordinator.after_crash == "rerun"
+            and isinstance(self._ledger, SupportsRerun)
+        )
         # Claim the path before the await so a concurrent create for it waits for this one;
         # the id is published only once the nursery exists, so nothing can send to it early.
         self._by_path[resolved] = workspace
@@ -316,6 +324,7 @@ class Backend:
             self._unregister(workspace)
             raise
         logger.debug("workspace %s opened for %s", workspace.id, resolved)
+        self._rerun_recovered(workspace)
         return workspace
 
     async def _serve_workspace(
@@ -397,7 +406,12 @@ class Backend:
         # can drop it) before its task gets to run.
         accept = coordinator.begin_accepted(msg.session_id, call)
         try:
-            self._ledger.accept(run_id, msg.session_id)
+            if workspace._rerun_after_crash:
+                store = self._ledger
+                assert isinstance(store, SupportsRerun)
+                store.accept_rerunnable(run_id, msg.session_id, workspace.path, call)
+            else:
+                self._ledger.accept(run_id, msg.session_id)
             try:
                 nursery.start_soon(self._dispatch, workspace, coordinator, accept, call)
             except BaseException:
@@ -492,6 +506,40 @@ class Backend:
             # A pre-run failure (prepare, or anything before the coordinator published):
             # the lossy notification alone could be dropped and leave a waiter hanging.
             self._record(workspace, fallback_terminal(session_id, run_id, exc))
+
+    def rerunnable_paths(self) -> list[str]:
+        """Workspace paths whose runs a crash left to run again (open them to run them)."""
+        store = self._ledger
+        return store.rerunnable_paths() if isinstance(store, SupportsRerun) else []
+
+    def _rerun_recovered(self, workspace: Workspace) -> None:
+        # Runs the store recovered to run again (DESIGN D3, at-least-once): dispatched now,
+        # under their own ids, as if just accepted (the store holds them pending already).
+        store = self._ledger
+        if not isinstance(store, SupportsRerun):
+            return
+        calls = store.take_rerunnable(workspace.path)
+        if not calls:
+            return
+        logger.warning("workspace %s: running %d crashed run(s) again", workspace.id, len(calls))
+        coordinator = workspace.coordinator
+        nursery = workspace._nursery
+        assert nursery is not None
+        for call in calls:
+            if coordinator is None:
+                self._record(
+                    workspace,
+                    RunComplete(
+                        call.session_id,
+                        call.run_id,
+                        error="abandoned: the workspace has no agent to run it again",
+                        abandoned=True,
+                    ),
+                )
+                continue
+            accept = coordinator.begin_accepted(call.session_id, call)
+            nursery.start_soon(self._dispatch, workspace, coordinator, accept, call)
+            workspace._runs.add(call.run_id)
 
     def workspace_of(self, run_id: str) -> Workspace | None:
         """The workspace a run was dispatched in, while its dispatch is going on."""

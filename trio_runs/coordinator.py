@@ -20,7 +20,7 @@ import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Final, Protocol, runtime_checkable
+from typing import Final, Literal, Protocol, runtime_checkable
 
 import attrs
 import trio
@@ -42,6 +42,7 @@ from .ledger import RunStore
 
 __all__ = [
     "AcceptedRun",
+    "AfterCrash",
     "Agent",
     "Coordinator",
     "CoordinatorStatistics",
@@ -50,6 +51,7 @@ __all__ = [
     "RetryPolicy",
     "RunContext",
     "SessionCoordinator",
+    "SupportsAfterCrash",
     "SupportsCancelRun",
     "SupportsLaneQueries",
     "SupportsStatistics",
@@ -353,6 +355,21 @@ class SupportsLaneQueries(Protocol):
         ...
 
 
+AfterCrash = Literal["abandon", "rerun"]
+"""What a durable store does with a run of this coordinator still going when the process
+died: end it ``abandoned`` (the default), or ``rerun`` it from the start on restart."""
+
+
+@runtime_checkable
+class SupportsAfterCrash(Protocol):
+    """A coordinator that says what becomes of its runs after a crash (DESIGN D3)."""
+
+    @property
+    def after_crash(self) -> AfterCrash:
+        """``"abandon"`` or ``"rerun"`` (at-least-once execution, still one terminal)."""
+        ...
+
+
 @attrs.frozen(kw_only=True)
 class CoordinatorStatistics:
     """A snapshot of a :class:`SessionCoordinator`, from its ``statistics()``."""
@@ -435,7 +452,9 @@ class SessionCoordinator:
     ``agent(call, ctx)`` does the work. ``prepare()``, when given, is awaited before every
     run starts; if it raises, the run is a *pre-run* failure: nothing is published and the
     exception propagates (the dispatcher publishes the failed terminal). With ``retry``,
-    failed attempts are retried and only the final outcome is published.
+    failed attempts are retried and only the final outcome is published. ``after_crash``
+    says what a durable store does with a run still going when the process died: end it
+    abandoned (the default), or run it again from the start (``"rerun"``).
 
     ``run_accepted`` returns the run's terminal when it completed or was cancelled by this
     coordinator; re-raises the agent's exception (unwrapped) after publishing the failed
@@ -453,6 +472,7 @@ class SessionCoordinator:
         events: Broker[RunProgress] | None = None,
         prepare: Prepare | None = None,
         retry: RetryPolicy | None = None,
+        after_crash: AfterCrash = "abandon",
     ) -> None:
         if not callable(agent):
             raise TypeError(f"agent must be an async callable, got {agent!r}")
@@ -460,6 +480,9 @@ class SessionCoordinator:
             raise TypeError(f"prepare must be an async callable or None, got {prepare!r}")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy or None, got {retry!r}")
+        if after_crash not in ("abandon", "rerun"):
+            raise ValueError(f"after_crash must be 'abandon' or 'rerun', got {after_crash!r}")
+        self._after_crash: AfterCrash = after_crash
         self._agent = agent
         self._run_completions = run_completions
         self._ledger = ledger
@@ -478,6 +501,7 @@ class SessionCoordinator:
         *,
         prepare: Prepare | None = None,
         retry: RetryPolicy | None = None,
+        after_crash: AfterCrash = "abandon",
     ) -> Callable[[WorkspaceResources], SessionCoordinator]:
         """A ``coordinator_factory`` for ``Backend.create_workspace`` running ``agent``."""
 
@@ -489,9 +513,16 @@ class SessionCoordinator:
                 events=workspace.events,
                 prepare=prepare,
                 retry=retry,
+                after_crash=after_crash,
             )
 
         return make
+
+    @property
+    def after_crash(self) -> AfterCrash:
+        """``"abandon"`` or ``"rerun"``: a run still going when the process died (with a
+        durable store) ends abandoned, or runs again from the start on restart."""
+        return self._after_crash
 
     # -- queries -----------------------------------------------------------------------
 

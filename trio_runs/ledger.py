@@ -18,9 +18,16 @@ import trio
 
 from ._histogram import Histogram, HistogramRecorder
 from .errors import DuplicateRun, UnknownRun
-from .events import RunComplete
+from .events import RunCall, RunComplete
 
-__all__ = ["LedgerStatistics", "OnVisible", "RunLedger", "RunState", "RunStore"]
+__all__ = [
+    "LedgerStatistics",
+    "OnVisible",
+    "RunLedger",
+    "RunState",
+    "RunStore",
+    "SupportsRerun",
+]
 
 RunState = Literal["pending", "ending", "terminal"]
 """``pending``: accepted, no terminal yet; ``ending``: its terminal is decided (a second one
@@ -130,6 +137,32 @@ class RunStore(Protocol):
 
     def statistics(self) -> LedgerStatistics:
         """A frozen snapshot of the store's counters."""
+        ...
+
+
+@runtime_checkable
+class SupportsRerun(Protocol):
+    """A durable store that can run a crashed run again instead of abandoning it (DESIGN D3).
+
+    A run accepted with :meth:`accept_rerunnable` keeps its call and its workspace's path on
+    disk. If the process dies before it ends, the store's recovery keeps it *pending* (not
+    abandoned) and lists it by :meth:`rerunnable_paths`; the backend takes it with
+    :meth:`take_rerunnable` when that workspace is opened again and runs it from the start:
+    at-least-once execution, still exactly one terminal.
+    """
+
+    def accept_rerunnable(
+        self, run_id: str, session_id: str, workspace_path: str, call: RunCall
+    ) -> None:
+        """:meth:`RunStore.accept`, keeping what it takes to run the run again after a crash."""
+        ...
+
+    def rerunnable_paths(self) -> list[str]:
+        """The workspace paths with recovered runs still to be run again."""
+        ...
+
+    def take_rerunnable(self, workspace_path: str) -> list[RunCall]:
+        """The recovered runs of that workspace, oldest first, each handed out once."""
         ...
 
 

@@ -27,6 +27,7 @@ and released by the kernel when the process dies, however it dies.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import math
 import os
@@ -37,21 +38,21 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Final, Literal
+from typing import Final, Literal, cast
 
 import attrs
 import trio
 
 from ._histogram import HistogramRecorder
 from .errors import DuplicateRun, StoreError, UnknownRun
-from .events import RunComplete
+from .events import RunCall, RunComplete
 from .ledger import LedgerStatistics, OnVisible, RunState
 
 __all__ = ["SCHEMA_VERSION", "SqliteLedger", "SqliteRetention", "open_sqlite_ledger"]
 
 logger = logging.getLogger("trio_runs.sqlite")
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 """The database's ``PRAGMA user_version``; a newer file is refused, an older one migrated."""
 
 ABANDONED_ERROR: Final = "abandoned: the server stopped before the run ended"
@@ -64,10 +65,16 @@ CREATE TABLE IF NOT EXISTS runs (
     accepted_at REAL NOT NULL,
     ended_at    REAL,
     terminal    TEXT,
-    size        INTEGER NOT NULL DEFAULT 0
+    size        INTEGER NOT NULL DEFAULT 0,
+    workspace   TEXT,
+    call        TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_pending ON runs(accepted_at) WHERE ended_at IS NULL;
 """
+# Version 1 -> 2: a run accepted to be run again after a crash keeps its workspace and call.
+_MIGRATIONS: Final = {
+    1: "ALTER TABLE runs ADD COLUMN workspace TEXT; ALTER TABLE runs ADD COLUMN call TEXT;",
+}
 
 
 @attrs.frozen(kw_only=True)
@@ -108,7 +115,7 @@ class _Retained:
 
 
 # Writes, in the order the Trio thread made them.
-_Accept = tuple[Literal["accept"], str, str, float]
+_Accept = tuple[Literal["accept"], str, str, float, str | None, str | None]
 _End = tuple[Literal["end"], str, str, float, str, int]
 _Withdraw = tuple[Literal["withdraw"], str]
 _Evict = tuple[Literal["evict"], tuple[str, ...]]
@@ -163,6 +170,7 @@ class SqliteLedger:
         self._delivery = HistogramRecorder()
         self._closed = False
         self._writer_exited = trio.Event()
+        self._rerun: dict[str, list[RunCall]] = {}
 
     # -- introspection -------------------------------------------------------------------
 
@@ -214,7 +222,31 @@ class SqliteLedger:
         self._check_usable()
         self._pending[run_id] = _Waiting(session_id)
         self._accepted_total += 1
-        self._write(("accept", run_id, session_id, time.time()))
+        self._write(("accept", run_id, session_id, time.time(), None, None))
+
+    def accept_rerunnable(
+        self, run_id: str, session_id: str, workspace_path: str, call: RunCall
+    ) -> None:
+        """:meth:`accept`, keeping the call and workspace path so a crash reruns it (D3).
+
+        Raises what ``accept`` raises, and ``ValueError`` for a call whose attachments
+        cannot be stored as JSON; nothing is recorded then.
+        """
+        if run_id in self._pending or run_id in self._ending or run_id in self._retained:
+            raise DuplicateRun(run_id)
+        self._check_usable()
+        encoded = json.dumps(call.to_dict())
+        self._pending[run_id] = _Waiting(session_id)
+        self._accepted_total += 1
+        self._write(("accept", run_id, session_id, time.time(), workspace_path, encoded))
+
+    def rerunnable_paths(self) -> list[str]:
+        """The workspace paths with recovered runs still to be run again."""
+        return [path for path, calls in self._rerun.items() if calls]
+
+    def take_rerunnable(self, workspace_path: str) -> list[RunCall]:
+        """The recovered runs of that workspace, oldest first; each is handed out once."""
+        return self._rerun.pop(workspace_path, [])
 
     def withdraw(self, run_id: str) -> None:
         """Undo the ``accept`` of a run never started; a no-op unless it is pending."""
@@ -517,13 +549,14 @@ def _apply(connection: sqlite3.Connection, batch: list[_Write]) -> list[tuple[st
         for write in batch:
             kind = write[0]
             if kind == "accept":
-                _, run_id, session_id, at = write  # type: ignore[misc]
+                _, run_id, session_id, at, workspace, call = cast(_Accept, write)
                 connection.execute(
-                    "INSERT INTO runs (run_id, session_id, accepted_at) VALUES (?, ?, ?)",
-                    (run_id, session_id, at),
+                    "INSERT INTO runs (run_id, session_id, accepted_at, workspace, call)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (run_id, session_id, at, workspace, call),
                 )
             elif kind == "end":
-                _, run_id, session_id, at, encoded, size = write  # type: ignore[misc]
+                _, run_id, session_id, at, encoded, size = cast(_End, write)
                 connection.execute(
                     "INSERT INTO runs (run_id, session_id, accepted_at, ended_at, terminal, size)"
                     " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET"
@@ -577,11 +610,15 @@ def _connect(
     return connection
 
 
+_Unended = tuple[str, str, "str | None", "str | None"]
+
+
 def _prepare(
     path: str, synchronous: str, busy_timeout: float
-) -> tuple[sqlite3.Connection, list[tuple[str, str]]]:
-    # Blocking: runs in a worker thread. Opens (or creates) the file, checks its schema, and
-    # returns the writer's connection and the runs that were accepted and never ended.
+) -> tuple[sqlite3.Connection, list[_Unended]]:
+    # Blocking: runs in a worker thread. Opens (or creates) the file, checks (and migrates)
+    # its schema, and returns the writer's connection and the runs accepted and never ended:
+    # (run id, session id, workspace path and call JSON when it is to be run again).
     try:
         connection = _connect(path, synchronous, busy_timeout, check_same_thread=False)
         version = connection.execute("PRAGMA user_version").fetchone()[0]
@@ -592,14 +629,19 @@ def _prepare(
                 f"{SCHEMA_VERSION}: upgrade trio-runs, or use another --db"
             )
         with connection:
-            connection.executescript(_SCHEMA)
+            if version == 0:
+                connection.executescript(_SCHEMA)  # a new file: the latest schema
+            else:
+                for step in range(version, SCHEMA_VERSION):
+                    connection.executescript(_MIGRATIONS[step])
             connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         unended = connection.execute(
-            "SELECT run_id, session_id FROM runs WHERE ended_at IS NULL ORDER BY accepted_at"
+            "SELECT run_id, session_id, workspace, call FROM runs WHERE ended_at IS NULL"
+            " ORDER BY accepted_at, rowid"
         ).fetchall()
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{path} cannot be used as a run database: {exc}") from None
-    return connection, [(str(r), str(s)) for r, s in unended]
+    return connection, [(str(r), str(s), w, c) for r, s, w, c in unended]
 
 
 def _load_retained(
@@ -650,20 +692,35 @@ async def open_sqlite_ledger(
             ledger = SqliteLedger(
                 path, retention, cache_bytes, trio.lowlevel.current_trio_token(), reader
             )
-            await trio.to_thread.run_sync(_recover, writer, unended)
+            abandoned = [(r, sid) for r, sid, _, call in unended if call is None]
+            await trio.to_thread.run_sync(_recover, writer, abandoned)
             for run_id, session_id, size, ended_at in await trio.to_thread.run_sync(
                 _load_retained, writer
             ):
                 ledger._retained[run_id] = _Retained(session_id, size, ended_at)
                 ledger._order.append(run_id)
                 ledger._retained_bytes += size
+            for run_id, session_id, workspace, call in unended:
+                if call is not None and workspace is not None:
+                    # Run again from the start: pending until its new terminal.
+                    ledger._pending[run_id] = _Waiting(session_id)
+                    ledger._rerun.setdefault(workspace, []).append(
+                        RunCall.from_dict(json.loads(call))
+                    )
             ledger._recovered = len(unended)
-            if unended:
+            if abandoned:
                 logger.warning(
                     "%s: %d run(s) were accepted and never ended (the server stopped): "
                     "each ended abandoned",
                     path,
-                    len(unended),
+                    len(abandoned),
+                )
+            if len(unended) > len(abandoned):
+                logger.warning(
+                    "%s: %d run(s) were accepted and never ended: each runs again when its "
+                    "workspace opens",
+                    path,
+                    len(unended) - len(abandoned),
                 )
             ledger._evict(time.time())
             thread = threading.Thread(
@@ -693,6 +750,7 @@ async def open_sqlite_ledger(
 
 
 def _recover(connection: sqlite3.Connection, unended: list[tuple[str, str]]) -> None:
+    # Blocking. Ends each run abandoned, durably, before the store is handed out.
     if not unended:
         return
     now = time.time()

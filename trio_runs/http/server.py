@@ -241,6 +241,9 @@ async def _serve(
     shutdown = trio.Event()
     stop_http = trio.Event()
     async with open_backend(store, close_grace=options.close_grace) as backend:
+        # Runs a crash left to run again (D3) start before the first request is served.
+        for path in backend.rerunnable_paths():
+            await backend.create_workspace(path, factory)
         service = RunService(
             backend,
             factory,
