@@ -8,6 +8,7 @@ the outcome is always either a well-typed request or an ``ApiError`` whose statu
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trio_runs import RunComplete
+from trio_runs._validation import ID_PATTERN, validate_submission
 from trio_runs.http.openapi import openapi_document
 from trio_runs.http.schema import (
     MAX_BODY_BYTES,
@@ -79,18 +81,76 @@ def test_any_json_value_decodes_or_is_refused_cleanly(value: Any):
         assert set(value) <= {"session_id", "prompt", "run_id"}
         assert message.session_id == value["session_id"]
         assert message.prompt == value["prompt"]
-        assert message.run_id == (value.get("run_id") or "")
+        assert message.run_id == value.get("run_id")
     assert status in {202, 400, 422}
 
 
-@settings(max_examples=200, deadline=None)
+def library_accepts(session_id: str, prompt: str, run_id: str | None) -> bool:
+    try:
+        validate_submission(session_id, prompt, run_id or "", ())
+    except ValueError:
+        return False
+    return run_id != ""
+
+
+@settings(max_examples=300, deadline=None)
 @given(session_id=st.text(), prompt=st.text(), run_id=st.none() | st.text())
-def test_well_typed_submissions_round_trip(session_id: str, prompt: str, run_id: str | None):
+def test_well_typed_submissions_decode_exactly_when_the_library_accepts_them(
+    session_id: str, prompt: str, run_id: str | None
+):
+    # One rule: the HTTP decoder refuses what Backend.send_message would refuse, no more.
     data: dict[str, Any] = {"session_id": session_id, "prompt": prompt}
     if run_id is not None:
         data["run_id"] = run_id
-    decoded = decode_submit(json.dumps(data).encode(), JSON)
-    assert decoded == SubmitMessage(session_id, prompt, run_id or "")
+    refusal: ApiError | None = None
+    try:
+        decoded = decode_submit(json.dumps(data).encode(), JSON)
+    except ApiError as error:
+        refusal = error
+    if refusal is not None:
+        assert (refusal.status, refusal.code) in REFUSALS, refusal
+        assert not library_accepts(session_id, prompt, run_id)
+    else:
+        assert decoded == SubmitMessage(session_id, prompt, run_id)
+        assert library_accepts(session_id, prompt, run_id)
+
+
+REFUSALS = {
+    (422, "session_missing"),
+    (422, "invalid_session_id"),
+    (422, "empty_prompt"),
+    (422, "invalid_prompt"),
+    (422, "invalid_run_id"),
+}
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        ({"session_id": "a/b", "prompt": "p"}, "invalid_session_id"),
+        ({"session_id": "..", "prompt": "p"}, "invalid_session_id"),
+        ({"session_id": "s\n", "prompt": "p"}, "invalid_session_id"),
+        ({"session_id": "s\ud800", "prompt": "p"}, "invalid_session_id"),
+        ({"session_id": "s", "prompt": "p\x00"}, "invalid_prompt"),
+        ({"session_id": "s", "prompt": "\udfff"}, "invalid_prompt"),
+        ({"session_id": "s", "prompt": "p", "run_id": "."}, "invalid_run_id"),
+        ({"session_id": "s", "prompt": "p", "run_id": ""}, "invalid_run_id"),
+        ({"session_id": "s", "prompt": "p", "run_id": "r\n"}, "invalid_run_id"),
+        ({"session_id": "s", "prompt": "p", "run_id": "r", "x": 1}, "invalid_request"),
+    ],
+)
+def test_values_the_rule_refuses_get_their_typed_code(data: dict[str, Any], code: str):
+    with pytest.raises(ApiError) as info:
+        decode_submit(json.dumps(data).encode(), JSON)
+    assert (info.value.status, info.value.code) == (422, code)
+
+
+def test_a_trailing_newline_is_refused_although_python_dollar_would_let_it_through():
+    # Python's '$' matches before a final newline: the pattern alone would take "r\n".
+    assert re.search(ID_PATTERN, "r\n")
+    with pytest.raises(ApiError) as info:
+        decode_submit(b'{"session_id": "s", "prompt": "p", "run_id": "r\\n"}', JSON)
+    assert info.value.code == "invalid_run_id"
 
 
 @settings(max_examples=100, deadline=None)
@@ -144,6 +204,10 @@ def test_a_body_over_one_mebibyte_is_413_whatever_it_holds():
         (b'{"path": ""}', "invalid_request"),
         (b'{"path": "  "}', "invalid_request"),
         (b'{"path": "a\\u0000b"}', "invalid_request"),
+        (b'{"path": "a\\nb"}', "invalid_request"),
+        (b'{"path": "a\\u001bb"}', "invalid_request"),
+        (b'{"path": "a\\ud800"}', "invalid_request"),
+        (b'{"path": "' + b"x" * 4097 + b'"}', "invalid_request"),
         (b'{"path": 3}', "invalid_request"),
         (b'{"path": "a", "b": 1}', "invalid_request"),
         (b"{}", "invalid_request"),
@@ -161,7 +225,16 @@ def test_a_workspace_path_decodes():
 
 @pytest.mark.parametrize(
     ("query", "expected"),
-    [({}, 30.0), ({"timeout": "0"}, 0.0), ({"timeout": "2.5"}, 2.5), ({"timeout": "60"}, 60.0)],
+    [
+        ({}, 30.0),
+        ({"timeout": "0"}, 0.0),
+        ({"timeout": "2.5"}, 2.5),
+        ({"timeout": "60"}, 60.0),
+        ({"timeout": "1e1"}, 10.0),
+        ({"timeout": "1E-5"}, 1e-5),
+        ({"timeout": "0.0"}, 0.0),
+        ({"timeout": "-0"}, 0.0),
+    ],
 )
 def test_wait_timeouts_in_range(query: dict[str, str], expected: float):
     assert parse_wait_timeout(query) == expected
@@ -175,6 +248,18 @@ def test_wait_timeouts_in_range(query: dict[str, str], expected: float):
         {"timeout": "nan"},
         {"timeout": "inf"},
         {"timeout": "soon"},
+        {"timeout": "1_0"},
+        {"timeout": "+5"},
+        {"timeout": " 5"},
+        {"timeout": "5\n"},
+        {"timeout": "05"},
+        {"timeout": ".5"},
+        {"timeout": "5."},
+        {"timeout": "0x10"},
+        {"timeout": "\u0661"},
+        {"timeout": "Infinity"},
+        {"timeout": "1e400"},
+        {"timeout": ""},
         {"timeout": "1", "other": "x"},
     ],
 )

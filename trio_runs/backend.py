@@ -18,7 +18,7 @@ import trio
 
 from ._histogram import Histogram
 from ._terminals import fallback_terminal, is_cancellation, non_cancelled_leaves, record_terminal
-from ._validation import validate_submission
+from ._validation import validate_submission, validate_workspace_path
 from .broker import Broker
 from .context import run_complete_published, with_run_complete_marker, with_run_id
 from .coordinator import (
@@ -379,7 +379,8 @@ class Backend:
 
         Raises, synchronously and with nothing reserved, registered or started:
         ``WorkspaceNotFound``, ``WorkspaceClosing``, ``AgentNotInitialized``,
-        ``SessionMissing``, ``EmptyPrompt``, ``InvalidRunId``, ``DuplicateRun``, or
+        ``SessionMissing``, ``InvalidSessionId``, ``EmptyPrompt``, ``InvalidRunId``,
+        ``DuplicateRun``, ``ValueError`` for a prompt holding NUL or lone surrogates, or
         ``TypeError`` for a ``msg`` that is not an ``AgentMessage``.
         """
         if not isinstance(msg, AgentMessage):
@@ -619,6 +620,7 @@ def _resolve(path: str | os.PathLike[str]) -> str:
         raise TypeError("path must be a text path, not bytes")
     if not raw.strip():
         raise ValueError("path must not be empty")
+    validate_workspace_path(raw)
     return os.path.realpath(raw)
 
 

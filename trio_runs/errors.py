@@ -14,6 +14,7 @@ __all__ = [
     "DuplicateRun",
     "EmptyPrompt",
     "InvalidRunId",
+    "InvalidSessionId",
     "NotSupported",
     "RedisUnavailable",
     "SessionMissing",
@@ -76,11 +77,23 @@ class SessionMissing(TrioRunsError, ValueError):
 
 
 class InvalidRunId(TrioRunsError, ValueError):
-    """A caller-supplied run id is not usable (blank, too long, or not a string)."""
+    """A caller-supplied run id breaks the identifier rule (or is not a string): whitespace,
+    a control character, a lone surrogate or ``/`` in it, ``.`` or ``..``, empty, or over
+    256 characters. Such an id could not be addressed in a URL path."""
 
     def __init__(self, run_id: object, reason: str) -> None:
         super().__init__(f"invalid run id {run_id!r}: {reason}")
         self.run_id = run_id
+
+
+class InvalidSessionId(TrioRunsError, ValueError):
+    """A session id breaks the identifier rule: whitespace, a control character, a lone
+    surrogate or ``/`` in it, ``.`` or ``..``, or over 256 characters (a blank one is
+    :class:`SessionMissing`). Such an id could not be addressed in a URL path."""
+
+    def __init__(self, session_id: object, reason: str) -> None:
+        super().__init__(f"invalid session id {session_id!r}: {reason}")
+        self.session_id = session_id
 
 
 class DuplicateRun(TrioRunsError, ValueError):

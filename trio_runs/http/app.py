@@ -29,6 +29,7 @@ from .openapi import openapi_document
 from .schema import (
     MAX_BODY_BYTES,
     ApiError,
+    check_path_id,
     decode_create_workspace,
     decode_submit,
     parse_wait_timeout,
@@ -147,8 +148,9 @@ def create_app(
     """
 
     def path(request: Request, name: str) -> str:
+        # A run or session id that breaks the identifier rule is a 422 (it was never accepted).
         value: str = request.path_params[name]
-        return value
+        return check_path_id(name, value)
 
     async def healthz(request: Request) -> Response:
         return json_response({"status": "draining" if service.draining else "ok"})
@@ -188,8 +190,6 @@ def create_app(
         _no_query(request)
         workspace_id = path(request, "workspace_id")
         decoded = decode_submit(await _read_body(request), request.headers.get("content-type"))
-        if "/" in decoded.run_id:
-            raise ApiError(422, "invalid_run_id", "a run id sent over HTTP must not contain '/'")
         run_id = await service.submit(workspace_id, decoded)
         return json_response({"run_id": run_id}, 202)
 

@@ -73,7 +73,19 @@ class SseEvent:
 
 
 def _quote(segment: str) -> str:
-    return quote(segment, safe="")
+    # One path segment, every byte but the unreserved ones percent-encoded ('/' included).
+    # A segment of dots is encoded too: clients (httpx included) drop "." and ".." segments
+    # as they build a URL, and the request would reach another route instead of being
+    # refused for its id. A lone surrogate has no UTF-8 form (and is never in a valid id):
+    # refused here, the way the server refuses it in a body.
+    if segment in {".", ".."}:
+        return segment.replace(".", "%2E")
+    try:
+        return quote(segment, safe="")
+    except UnicodeEncodeError:
+        raise ClientError(
+            422, "invalid_request", f"{segment!r} holds lone surrogates: it is not an id"
+        ) from None
 
 
 def _error_of(response: httpx.Response) -> ClientError:

@@ -1,32 +1,64 @@
 """The HTTP API's values: strict request decoding, response views, and the error shape.
 
+The request and response shapes are :mod:`msgspec` structs with their constraints attached
+(``Annotated[..., Meta(...)]``): the server validates requests with exactly these
+declarations, and :mod:`.openapi` generates the published JSON Schema from them, so the
+document and the server cannot disagree. The id, prompt and path constraints are the
+library's own rule (:mod:`trio_runs._validation`), the one ``Backend.send_message`` applies.
+
 Decoding never raises anything but :class:`ApiError`, whatever bytes arrive: malformed JSON
 is a 400, a body that is not JSON a 415, a body over :data:`MAX_BODY_BYTES` a 413, and a
-JSON value of the wrong shape (wrong types, missing or unknown fields) a 422. Every error
-response has the body ``{"error": {"code": ..., "message": ...}}``.
+JSON value of the wrong shape (wrong types, missing or unknown fields, a value the rule
+refuses) a 422 with a typed code where there is one (``session_missing``,
+``invalid_session_id``, ``empty_prompt``, ``invalid_prompt``, ``invalid_run_id``). Every
+error response has the body ``{"error": {"code": ..., "message": ...}}``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
-from typing import Any, Final
+import re
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, Final, TypeVar
 
-import attrs
+import msgspec
+from msgspec import Meta
 
+from .._validation import (
+    ID_PATTERN,
+    MAX_ID_LENGTH,
+    PATH_PATTERN,
+    PROMPT_PATTERN,
+    id_problem,
+    prompt_problem,
+    workspace_path_problem,
+)
 from ..events import RunComplete
 
 __all__ = [
     "MAX_BODY_BYTES",
+    "MAX_PATH_LENGTH",
     "MAX_WAIT_SECONDS",
+    "RUN_STATES",
+    "Accepted",
     "ApiError",
     "CreateWorkspace",
+    "ErrorBody",
+    "ErrorDetail",
+    "Health",
+    "Id",
+    "Prompt",
     "QueuedRun",
     "RunView",
     "SessionView",
     "SubmitMessage",
+    "WaitSeconds",
+    "WorkspaceId",
+    "WorkspaceList",
+    "WorkspacePath",
     "WorkspaceView",
+    "check_path_id",
     "decode_create_workspace",
     "decode_json_object",
     "decode_submit",
@@ -36,10 +68,69 @@ __all__ = [
 MAX_BODY_BYTES: Final = 1 << 20
 """The largest request body the server reads (1 MiB); a larger one is refused with 413."""
 
+MAX_PATH_LENGTH: Final = 4096
+"""The longest workspace path a client may send, in characters (Linux's ``PATH_MAX``)."""
+
 MAX_WAIT_SECONDS: Final = 60.0
 """The longest a ``/wait`` long poll may be asked to block."""
 
 DEFAULT_WAIT_SECONDS: Final = 30.0
+
+RUN_STATES: Final = ("pending", "queued", "active", "completed", "failed", "cancelled")
+"""What ``RunView.state`` can say."""
+
+# -- the constrained values ---------------------------------------------------------------
+
+Id = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=MAX_ID_LENGTH,
+        pattern=ID_PATTERN,
+        description=(
+            f"1 to {MAX_ID_LENGTH} characters; no whitespace, control characters or '/', "
+            "and not '.' or '..' (so it is addressable in a URL path once percent-encoded)"
+        ),
+    ),
+]
+"""A run or session id: the identifier rule."""
+
+Prompt = Annotated[
+    str,
+    Meta(pattern=PROMPT_PATTERN, description="text: not blank, no NUL characters"),
+]
+"""A prompt: not blank, no NUL."""
+
+WorkspacePath = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=MAX_PATH_LENGTH,
+        pattern=PATH_PATTERN,
+        description=(
+            "resolved against the server's workspace root, and confined to it; "
+            "not blank, no control characters"
+        ),
+    ),
+]
+"""A workspace path as a client sends it."""
+
+WorkspaceId = Annotated[
+    str, Meta(extra_json_schema={"format": "uuid"}, description="minted by the server (a UUID)")
+]
+"""A workspace id: the server mints them (``Backend.create_workspace``), as UUID strings."""
+
+WaitSeconds = Annotated[
+    float,
+    Meta(
+        ge=0,
+        le=MAX_WAIT_SECONDS,
+        description=f"seconds to block, 0 to {MAX_WAIT_SECONDS:g} (default 30)",
+    ),
+]
+"""The ``timeout`` of ``/wait``."""
+
+_State = Annotated[str, Meta(extra_json_schema={"enum": list(RUN_STATES)})]
 
 
 class ApiError(Exception):
@@ -68,6 +159,27 @@ class ApiError(Exception):
 
 def _invalid(message: str) -> ApiError:
     return ApiError(422, "invalid_request", message)
+
+
+# -- requests -----------------------------------------------------------------------------
+
+
+class CreateWorkspace(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``POST /v1/workspaces``: open (or find) the workspace for ``path``."""
+
+    path: WorkspacePath
+
+
+class SubmitMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``POST /v1/workspaces/{id}/messages``: a prompt for a session, maybe with its run id.
+
+    Without ``run_id`` (or with ``null``) the server mints one; minting it client-side makes
+    a retry safe (a second submission of the same id is refused as a duplicate).
+    """
+
+    session_id: Id
+    prompt: Prompt
+    run_id: Id | None = None
 
 
 def _reject_constant(name: str) -> Any:
@@ -125,76 +237,89 @@ def _json_type(value: object) -> str:
     return "an object"
 
 
-def _check_fields(
-    data: Mapping[str, Any], required: tuple[str, ...], optional: tuple[str, ...] = ()
-) -> None:
-    missing = [key for key in required if key not in data]
-    if missing:
-        raise _invalid(f"missing field(s): {', '.join(missing)}")
-    unknown = sorted(key for key in data if key not in required and key not in optional)
-    if unknown:
-        shown = ", ".join(repr(key)[:80] for key in unknown[:5])
-        raise _invalid(f"unknown field(s): {shown}")
+_T = TypeVar("_T")
 
 
-def _string(data: Mapping[str, Any], key: str) -> str:
-    value = data[key]
-    if not isinstance(value, str):
-        raise _invalid(f"field {key!r} must be a string, got {_json_type(value)}")
+def _convert(data: dict[str, Any], kind: type[_T], typed: Callable[[dict[str, Any]], None]) -> _T:
+    # The struct decides what is valid; ``typed`` turns a refusal the library's rule can
+    # name into its typed error. It also runs on success: the rule is the authority where
+    # a pattern cannot say everything (lone surrogates).
+    try:
+        value = msgspec.convert(data, kind)
+    except msgspec.ValidationError as exc:
+        typed(data)
+        raise _invalid(str(exc)) from None
+    typed(data)
     return value
 
 
-@attrs.frozen(slots=True)
-class CreateWorkspace:
-    """``POST /v1/workspaces``: open (or find) the workspace for ``path``."""
+def _typed_submit(data: dict[str, Any]) -> None:
+    session_id, prompt, run_id = (data.get(k) for k in ("session_id", "prompt", "run_id"))
+    if isinstance(session_id, str):
+        if not session_id.strip():
+            raise ApiError(422, "session_missing", "the message has no session_id")
+        problem = id_problem(session_id)
+        if problem is not None:
+            raise ApiError(
+                422, "invalid_session_id", f"invalid session id {session_id!r}: {problem}"
+            )
+    if isinstance(prompt, str):
+        problem = prompt_problem(prompt)
+        if problem is not None:
+            raise ApiError(422, "invalid_prompt", problem)
+        if not prompt.strip():
+            raise ApiError(422, "empty_prompt", "the prompt is empty")
+    if isinstance(run_id, str):
+        problem = id_problem(run_id)
+        if problem is not None:
+            raise ApiError(422, "invalid_run_id", f"invalid run id {run_id!r}: {problem}")
 
-    path: str
 
-
-@attrs.frozen(slots=True)
-class SubmitMessage:
-    """``POST /v1/workspaces/{id}/messages``: a prompt for a session, maybe with its run id.
-
-    An empty ``run_id`` asks the server to mint one.
-    """
-
-    session_id: str
-    prompt: str
-    run_id: str = ""
+def _typed_workspace(data: dict[str, Any]) -> None:
+    path = data.get("path")
+    if isinstance(path, str):
+        problem = workspace_path_problem(path)
+        if problem is not None:
+            raise _invalid(problem)
 
 
 def decode_create_workspace(body: bytes, content_type: str | None) -> CreateWorkspace:
     """Decode ``{"path": str}``; raises :class:`ApiError` (see :func:`decode_json_object`)."""
-    data = decode_json_object(body, content_type)
-    _check_fields(data, ("path",))
-    path = _string(data, "path")
-    if not path.strip():
-        raise _invalid("field 'path' must not be blank")
-    if "\x00" in path:
-        raise _invalid("field 'path' must not contain NUL characters")
-    return CreateWorkspace(path)
+    return _convert(decode_json_object(body, content_type), CreateWorkspace, _typed_workspace)
 
 
 def decode_submit(body: bytes, content_type: str | None) -> SubmitMessage:
     """Decode ``{"session_id": str, "prompt": str, "run_id"?: str | null}``.
 
-    Raises :class:`ApiError` (see :func:`decode_json_object`). Blank sessions, blank prompts
-    and unusable run ids are left to the backend, which refuses them with typed errors.
+    Raises :class:`ApiError` (see :func:`decode_json_object`); a value the identifier rule
+    (or the prompt rule) refuses is a 422 with its typed code.
     """
-    data = decode_json_object(body, content_type)
-    _check_fields(data, ("session_id", "prompt"), ("run_id",))
-    run_id = data.get("run_id")
-    if run_id is None:
-        run_id = ""
-    elif not isinstance(run_id, str):
-        raise _invalid(f"field 'run_id' must be a string or null, got {_json_type(run_id)}")
-    return SubmitMessage(_string(data, "session_id"), _string(data, "prompt"), run_id)
+    return _convert(decode_json_object(body, content_type), SubmitMessage, _typed_submit)
+
+
+def check_path_id(name: str, value: str) -> str:
+    """Return the path parameter ``value``; a run or session id that breaks the identifier
+    rule is a 422 (``invalid_run_id``, ``invalid_session_id``, ``session_missing``)."""
+    if name == "run_id":
+        problem = id_problem(value)
+        if problem is not None:
+            raise ApiError(422, "invalid_run_id", f"invalid run id {value!r}: {problem}")
+    elif name == "session_id":
+        _typed_submit({"session_id": value})
+    return value
+
+
+# JSON's number grammar, nothing else: no '_' separators, no sign but '-', no surrounding
+# space, no 'nan' or 'inf', no non-ASCII digits (all of which float() takes).
+_NUMBER: Final = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 
 
 def parse_wait_timeout(query: Mapping[str, str]) -> float:
     """The ``timeout`` query parameter of ``/wait``: seconds in ``[0, 60]``, default 30.
 
-    Raises :class:`ApiError` 422 for any other parameter or a value out of range.
+    Strict: the value must be a JSON number (``10``, ``2.5``, ``1e1``). Raises
+    :class:`ApiError` 422 ``invalid_query`` for anything else, a value out of range, or any
+    other parameter.
     """
     unknown = sorted(key for key in query if key != "timeout")
     if unknown:
@@ -203,23 +328,61 @@ def parse_wait_timeout(query: Mapping[str, str]) -> float:
     if raw is None:
         return DEFAULT_WAIT_SECONDS
     try:
+        if not _NUMBER.fullmatch(raw):
+            raise ValueError(raw)
         seconds = float(raw)
-    except ValueError:
-        seconds = math.nan
-    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_WAIT_SECONDS:
+        if not math.isfinite(seconds):
+            raise ValueError(raw)
+        return float(msgspec.convert(seconds, WaitSeconds))
+    except (ValueError, msgspec.ValidationError):
         raise ApiError(
             422,
             "invalid_query",
             f"timeout must be a number of seconds from 0 to {MAX_WAIT_SECONDS:g}, got {raw!r}",
-        )
-    return seconds
+        ) from None
 
 
-@attrs.frozen(slots=True)
-class WorkspaceView:
-    """A workspace as the API shows it."""
+# -- responses ----------------------------------------------------------------------------
 
-    id: str
+
+def _from_dict(kind: type[_T], data: object) -> _T:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{kind.__name__}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return msgspec.convert(data, kind)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"{kind.__name__}: {exc}") from None
+
+
+class ErrorDetail(msgspec.Struct, frozen=True):
+    """What went wrong: a stable machine-readable ``code`` and a message for people."""
+
+    code: Annotated[str, Meta(examples=["workspace_not_found"])]
+    message: str
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    """Every error response: ``{"error": {"code", "message"}}``, never a traceback."""
+
+    error: ErrorDetail
+
+
+class Health(msgspec.Struct, frozen=True):
+    """``GET /healthz``: ``draining`` once shutdown began."""
+
+    status: Annotated[str, Meta(extra_json_schema={"enum": ["ok", "draining"]})]
+
+
+class Accepted(msgspec.Struct, frozen=True):
+    """``202`` to a submission: the run's id, minted by the server if the client sent none."""
+
+    run_id: str
+
+
+class WorkspaceView(msgspec.Struct, frozen=True):
+    """A workspace as the API shows it: ``path`` is resolved under the workspace root."""
+
+    id: WorkspaceId
     path: str
     closing: bool = False
 
@@ -230,25 +393,26 @@ class WorkspaceView:
     @classmethod
     def from_dict(cls, data: object) -> WorkspaceView:
         """Decode :meth:`to_dict`'s output; raises ``ValueError`` on a malformed body."""
-        if not isinstance(data, Mapping):
-            raise ValueError(f"WorkspaceView: expected a JSON object, got {type(data).__name__}")
-        ws_id, path, closing = data.get("id"), data.get("path"), data.get("closing", False)
-        if not (isinstance(ws_id, str) and isinstance(path, str) and isinstance(closing, bool)):
-            raise ValueError("WorkspaceView: id and path must be strings, closing a boolean")
-        return cls(ws_id, path, closing)
+        return _from_dict(cls, data)
 
 
-@attrs.frozen(slots=True)
-class RunView:
+class WorkspaceList(msgspec.Struct, frozen=True):
+    """``GET /v1/workspaces``: every open (or closing) workspace."""
+
+    workspaces: list[WorkspaceView]
+
+
+class RunView(msgspec.Struct, frozen=True):
     """A run as the API shows it: its state, and its terminal once it has one.
 
     ``state`` is ``pending`` (accepted, not yet queued or started), ``queued``, ``active``,
-    or the terminal's outcome: ``completed``, ``failed`` or ``cancelled``.
+    or the terminal's outcome: ``completed``, ``failed`` or ``cancelled``. ``terminal`` is
+    present only once the run ended.
     """
 
     run_id: str
     session_id: str
-    state: str
+    state: _State
     terminal: RunComplete | None = None
 
     @property
@@ -272,17 +436,15 @@ class RunView:
         """Decode :meth:`to_dict`'s output; raises ``ValueError`` on a malformed body."""
         if not isinstance(data, Mapping):
             raise ValueError(f"RunView: expected a JSON object, got {type(data).__name__}")
-        run_id, session_id, state = (data.get(k) for k in ("run_id", "session_id", "state"))
-        if not (isinstance(run_id, str) and isinstance(session_id, str) and isinstance(state, str)):
-            raise ValueError("RunView: run_id, session_id and state must be strings")
         raw = data.get("terminal")
         terminal = RunComplete.from_dict(raw) if raw is not None else None
-        return cls(run_id, session_id, state, terminal)
+        view = _from_dict(cls, {k: v for k, v in data.items() if k != "terminal"})
+        return msgspec.structs.replace(view, terminal=terminal)
 
 
-@attrs.frozen(slots=True)
-class QueuedRun:
-    """One run waiting in a session's queue."""
+class QueuedRun(msgspec.Struct, frozen=True):
+    """One run waiting in a session's queue (``run_id`` is ``""`` where the coordinator
+    cannot tell)."""
 
     run_id: str
     prompt: str
@@ -292,14 +454,13 @@ class QueuedRun:
         return {"run_id": self.run_id, "prompt": self.prompt}
 
 
-@attrs.frozen(slots=True)
-class SessionView:
-    """A session's lane: whether it is busy, its active run, and its queue in order."""
+class SessionView(msgspec.Struct, frozen=True):
+    """A session's lane: whether it is busy, its active run, and its queue in start order."""
 
     workspace_id: str
     session_id: str
     busy: bool
-    active: str | None
+    active: Annotated[str | None, Meta(description="the active run's id")]
     queued: tuple[QueuedRun, ...]
 
     def to_dict(self) -> dict[str, Any]:
@@ -315,25 +476,4 @@ class SessionView:
     @classmethod
     def from_dict(cls, data: object) -> SessionView:
         """Decode :meth:`to_dict`'s output; raises ``ValueError`` on a malformed body."""
-        if not isinstance(data, Mapping):
-            raise ValueError(f"SessionView: expected a JSON object, got {type(data).__name__}")
-        ws_id, sid = data.get("workspace_id"), data.get("session_id")
-        busy, active, queued = data.get("busy"), data.get("active"), data.get("queued")
-        if not (
-            isinstance(ws_id, str)
-            and isinstance(sid, str)
-            and isinstance(busy, bool)
-            and (active is None or isinstance(active, str))
-            and isinstance(queued, list)
-        ):
-            raise ValueError("SessionView: malformed body")
-        runs: list[QueuedRun] = []
-        for item in queued:
-            if not (
-                isinstance(item, Mapping)
-                and isinstance(item.get("run_id"), str)
-                and isinstance(item.get("prompt"), str)
-            ):
-                raise ValueError("SessionView: malformed queued run")
-            runs.append(QueuedRun(item["run_id"], item["prompt"]))
-        return cls(ws_id, sid, busy, active, tuple(runs))
+        return _from_dict(cls, data)

@@ -22,6 +22,7 @@ from ..errors import (
     DuplicateRun,
     EmptyPrompt,
     InvalidRunId,
+    InvalidSessionId,
     NotSupported,
     SessionMissing,
     StoreError,
@@ -172,11 +173,12 @@ class RunService:
 
         Maps the backend's typed refusals: 404 ``workspace_not_found``; 409
         ``workspace_closing``, ``agent_not_initialized``, ``duplicate_run``; 422
-        ``session_missing``, ``empty_prompt``, ``invalid_run_id``; 503 ``shutting_down``.
+        ``session_missing``, ``invalid_session_id``, ``empty_prompt``, ``invalid_run_id``;
+        503 ``shutting_down``.
         """
         if self._draining:
             raise _shutting_down()
-        msg = AgentMessage(request.session_id, request.prompt, request.run_id)
+        msg = AgentMessage(request.session_id, request.prompt, request.run_id or "")
         try:
             return await self.backend.submit(workspace_id, msg)
         except WorkspaceNotFound:
@@ -189,6 +191,8 @@ class RunService:
             raise ApiError(409, "duplicate_run", str(exc)) from None
         except SessionMissing as exc:
             raise ApiError(422, "session_missing", str(exc)) from None
+        except InvalidSessionId as exc:
+            raise ApiError(422, "invalid_session_id", str(exc)) from None
         except EmptyPrompt as exc:
             raise ApiError(422, "empty_prompt", str(exc)) from None
         except InvalidRunId as exc:
