@@ -135,6 +135,15 @@ def _no_query(request: Request) -> None:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+def _route(path: str, **handlers: Handler) -> Route:
+    # One Route for several methods of a path (HEAD goes where GET goes).
+    async def by_method(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await handlers[method](request)
+
+    return Route(path, by_method, methods=list(handlers))
+
+
 def create_app(
     service: RunService,
     *,
@@ -161,8 +170,10 @@ def create_app(
         body, content_type = prometheus.exposition(registry, request.headers.get("accept"))
         return Response(body, headers={"content-type": content_type})
 
+    document = json_response(openapi_document(secured=token is not None)).body
+
     async def openapi(request: Request) -> Response:
-        return json_response(openapi_document())
+        return Response(document, media_type="application/json")
 
     async def list_workspaces(request: Request) -> Response:
         _no_query(request)
@@ -239,10 +250,9 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/openapi.json", openapi, methods=["GET"]),
-        Route("/v1/workspaces", list_workspaces, methods=["GET"]),
-        Route("/v1/workspaces", create_workspace, methods=["POST"]),
-        Route(ws, get_workspace, methods=["GET"]),
-        Route(ws, close_workspace, methods=["DELETE"]),
+        # One route per path, so that a 405's Allow lists every method of the path.
+        _route("/v1/workspaces", GET=list_workspaces, POST=create_workspace),
+        _route(ws, GET=get_workspace, DELETE=close_workspace),
         Route(f"{ws}/messages", submit, methods=["POST"]),
         Route(f"{ws}/events", events, methods=["GET"]),
         Route(f"{ws}/sessions/{{session_id}}", session, methods=["GET"]),
@@ -323,7 +333,13 @@ class _Guard:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-            await send(message)
+            try:
+                await send(message)
+            except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError):
+                # The connection is closing under the answer (hypercorn closes it without
+                # taking its send lock when a client hangs up mid-upload): nobody is left to
+                # read it, so this is a client that went away, not a server error.
+                raise ClientDisconnect() from None
 
         try:
             await self.app(scope, receive, tracking_send)

@@ -1,272 +1,348 @@
-"""The OpenAPI 3.1 description of the ``/v1`` API, served at ``/v1/openapi.json``."""
+"""The OpenAPI 3.1 description of the API, served at ``/v1/openapi.json``.
+
+Every schema in it is generated (``msgspec.json.schema_components``) from the structs and
+constrained types in :mod:`.schema`, the declarations the server validates requests with:
+a value the document calls valid is one the server's decoding accepts, and the other way
+round. Security (a bearer token, and the 401 it brings) is declared only when the server
+has a token.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
+
+import msgspec
 
 from .. import __version__
-from .schema import MAX_BODY_BYTES, MAX_WAIT_SECONDS
+from .schema import (
+    MAX_BODY_BYTES,
+    Accepted,
+    CreateWorkspace,
+    ErrorBody,
+    Health,
+    Id,
+    RunView,
+    SessionView,
+    SubmitMessage,
+    WaitSeconds,
+    WorkspaceId,
+    WorkspaceList,
+    WorkspaceView,
+)
 
 __all__ = ["openapi_document"]
 
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
+_REF: Final = "#/components/schemas/{name}"
 
 
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+def _schema_hook(kind: type) -> dict[str, Any]:
+    # RunComplete.result is the agent's return value: any JSON value.
+    if kind is object:
+        return {"description": "the agent's return value: any JSON value"}
+    raise NotImplementedError
+
+
+def _schema(kind: Any) -> dict[str, Any]:
+    schema: dict[str, Any] = msgspec.json.schema(kind, schema_hook=_schema_hook)
+    return schema
+
+
+# The API's names for the structs' components (the Python names say "view" and "body").
+_NAMES: Final = {
+    "ErrorBody": "Error",
+    "WorkspaceView": "Workspace",
+    "RunView": "Run",
+    "RunComplete": "Terminal",
+    "SessionView": "Session",
+}
+
+
+def _name(kind: type) -> str:
+    return _NAMES.get(kind.__name__, kind.__name__)
+
+
+def _ref(kind: type) -> dict[str, str]:
+    return {"$ref": _REF.format(name=_name(kind))}
+
+
+def _renamed(value: Any) -> Any:
+    # msgspec names a component after its class: give it its API name, references included.
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if key == "$ref" and isinstance(item, str):
+                name = item.rsplit("/", 1)[1]
+                out[key] = _REF.format(name=_NAMES.get(name, name))
+            else:
+                out[key] = _renamed(item)
+        return out
+    if isinstance(value, list):
+        return [_renamed(item) for item in value]
+    return value
+
+
+def _json(kind: type, description: str, links: dict[str, Any] | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": _ref(kind)}},
+    }
+    if links:
+        response["links"] = links
+    return response
 
 
 def _error(description: str) -> dict[str, Any]:
-    return _json(_ref("Error"), description)
+    return _json(ErrorBody, description)
 
 
-_ERRORS = {
-    "401": _error("missing or wrong bearer token (only when the server has a token)"),
-    "404": _error("unknown workspace, run or route"),
-    "422": _error("well-formed JSON of the wrong shape, or a refused value"),
-}
+def _body(kind: type) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(kind)}}}
+
+
+def _path(name: str, kind: Any, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": _schema(kind),
+    }
+
+
+def _link(operation_id: str, **parameters: str) -> dict[str, Any]:
+    return {"operationId": operation_id, "parameters": parameters}
+
+
+_WS_ID = _path("workspace_id", WorkspaceId, "the workspace's id, as POST /v1/workspaces gave it")
+_SESSION_ID = _path("session_id", Id, "the session id (a 422 if it breaks the identifier rule)")
+_RUN_ID = _path("run_id", Id, "the run id (a 422 if it breaks the identifier rule)")
+
+_NOT_FOUND = {"404": _error("unknown workspace, run or route")}
+_BAD_ID = {"422": _error("an id in the path breaks the identifier rule")}
 _BODY_ERRORS = {
-    "400": _error("malformed JSON"),
+    "400": _error("malformed JSON (duplicate keys and NaN included)"),
     "413": _error(f"body over {MAX_BODY_BYTES} bytes"),
     "415": _error("body not sent as application/json"),
+    "422": _error(
+        "well-formed JSON of the wrong shape, or a value the rules refuse (typed code: "
+        "session_missing, invalid_session_id, empty_prompt, invalid_prompt, invalid_run_id, "
+        "path_outside_root, invalid_request)"
+    ),
 }
+# Before OpenAPI 3.2 (itemSchema), a text/event-stream schema describes one event.
+_SSE_EVENT: Final = {
+    "type": "object",
+    "required": ["id", "event", "data"],
+    "properties": {
+        "id": {"type": "string", "description": "resume from here with Last-Event-ID"},
+        "event": {"type": "string", "examples": ["progress", "run_complete", "end"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+}
+_SHUTTING_DOWN = {"503": _error("the server is shutting down")}
+_AGENTLESS = {"409": _error("the workspace has no agent")}
 
-_WS_ID = {"name": "workspace_id", "in": "path", "required": True, "schema": {"type": "string"}}
-_SESSION_ID = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
-_RUN_ID = {"name": "run_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
-
-def openapi_document() -> dict[str, Any]:
-    """The API's OpenAPI 3.1 document (a fresh dict on every call)."""
-    state_enum = ["pending", "queued", "active", "completed", "failed", "cancelled"]
-    schemas: dict[str, Any] = {
-        "Error": {
-            "type": "object",
-            "required": ["error"],
-            "properties": {
-                "error": {
-                    "type": "object",
-                    "required": ["code", "message"],
-                    "properties": {
-                        "code": {"type": "string", "examples": ["workspace_not_found"]},
-                        "message": {"type": "string"},
-                    },
-                }
-            },
-        },
-        "Workspace": {
-            "type": "object",
-            "required": ["id", "path", "closing"],
-            "properties": {
-                "id": {"type": "string"},
-                "path": {"type": "string", "description": "resolved under the workspace root"},
-                "closing": {"type": "boolean"},
-            },
-        },
-        "Terminal": {
-            "type": "object",
-            "description": "The run's one RunComplete.",
-            "required": ["session_id", "run_id", "result", "error", "cancelled"],
-            "properties": {
-                "session_id": {"type": "string"},
-                "run_id": {"type": "string"},
-                "result": {"description": "the agent's return value"},
-                "error": {"type": ["string", "null"]},
-                "cancelled": {"type": "boolean"},
-            },
-        },
-        "Run": {
-            "type": "object",
-            "required": ["run_id", "session_id", "state"],
-            "properties": {
-                "run_id": {"type": "string"},
-                "session_id": {"type": "string"},
-                "state": {"type": "string", "enum": state_enum},
-                "terminal": _ref("Terminal"),
-            },
-        },
-        "Session": {
-            "type": "object",
-            "required": ["workspace_id", "session_id", "busy", "active", "queued"],
-            "properties": {
-                "workspace_id": {"type": "string"},
-                "session_id": {"type": "string"},
-                "busy": {"type": "boolean"},
-                "active": {"type": ["string", "null"], "description": "the active run's id"},
-                "queued": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["run_id", "prompt"],
-                        "properties": {"run_id": {"type": "string"}, "prompt": {"type": "string"}},
-                    },
-                },
-            },
-        },
+def _paths() -> dict[str, Any]:
+    run_links = {
+        "GetRun": _link("getRun", run_id="$response.body#/run_id"),
+        "WaitRun": _link("waitRun", run_id="$response.body#/run_id"),
+        "CancelRun": _link("cancelRun", run_id="$response.body#/run_id"),
+        "GetSession": _link(
+            "getSession",
+            workspace_id="$request.path.workspace_id",
+            session_id="$request.body#/session_id",
+        ),
     }
-    paths: dict[str, Any] = {
+    workspace_links = {
+        "GetWorkspace": _link("getWorkspace", workspace_id="$response.body#/id"),
+        "Submit": _link("submitMessage", workspace_id="$response.body#/id"),
+        "CloseWorkspace": _link("closeWorkspace", workspace_id="$response.body#/id"),
+    }
+    return {
         "/healthz": {
             "get": {
+                "operationId": "health",
                 "summary": "Liveness (never needs a token)",
-                "security": [],
-                "responses": {"200": {"description": "the server is up"}},
+                "responses": {"200": _json(Health, "the server is up")},
             }
         },
         "/metrics": {
             "get": {
-                "summary": "Prometheus text exposition of the counters and gauges",
-                "responses": {"200": {"description": "text/plain; version=0.0.4"}},
+                "operationId": "metrics",
+                "summary": "Prometheus (or, on request, OpenMetrics) text exposition",
+                "responses": {
+                    "200": {
+                        "description": "the counters, gauges and histograms",
+                        "content": {
+                            "text/plain": {"schema": {"type": "string"}},
+                            "application/openmetrics-text": {"schema": {"type": "string"}},
+                        },
+                    }
+                },
+            }
+        },
+        "/v1/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document",
+                "responses": {
+                    "200": {
+                        "description": "the OpenAPI document",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
             }
         },
         "/v1/workspaces": {
             "get": {
+                "operationId": "listWorkspaces",
                 "summary": "List open workspaces",
                 "responses": {
-                    "200": _json(
-                        {
-                            "type": "object",
-                            "properties": {
-                                "workspaces": {"type": "array", "items": _ref("Workspace")}
-                            },
-                        },
-                        "the workspaces",
-                    )
+                    "200": _json(WorkspaceList, "the workspaces"),
+                    "422": _error("a query parameter (there are none)"),
                 },
             },
             "post": {
+                "operationId": "createWorkspace",
                 "summary": "Open the workspace for a path (the same path gives the same one)",
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "additionalProperties": False,
-                                "required": ["path"],
-                                "properties": {"path": {"type": "string"}},
-                            }
-                        }
-                    },
-                },
+                "requestBody": _body(CreateWorkspace),
                 "responses": {
-                    "201": _json(_ref("Workspace"), "created"),
-                    "200": _json(_ref("Workspace"), "already open"),
+                    "201": _json(WorkspaceView, "created", workspace_links),
+                    "200": _json(WorkspaceView, "already open", workspace_links),
                     "409": _error("the path's workspace is closing"),
-                    "503": _error("the server is shutting down"),
                     **_BODY_ERRORS,
-                    **_ERRORS,
+                    **_SHUTTING_DOWN,
                 },
             },
         },
         "/v1/workspaces/{workspace_id}": {
             "parameters": [_WS_ID],
             "get": {
+                "operationId": "getWorkspace",
                 "summary": "One workspace",
-                "responses": {"200": _json(_ref("Workspace"), "the workspace"), **_ERRORS},
+                "responses": {"200": _json(WorkspaceView, "the workspace"), **_NOT_FOUND},
             },
             "delete": {
+                "operationId": "closeWorkspace",
                 "summary": "Close gracefully: returns once every run has its terminal",
-                "responses": {"200": _json(_ref("Workspace"), "closed"), **_ERRORS},
+                "responses": {"200": _json(WorkspaceView, "closed"), **_NOT_FOUND},
             },
         },
         "/v1/workspaces/{workspace_id}/messages": {
             "parameters": [_WS_ID],
             "post": {
+                "operationId": "submitMessage",
                 "summary": "Submit a prompt: the run is accepted and will get one terminal",
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "additionalProperties": False,
-                                "required": ["session_id", "prompt"],
-                                "properties": {
-                                    "session_id": {"type": "string"},
-                                    "prompt": {"type": "string"},
-                                    "run_id": {
-                                        "type": ["string", "null"],
-                                        "description": "client-minted id (retry-safe)",
-                                    },
-                                },
-                            }
-                        }
-                    },
-                },
+                "requestBody": _body(SubmitMessage),
                 "responses": {
-                    "202": _json(
-                        {
-                            "type": "object",
-                            "required": ["run_id"],
-                            "properties": {"run_id": {"type": "string"}},
-                        },
-                        "accepted",
+                    "202": _json(Accepted, "accepted", run_links),
+                    "409": _error(
+                        "workspace closing, no agent, or the run id was already accepted"
                     ),
-                    "409": _error("workspace closing, or the run id was already accepted"),
-                    "503": _error("the server is shutting down"),
+                    **_NOT_FOUND,
                     **_BODY_ERRORS,
-                    **_ERRORS,
+                    **_SHUTTING_DOWN,
                 },
             },
         },
         "/v1/workspaces/{workspace_id}/events": {
             "parameters": [_WS_ID],
             "get": {
+                "operationId": "streamEvents",
                 "summary": "Server-Sent Events: progress, notification (lossy), run_complete",
                 "parameters": [
-                    {"name": "run_id", "in": "query", "schema": {"type": "string"}},
-                    {"name": "session_id", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "run_id",
+                        "in": "query",
+                        "description": "only this run's events",
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "session_id",
+                        "in": "query",
+                        "description": "only this session's events",
+                        "schema": {"type": "string"},
+                    },
                 ],
                 "responses": {
                     "200": {
-                        "description": "text/event-stream; a ': heartbeat' comment every 15 s",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        "description": (
+                            "an endless stream (until the workspace closes) of events: "
+                            "progress, notification (lossy), run_complete (must-deliver), and "
+                            "a last end or error; a ': heartbeat' comment every 15 s"
+                        ),
+                        "content": {"text/event-stream": {"schema": _SSE_EVENT}},
                     },
-                    **_ERRORS,
+                    "422": _error("an unknown query parameter"),
+                    **_NOT_FOUND,
                 },
             },
         },
         "/v1/workspaces/{workspace_id}/sessions/{session_id}": {
             "parameters": [_WS_ID, _SESSION_ID],
             "get": {
+                "operationId": "getSession",
                 "summary": "The session's lane",
-                "responses": {"200": _json(_ref("Session"), "the session"), **_ERRORS},
+                "responses": {
+                    "200": _json(SessionView, "the session"),
+                    **_NOT_FOUND,
+                    **_BAD_ID,
+                },
             },
         },
         "/v1/workspaces/{workspace_id}/sessions/{session_id}/cancel": {
             "parameters": [_WS_ID, _SESSION_ID],
             "post": {
+                "operationId": "cancelSession",
                 "summary": "Cancel the active run and drop the queue (each ends cancelled)",
-                "responses": {"200": _json(_ref("Session"), "the session after"), **_ERRORS},
+                "responses": {
+                    "200": _json(SessionView, "the session after"),
+                    **_AGENTLESS,
+                    **_NOT_FOUND,
+                    **_BAD_ID,
+                },
             },
         },
         "/v1/workspaces/{workspace_id}/sessions/{session_id}/queue": {
             "parameters": [_WS_ID, _SESSION_ID],
             "delete": {
+                "operationId": "clearQueue",
                 "summary": "Drop the queued runs (each ends cancelled); the active run goes on",
-                "responses": {"200": _json(_ref("Session"), "the session after"), **_ERRORS},
+                "responses": {
+                    "200": _json(SessionView, "the session after"),
+                    **_AGENTLESS,
+                    **_NOT_FOUND,
+                    **_BAD_ID,
+                },
             },
         },
         "/v1/runs/{run_id}": {
             "parameters": [_RUN_ID],
             "get": {
+                "operationId": "getRun",
                 "summary": "A run's state, and its terminal once it ended",
-                "responses": {"200": _json(_ref("Run"), "the run"), **_ERRORS},
+                "responses": {
+                    "200": _json(RunView, "the run"),
+                    "422": _error("the run id breaks the identifier rule, or a query parameter"),
+                    **_NOT_FOUND,
+                },
             },
         },
         "/v1/runs/{run_id}/cancel": {
             "parameters": [_RUN_ID],
             "post": {
+                "operationId": "cancelRun",
                 "summary": (
                     "Cancel this run only (the other runs of its session go on): a queued one "
                     "ends cancelled at once, an active one at its agent's next checkpoint; an "
                     "ended one is left as it is (idempotent)"
                 ),
                 "responses": {
-                    "200": _json(_ref("Run"), "the run after: wait for its terminal if active"),
-                    **_ERRORS,
+                    "200": _json(RunView, "the run after: wait for its terminal if active"),
+                    "422": _error("the run id breaks the identifier rule, or a query parameter"),
+                    "501": _error("the workspace's coordinator cannot cancel one run"),
+                    **_NOT_FOUND,
                 },
             },
         },
@@ -276,21 +352,49 @@ def openapi_document() -> dict[str, Any]:
                 {
                     "name": "timeout",
                     "in": "query",
-                    "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT_SECONDS},
-                    "description": "seconds to block (default 30)",
+                    "description": "seconds to block, a JSON number (default 30)",
+                    "schema": _schema(WaitSeconds),
                 },
             ],
             "get": {
+                "operationId": "waitRun",
                 "summary": "Long poll: the terminal as soon as there is one",
                 "responses": {
-                    "200": _json(_ref("Run"), "ended: terminal included"),
-                    "202": _json(_ref("Run"), "still not ended after timeout seconds"),
-                    **_ERRORS,
+                    "200": _json(RunView, "ended: terminal included"),
+                    "202": _json(RunView, "still not ended after timeout seconds"),
+                    "422": _error("the run id breaks the identifier rule, or a bad timeout"),
+                    **_NOT_FOUND,
                 },
             },
         },
     }
-    return {
+
+
+def openapi_document(*, secured: bool = False) -> dict[str, Any]:
+    """The API's OpenAPI 3.1 document (a fresh dict on every call).
+
+    ``secured``: the server requires a bearer token, so every operation but ``/healthz``
+    declares the ``bearer`` scheme and its 401.
+    """
+    _, schemas = msgspec.json.schema_components(
+        [
+            CreateWorkspace,
+            SubmitMessage,
+            ErrorBody,
+            Health,
+            Accepted,
+            WorkspaceView,
+            WorkspaceList,
+            RunView,
+            SessionView,
+        ],
+        schema_hook=_schema_hook,
+        ref_template=_REF,
+    )
+    schemas = {_NAMES.get(name, name): _renamed(schema) for name, schema in schemas.items()}
+    paths = _paths()
+    components: dict[str, Any] = {"schemas": schemas}
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "trio-runs",
@@ -301,11 +405,19 @@ def openapi_document() -> dict[str, Any]:
                 '{"error": {"code", "message"}}.'
             ),
         },
-        "servers": [{"url": "http://127.0.0.1:8765"}],
-        "components": {
-            "schemas": schemas,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        },
-        "security": [{"bearer": []}],
+        "components": components,
         "paths": paths,
     }
+    if secured:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        document["security"] = [{"bearer": []}]
+        unauthorized = _error("missing or wrong bearer token")
+        for route, item in paths.items():
+            for method, operation in item.items():
+                if method == "parameters":
+                    continue
+                if route == "/healthz":
+                    operation["security"] = []
+                else:
+                    operation["responses"]["401"] = unauthorized
+    return document
