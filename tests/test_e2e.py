@@ -30,6 +30,29 @@ EXIT_BOUND = CLIENT_TIMEOUT + 5.0  # a lost client must be gone within this afte
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 
+def announced_url(proc: subprocess.Popen[str], bound: float) -> str | None:
+    """The URL a ``trio-runs serve`` process prints on stdout; ``None`` if it exits first or
+    ``bound`` seconds pass. The pipe is read unbuffered: a buffered ``readline`` could take a
+    second line into its buffer, where the selector would never see it again."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + bound
+    seen = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0:
+            if not selector.select(timeout=left):
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None
+            seen += chunk
+            match = re.search(rb"serving on (http://[^\s;]+)", seen)
+            if match:
+                return match.group(1).decode()
+    return None
+
+
 class Server:
     """A ``trio-runs serve --port 0`` process and the URL it announced."""
 
@@ -51,19 +74,10 @@ class Server:
         self.http.base_url = httpx.URL(self.url)
 
     def _announced_url(self) -> str:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + START_BOUND
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.proc.stdout, selectors.EVENT_READ)
-            while time.monotonic() < deadline:
-                if selector.select(timeout=deadline - time.monotonic()):
-                    line = self.proc.stdout.readline()
-                    match = re.search(r"serving on (http://[^\s;]+)", line)
-                    if match:
-                        return match.group(1)
-                    if not line:
-                        break
-        raise AssertionError(f"the server did not announce its URL: {self.stderr()}")
+        url = announced_url(self.proc, START_BOUND)
+        if url is None:
+            raise AssertionError(f"the server did not announce its URL: {self.stderr()}")
+        return url
 
     def wait_state(self, run_id: str, state: str, headers: dict[str, str] | None = None) -> None:
         deadline = time.monotonic() + START_BOUND

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import selectors
 import signal
 import socket
 import subprocess
@@ -29,6 +28,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from test_e2e import announced_url
 
 from trio_runs import Broker, EventType
 from trio_runs.http import RunningServer, RunsClient, ServeOptions, serve
@@ -339,19 +339,10 @@ class Server:
         self.http.base_url = httpx.URL(self.url)
 
     def _announced_url(self) -> str:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + START_BOUND
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.proc.stdout, selectors.EVENT_READ)
-            while time.monotonic() < deadline:
-                if selector.select(timeout=deadline - time.monotonic()):
-                    line = self.proc.stdout.readline()
-                    match = re.search(r"serving on (http://[^\s;]+)", line)
-                    if match:
-                        return match.group(1)
-                    if not line:
-                        break
-        raise AssertionError("the server did not announce its URL")
+        url = announced_url(self.proc, START_BOUND)
+        if url is None:
+            raise AssertionError("the server did not announce its URL")
+        return url
 
     def event_streams(self) -> int:
         metrics = self.http.get("/metrics").text
