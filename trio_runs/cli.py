@@ -812,13 +812,23 @@ async def _run_main(client: RunsClient, args: argparse.Namespace, prompt: str, r
         stream_done.set()
 
     async def cancel_remote() -> None:
-        # This run only: the session's other runs (queued behind it, say) go on.
+        # This run only: the session's other runs (queued behind it, say) go on. The run may
+        # be accepted while its one request (submit and wait) is still out: try at once, and
+        # again while the server does not know it yet.
         with trio.move_on_after(client.timeout):
-            await accepted.wait()
-            try:
-                await client.cancel_run(run_id)
-            except Exception as exc:
-                _err(f"could not cancel the run: {exc}")
+            while True:
+                try:
+                    await client.cancel_run(run_id)
+                    return
+                except http.ClientError as exc:
+                    if exc.code != "run_not_found" or accepted.is_set():
+                        _err(f"could not cancel the run: {exc}")
+                        return
+                except Exception as exc:
+                    _err(f"could not cancel the run: {exc}")
+                    return
+                with trio.move_on_after(0.2):
+                    await accepted.wait()
 
     async def watch_interrupts(nursery: trio.Nursery) -> None:
         nonlocal interrupts
@@ -842,7 +852,8 @@ async def _run_main(client: RunsClient, args: argparse.Namespace, prompt: str, r
                 await nursery.start(follow)
             submitting = True
             try:
-                await client.submit(workspace_id, args.session, prompt, run_id)
+                # One request: submitted, and its terminal if the run ends within a poll.
+                view = await client.submit_and_wait(workspace_id, args.session, prompt, run_id)
             except http.ClientError as exc:
                 if exc.code != "workspace_not_found":
                     raise
@@ -850,11 +861,15 @@ async def _run_main(client: RunsClient, args: argparse.Namespace, prompt: str, r
                 # survive a restart; acknowledged runs do): open the workspace again and
                 # submit again. The run id is ours, so this can never run it twice.
                 workspace_id = (await client.create_workspace(args.workspace)).id
-                await client.submit(workspace_id, args.session, prompt, run_id, resubmitting=True)
+                view = await client.submit_and_wait(
+                    workspace_id, args.session, prompt, run_id, resubmitting=True
+                )
             accepted.set()
             if not args.quiet:
                 _err(f"run {run_id} accepted (session {args.session})")
-            terminal = await client.wait_terminal(run_id)
+            terminal = view.terminal
+            if terminal is None:
+                terminal = await client.wait_terminal(run_id)
             # Let the last live progress lines arrive, briefly: the outcome is already known.
             with trio.move_on_after(0.5):
                 await stream_done.wait()

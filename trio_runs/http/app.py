@@ -25,13 +25,16 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics as prometheus
+from .batch import BatchStream
 from .openapi import openapi_document
 from .schema import (
     MAX_BODY_BYTES,
     ApiError,
     check_path_id,
+    decode_batch,
     decode_create_workspace,
     decode_submit,
+    parse_submit_wait,
     parse_wait_timeout,
 )
 from .service import RunService
@@ -198,11 +201,22 @@ def create_app(
         return json_response(view.to_dict())
 
     async def submit(request: Request) -> Response:
-        _no_query(request)
+        seconds = parse_submit_wait(request.query_params)
         workspace_id = path(request, "workspace_id")
         decoded = decode_submit(await _read_body(request), request.headers.get("content-type"))
-        run_id = await service.submit(workspace_id, decoded)
-        return json_response({"run_id": run_id}, 202)
+        if seconds is None:
+            run_id = await service.submit(workspace_id, decoded)
+            return json_response({"run_id": run_id}, 202)
+        view = await service.submit_and_wait(workspace_id, decoded, seconds)
+        return json_response(view.to_dict(), 200 if view.is_terminal else 202)
+
+    async def submit_batch(request: Request) -> Response:
+        _no_query(request)
+        workspace_id = path(request, "workspace_id")
+        batch = decode_batch(await _read_body(request), request.headers.get("content-type"))
+        results = await service.submit_batch(workspace_id, batch)
+        run_ids = [message.run_id for message in batch.messages]
+        return BatchStream(service, results, run_ids, heartbeat=heartbeat, dumps=_dumps)
 
     async def events(request: Request) -> Response:
         unknown = sorted(set(request.query_params.keys()) - {"run_id", "session_id"})
@@ -254,6 +268,7 @@ def create_app(
         _route("/v1/workspaces", GET=list_workspaces, POST=create_workspace),
         _route(ws, GET=get_workspace, DELETE=close_workspace),
         Route(f"{ws}/messages", submit, methods=["POST"]),
+        Route(f"{ws}/batches", submit_batch, methods=["POST"]),
         Route(f"{ws}/events", events, methods=["GET"]),
         Route(f"{ws}/sessions/{{session_id}}", session, methods=["GET"]),
         Route(f"{ws}/sessions/{{session_id}}/cancel", cancel_session, methods=["POST"]),

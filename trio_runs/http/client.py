@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, cast
 from urllib.parse import quote
@@ -252,6 +252,173 @@ class RunsClient:
             raise error
         accepted: str = response.json()["run_id"]
         return accepted
+
+    async def submit_and_wait(
+        self,
+        workspace_id: str,
+        session_id: str,
+        prompt: str,
+        run_id: str,
+        *,
+        resubmitting: bool = False,
+    ) -> RunView:
+        """Submit a prompt and wait for its end in one request (``?wait=``).
+
+        Returns the run once accepted: with its terminal if it ended within
+        :attr:`poll_seconds`, else as it is (go on with :meth:`wait_terminal`). Retries and
+        ``resubmitting`` as :meth:`submit`: an earlier attempt accepted but whose answer was
+        lost (the connection broke during the wait, say) is recognised, and the run is
+        re-attached to instead of run twice. Bounded by ``poll_seconds + timeout``.
+        """
+        seconds = self.poll_seconds
+        body = {"session_id": session_id, "prompt": prompt, "run_id": run_id}
+        path = f"/v1/workspaces/{_quote(workspace_id)}/messages"
+        params = {"wait": f"{seconds:g}"}
+        response, attempts = await self._send("POST", path, body, params, seconds + self.timeout)
+        if response.status_code >= 400:
+            error = _error_of(response)
+            if (
+                (attempts > 1 or resubmitting)
+                and error.code == "duplicate_run"
+                and await self._is_ours(run_id, session_id)
+            ):
+                return await self.run(run_id)  # ours, accepted; its answer was lost
+            raise error
+        return RunView.from_dict(response.json())
+
+    async def run_prompt(
+        self,
+        workspace_id: str,
+        session_id: str,
+        prompt: str,
+        run_id: str,
+        *,
+        resubmitting: bool = False,
+    ) -> RunComplete:
+        """Submit a prompt and return its terminal: one request for a run that ends within
+        :attr:`poll_seconds` (:meth:`submit_and_wait`), then ``/wait`` polls as
+        :meth:`wait_terminal`. Raises as those do."""
+        view = await self.submit_and_wait(
+            workspace_id, session_id, prompt, run_id, resubmitting=resubmitting
+        )
+        if view.terminal is not None:
+            return view.terminal
+        return await self.wait_terminal(run_id)
+
+    async def run_batch(
+        self,
+        workspace_id: str,
+        messages: Sequence[tuple[str, str, str]],
+        *,
+        on_terminal: Callable[[int, RunComplete], None] | None = None,
+    ) -> list[RunComplete | ClientError]:
+        """Submit ``(session_id, prompt, run_id)`` messages in one request and collect every
+        terminal from its streamed answer (``POST .../batches``).
+
+        Returns, per message in order, its run's terminal or the :class:`ClientError` that
+        refused it; ``on_terminal(index, terminal)`` is called as each run ends. A request
+        refused whole raises :class:`ClientError`. If the answer breaks off (the connection
+        drops, or nothing, not even a heartbeat, arrives for 30 s plus the liveness bound),
+        the runs it accepted are waited for by id (:meth:`wait_terminal`), and a batch whose
+        acceptances were lost is sent again (run ids are the client's, so a message accepted
+        the first time is recognised, not run twice). ``ServerLost`` as :meth:`request`.
+        """
+        body = {"messages": [{"session_id": s, "prompt": p, "run_id": r} for s, p, r in messages]}
+        results: list[RunComplete | ClientError | None] = [None] * len(messages)
+        accepted: set[int] = set()
+        path = f"/v1/workspaces/{_quote(workspace_id)}/batches"
+        timeout = httpx.Timeout(self.timeout, read=30.0 + self.timeout)
+        attempt = 0
+        with trio.move_on_after(self.timeout * _BOUND_SHARE) as head_bound:
+            while True:
+                attempt += 1
+                heard = 0
+                try:
+                    async with self._http.stream(
+                        "POST", path, json=body, timeout=timeout
+                    ) as response:
+                        if response.status_code >= 400:
+                            await response.aread()
+                            raise _error_of(response)
+                        lines_iter = cast("AsyncGenerator[str, None]", response.aiter_lines())
+                        async with contextlib.aclosing(lines_iter) as lines:
+                            async for line in lines:
+                                if not line.strip():
+                                    continue  # a heartbeat
+                                heard += 1
+                                if heard == len(messages):
+                                    head_bound.deadline = math.inf
+                                await self._batch_line(
+                                    json.loads(line),
+                                    messages,
+                                    results,
+                                    accepted,
+                                    attempt,
+                                    on_terminal,
+                                )
+                    break
+                except httpx.TransportError as exc:
+                    logger.debug("batch answer broke off (%r)", exc)
+                    if heard >= len(messages):
+                        break  # every acceptance is known: wait for the rest by id
+                    await trio.sleep(min(0.05 * 2**attempt, 1.0) * random.uniform(0.5, 1.0))
+        if head_bound.cancelled_caught:
+            raise ServerLost(
+                f"no answer to a batch from the server at {self.base_url} within {self.timeout:g}s"
+            )
+        missing = [i for i in sorted(accepted) if results[i] is None]
+        if missing:
+            async with trio.open_nursery() as nursery:
+                for index in missing:
+                    nursery.start_soon(
+                        self._collect, index, messages[index][2], results, on_terminal
+                    )
+        return [r if r is not None else ClientError(0, "lost", "no answer") for r in results]
+
+    async def _batch_line(
+        self,
+        line: Any,
+        messages: Sequence[tuple[str, str, str]],
+        results: list[RunComplete | ClientError | None],
+        accepted: set[int],
+        attempt: int,
+        on_terminal: Callable[[int, RunComplete], None] | None,
+    ) -> None:
+        kind, index = line["kind"], int(line["index"])
+        if kind == "accepted":
+            accepted.add(index)
+        elif kind == "ended":
+            if results[index] is None:
+                terminal = RunComplete.from_dict(line["run"]["terminal"])
+                results[index] = terminal
+                if on_terminal is not None:
+                    on_terminal(index, terminal)
+        elif kind == "refused":
+            error = line["error"]
+            refusal = ClientError(int(line["status"]), str(error["code"]), str(error["message"]))
+            session_id, _, run_id = messages[index]
+            if index in accepted:
+                return  # accepted, but its terminal is gone from the server: wait says why
+            if (
+                attempt > 1
+                and refusal.code == "duplicate_run"
+                and await self._is_ours(run_id, session_id)
+            ):
+                accepted.add(index)  # our earlier attempt accepted it; its answer was lost
+            else:
+                results[index] = refusal
+
+    async def _collect(
+        self,
+        index: int,
+        run_id: str,
+        results: list[RunComplete | ClientError | None],
+        on_terminal: Callable[[int, RunComplete], None] | None,
+    ) -> None:
+        terminal = await self.wait_terminal(run_id)
+        results[index] = terminal
+        if on_terminal is not None:
+            on_terminal(index, terminal)
 
     async def _is_ours(self, run_id: str, session_id: str) -> bool:
         try:

@@ -15,14 +15,20 @@ import msgspec
 
 from .. import __version__
 from .schema import (
+    MAX_BATCH_ITEMS,
     MAX_BODY_BYTES,
     Accepted,
+    BatchAccepted,
+    BatchEnded,
+    BatchLine,
+    BatchRefused,
     CreateWorkspace,
     ErrorBody,
     Health,
     Id,
     RunView,
     SessionView,
+    SubmitBatch,
     SubmitMessage,
     WaitSeconds,
     WorkspaceId,
@@ -97,6 +103,14 @@ def _error(description: str) -> dict[str, Any]:
 
 def _body(kind: type) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": _ref(kind)}}}
+
+
+def _schema_ref(kind: Any) -> dict[str, Any]:
+    # A union of components, by reference (its members are in the document's components).
+    schema: dict[str, Any] = msgspec.json.schema(kind, schema_hook=_schema_hook, ref_template=_REF)
+    schema.pop("$defs", None)
+    renamed: dict[str, Any] = _renamed(schema)
+    return renamed
 
 
 def _path(name: str, kind: Any, description: str) -> dict[str, Any]:
@@ -233,13 +247,69 @@ def _paths() -> dict[str, Any]:
             "parameters": [_WS_ID],
             "post": {
                 "operationId": "submitMessage",
-                "summary": "Submit a prompt: the run is accepted and will get one terminal",
+                "summary": (
+                    "Submit a prompt: the run is accepted and will get one terminal; with "
+                    "wait=S, also wait up to S seconds for it (one request per run)"
+                ),
+                "parameters": [
+                    {
+                        "name": "wait",
+                        "in": "query",
+                        "description": (
+                            "once accepted, wait this many seconds (a JSON number) for the "
+                            "run's end: 200 with it if it ended, else 202 with the run"
+                        ),
+                        "schema": _schema(WaitSeconds),
+                    }
+                ],
                 "requestBody": _body(SubmitMessage),
                 "responses": {
-                    "202": _json(Accepted, "accepted", run_links),
+                    "200": _json(RunView, "with wait: accepted and ended, terminal included"),
+                    "202": {
+                        "description": (
+                            "accepted: {run_id}; with wait, the run (not ended after wait "
+                            "seconds: go on with /v1/runs/{run_id}/wait)"
+                        ),
+                        "content": {
+                            "application/json": {
+                                "schema": {"anyOf": [_ref(Accepted), _ref(RunView)]}
+                            }
+                        },
+                        "links": run_links,
+                    },
+                    "422": _error(
+                        "well-formed JSON of the wrong shape, a value the rules refuse (typed "
+                        "code as below), or a bad wait (invalid_query)"
+                    ),
                     "409": _error(
                         "workspace closing, no agent, or the run id was already accepted"
                     ),
+                    **_NOT_FOUND,
+                    **{k: v for k, v in _BODY_ERRORS.items() if k != "422"},
+                    **_SHUTTING_DOWN,
+                },
+            },
+        },
+        "/v1/workspaces/{workspace_id}/batches": {
+            "parameters": [_WS_ID],
+            "post": {
+                "operationId": "submitBatch",
+                "summary": (
+                    f"Submit up to {MAX_BATCH_ITEMS} prompts in one request; their terminals "
+                    "stream back in the same response as the runs end"
+                ),
+                "requestBody": _body(SubmitBatch),
+                "responses": {
+                    "200": {
+                        "description": (
+                            "sent once every accepted message is durable: NDJSON, first one "
+                            "accepted or refused line per message in order, then one ended "
+                            "line per accepted run as it ends (each exactly once); a blank "
+                            "line is a heartbeat"
+                        ),
+                        "content": {"application/x-ndjson": {"schema": _schema_ref(BatchLine)}},
+                    },
+                    "409": _error("the workspace is closing or has no agent"),
                     **_NOT_FOUND,
                     **_BODY_ERRORS,
                     **_SHUTTING_DOWN,
@@ -380,6 +450,10 @@ def openapi_document(*, secured: bool = False) -> dict[str, Any]:
         [
             CreateWorkspace,
             SubmitMessage,
+            SubmitBatch,
+            BatchAccepted,
+            BatchRefused,
+            BatchEnded,
             ErrorBody,
             Health,
             Accepted,

@@ -37,12 +37,17 @@ from .._validation import (
 from ..events import RunComplete
 
 __all__ = [
+    "MAX_BATCH_ITEMS",
     "MAX_BODY_BYTES",
     "MAX_PATH_LENGTH",
     "MAX_WAIT_SECONDS",
     "RUN_STATES",
     "Accepted",
     "ApiError",
+    "BatchAccepted",
+    "BatchEnded",
+    "BatchLine",
+    "BatchRefused",
     "CreateWorkspace",
     "ErrorBody",
     "ErrorDetail",
@@ -52,6 +57,7 @@ __all__ = [
     "QueuedRun",
     "RunView",
     "SessionView",
+    "SubmitBatch",
     "SubmitMessage",
     "WaitSeconds",
     "WorkspaceId",
@@ -59,9 +65,11 @@ __all__ = [
     "WorkspacePath",
     "WorkspaceView",
     "check_path_id",
+    "decode_batch",
     "decode_create_workspace",
     "decode_json_object",
     "decode_submit",
+    "parse_submit_wait",
     "parse_wait_timeout",
 ]
 
@@ -75,6 +83,9 @@ MAX_WAIT_SECONDS: Final = 60.0
 """The longest a ``/wait`` long poll may be asked to block."""
 
 DEFAULT_WAIT_SECONDS: Final = 30.0
+
+MAX_BATCH_ITEMS: Final = 1000
+"""The most messages one batch may hold (and its body is bounded by :data:`MAX_BODY_BYTES`)."""
 
 RUN_STATES: Final = ("pending", "queued", "active", "completed", "failed", "cancelled")
 """What ``RunView.state`` can say."""
@@ -180,6 +191,23 @@ class SubmitMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     session_id: Id
     prompt: Prompt
     run_id: Id | None = None
+
+
+class SubmitBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``POST /v1/workspaces/{id}/batches``: several submissions in one request.
+
+    Each message is a :class:`SubmitMessage` under the same rules; a message that breaks
+    them refuses the whole request (a 422 naming it), so nothing of it is accepted.
+    """
+
+    messages: Annotated[
+        list[SubmitMessage],
+        Meta(
+            min_length=1,
+            max_length=MAX_BATCH_ITEMS,
+            description=f"1 to {MAX_BATCH_ITEMS} messages (and a body of at most 1 MiB)",
+        ),
+    ]
 
 
 def _reject_constant(name: str) -> Any:
@@ -297,6 +325,35 @@ def decode_submit(body: bytes, content_type: str | None) -> SubmitMessage:
     return _convert(decode_json_object(body, content_type), SubmitMessage, _typed_submit)
 
 
+def decode_batch(body: bytes, content_type: str | None) -> SubmitBatch:
+    """Decode ``{"messages": [SubmitMessage, ...]}`` (1 to :data:`MAX_BATCH_ITEMS`).
+
+    Raises :class:`ApiError` as :func:`decode_submit` does; a message the rules refuse is a
+    422 with that message's typed code, its message saying which one (``messages[3]: ...``).
+    """
+    data = decode_json_object(body, content_type)
+    try:
+        batch = msgspec.convert(data, SubmitBatch)
+    except msgspec.ValidationError as exc:
+        _typed_batch(data)
+        raise _invalid(str(exc)) from None
+    _typed_batch(data)
+    return batch
+
+
+def _typed_batch(data: dict[str, Any]) -> None:
+    messages = data.get("messages")
+    if not isinstance(messages, list):
+        return
+    for index, item in enumerate(messages[:MAX_BATCH_ITEMS]):
+        if not isinstance(item, dict):
+            continue
+        try:
+            _convert(item, SubmitMessage, _typed_submit)
+        except ApiError as exc:
+            raise ApiError(exc.status, exc.code, f"messages[{index}]: {exc.message}") from None
+
+
 def check_path_id(name: str, value: str) -> str:
     """Return the path parameter ``value``; a run or session id that breaks the identifier
     rule is a 422 (``invalid_run_id``, ``invalid_session_id``, ``session_missing``)."""
@@ -321,12 +378,28 @@ def parse_wait_timeout(query: Mapping[str, str]) -> float:
     :class:`ApiError` 422 ``invalid_query`` for anything else, a value out of range, or any
     other parameter.
     """
-    unknown = sorted(key for key in query if key != "timeout")
+    raw = _only_query(query, "timeout")
+    return DEFAULT_WAIT_SECONDS if raw is None else _wait_seconds("timeout", raw)
+
+
+def parse_submit_wait(query: Mapping[str, str]) -> float | None:
+    """The ``wait`` query parameter of a submission: seconds in ``[0, 60]``, or ``None``.
+
+    As strict as :func:`parse_wait_timeout`: a JSON number, nothing else; 422
+    ``invalid_query`` for anything else or any other parameter.
+    """
+    raw = _only_query(query, "wait")
+    return None if raw is None else _wait_seconds("wait", raw)
+
+
+def _only_query(query: Mapping[str, str], name: str) -> str | None:
+    unknown = sorted(key for key in query if key != name)
     if unknown:
         raise ApiError(422, "invalid_query", f"unknown query parameter(s): {', '.join(unknown)}")
-    raw = query.get("timeout")
-    if raw is None:
-        return DEFAULT_WAIT_SECONDS
+    return query.get(name)
+
+
+def _wait_seconds(name: str, raw: str) -> float:
     try:
         if not _NUMBER.fullmatch(raw):
             raise ValueError(raw)
@@ -338,7 +411,7 @@ def parse_wait_timeout(query: Mapping[str, str]) -> float:
         raise ApiError(
             422,
             "invalid_query",
-            f"timeout must be a number of seconds from 0 to {MAX_WAIT_SECONDS:g}, got {raw!r}",
+            f"{name} must be a number of seconds from 0 to {MAX_WAIT_SECONDS:g}, got {raw!r}",
         ) from None
 
 
@@ -477,3 +550,37 @@ class SessionView(msgspec.Struct, frozen=True):
     def from_dict(cls, data: object) -> SessionView:
         """Decode :meth:`to_dict`'s output; raises ``ValueError`` on a malformed body."""
         return _from_dict(cls, data)
+
+
+class BatchAccepted(msgspec.Struct, frozen=True, tag="accepted", tag_field="kind"):
+    """A batch's line for a message it accepted (durably): its index and run id."""
+
+    index: int
+    run_id: str
+
+
+class BatchRefused(msgspec.Struct, frozen=True, tag="refused", tag_field="kind"):
+    """A batch's line for a message refused as a single submission would have been (409
+    ``duplicate_run``, say): nothing of it was accepted. ``run_id`` is the one it sent.
+
+    Also the last line of a message whose run was accepted but whose terminal the server
+    could not give (``run_not_found``: evicted): its run ended, wait for it by id.
+    """
+
+    index: int
+    run_id: str | None
+    status: Annotated[int, Meta(description="the HTTP status a single submission would get")]
+    error: ErrorDetail
+
+
+class BatchEnded(msgspec.Struct, frozen=True, tag="ended", tag_field="kind"):
+    """A batch's line for an accepted run that ended: its index and the run with its
+    terminal. Sent exactly once per accepted run, in the order the runs end."""
+
+    index: int
+    run: RunView
+
+
+BatchLine = BatchAccepted | BatchRefused | BatchEnded
+"""One line of a batch's NDJSON response: first one ``accepted`` or ``refused`` per message,
+in order, then one ``ended`` per accepted run as it ends."""

@@ -37,6 +37,7 @@ from .schema import (
     QueuedRun,
     RunView,
     SessionView,
+    SubmitBatch,
     SubmitMessage,
     WorkspaceView,
 )
@@ -178,29 +179,57 @@ class RunService:
         """
         if self._draining:
             raise _shutting_down()
-        msg = AgentMessage(request.session_id, request.prompt, request.run_id or "")
         try:
-            return await self.backend.submit(workspace_id, msg)
-        except WorkspaceNotFound:
-            raise self._missing_workspace(workspace_id) from None
-        except WorkspaceClosing as exc:
-            raise ApiError(409, "workspace_closing", str(exc)) from None
-        except AgentNotInitialized as exc:
-            raise ApiError(409, "agent_not_initialized", str(exc)) from None
-        except DuplicateRun as exc:
-            raise ApiError(409, "duplicate_run", str(exc)) from None
-        except SessionMissing as exc:
-            raise ApiError(422, "session_missing", str(exc)) from None
-        except InvalidSessionId as exc:
-            raise ApiError(422, "invalid_session_id", str(exc)) from None
-        except EmptyPrompt as exc:
-            raise ApiError(422, "empty_prompt", str(exc)) from None
-        except InvalidRunId as exc:
-            raise ApiError(422, "invalid_run_id", str(exc)) from None
-        except StoreError as exc:
+            return await self.backend.submit(workspace_id, _message(request))
+        except _REFUSALS as exc:
+            raise self._refusal(workspace_id, exc) from None
+
+    async def submit_and_wait(
+        self, workspace_id: str, request: SubmitMessage, seconds: float
+    ) -> RunView:
+        """:meth:`submit`, then :meth:`wait` up to ``seconds`` for the run's end: the run's
+        view, with its terminal if it ended in time. Refused as :meth:`submit` is."""
+        run_id = await self.submit(workspace_id, request)
+        return await self.wait(run_id, seconds)
+
+    async def submit_batch(self, workspace_id: str, batch: SubmitBatch) -> list[str | ApiError]:
+        """Accept each message of ``batch`` as :meth:`submit` would, in order, and return once
+        every accepted one is durable: per message, its run id or the :class:`ApiError` a
+        single submission would have raised (having accepted nothing of that message).
+
+        The whole batch is refused (nothing accepted) during shutdown (503) and for an
+        unknown workspace (404). If the store cannot make the accepted runs durable it is a
+        503 ``store_unavailable``: none is acknowledged, and a retry with the same run ids is
+        safe (the ones that were accepted come back as ``duplicate_run``).
+        """
+        if self._draining:
+            raise _shutting_down()
+        self.workspace(workspace_id)
+        results: list[str | ApiError] = []
+        for request in batch.messages:
+            try:
+                results.append(self.backend.send_message(workspace_id, _message(request)))
+            except _REFUSALS as exc:
+                results.append(self._refusal(workspace_id, exc))
+        if any(isinstance(result, str) for result in results):
+            try:
+                await self.backend.ledger.flush()
+            except StoreError as exc:
+                raise self._refusal(workspace_id, exc) from None
+        return results
+
+    def _refusal(self, workspace_id: str, exc: Exception) -> ApiError:
+        # The backend's typed refusal of a submission as its HTTP status and code.
+        if isinstance(exc, WorkspaceNotFound):
+            return self._missing_workspace(workspace_id)
+        if isinstance(exc, StoreError):
             # Refused before anything was recorded (accept), or not yet durable (flush): either
             # way not acknowledged; a retry with the same run id is safe.
-            raise ApiError(503, "store_unavailable", str(exc)) from None
+            return ApiError(503, "store_unavailable", str(exc))
+        for kind, status, code in _REFUSAL_CODES:
+            if isinstance(exc, kind):
+                return ApiError(status, code, str(exc))
+        raise AssertionError(f"not a refusal: {exc!r}")  # pragma: no cover
 
     def _missing_workspace(self, workspace_id: str) -> ApiError:
         return ApiError(404, "workspace_not_found", f"no open workspace has id {workspace_id!r}")
@@ -349,6 +378,26 @@ class RunService:
                 len(self._awaiting_delivery),
                 drain,
             )
+
+
+_REFUSAL_CODES: tuple[tuple[type[Exception], int, str], ...] = (
+    (WorkspaceClosing, 409, "workspace_closing"),
+    (AgentNotInitialized, 409, "agent_not_initialized"),
+    (DuplicateRun, 409, "duplicate_run"),
+    (SessionMissing, 422, "session_missing"),
+    (InvalidSessionId, 422, "invalid_session_id"),
+    (EmptyPrompt, 422, "empty_prompt"),
+    (InvalidRunId, 422, "invalid_run_id"),
+)
+_REFUSALS: tuple[type[Exception], ...] = (
+    WorkspaceNotFound,
+    StoreError,
+    *(kind for kind, _, _ in _REFUSAL_CODES),
+)
+
+
+def _message(request: SubmitMessage) -> AgentMessage:
+    return AgentMessage(request.session_id, request.prompt, request.run_id or "")
 
 
 def _view(workspace: Workspace) -> WorkspaceView:

@@ -1,0 +1,505 @@
+"""One request per run (``POST .../messages?wait=S``) and batches (``POST .../batches``).
+
+In-process on the virtual clock (the app through httpx's ASGI transport, which hands back a
+response once its body is complete): submit-and-wait answers with the terminal or, after S,
+the run; a batch answers one line per message, then one per terminal, each exactly once, and
+only once every accepted message is durable; bad input is a typed JSON error that accepts
+nothing. The real-socket tests (a client that stops reading a batch never holds shutdown;
+``RunsClient``'s one-request and batch calls) bound every wait in real time.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from trio_runs import (
+    RunCall,
+    RunComplete,
+    RunContext,
+    SessionCoordinator,
+    StoreError,
+    open_backend,
+)
+from trio_runs.agents import demo
+from trio_runs.http import ClientError, RunningServer, RunsClient, ServeOptions, serve
+from trio_runs.http.app import create_app
+from trio_runs.http.schema import (
+    MAX_BATCH_ITEMS,
+    MAX_BODY_BYTES,
+    ApiError,
+    CreateWorkspace,
+    SubmitBatch,
+    SubmitMessage,
+)
+from trio_runs.http.service import RunService
+
+TIMEOUT = 60  # virtual seconds
+
+
+@asynccontextmanager
+async def app_client(root: Path) -> AsyncIterator[tuple[httpx.AsyncClient, RunService]]:
+    with trio.fail_after(TIMEOUT):
+        async with open_backend() as backend:
+            service = RunService(backend, demo.coordinator_factory, workspace_root=root)
+            transport = httpx.ASGITransport(app=create_app(service))
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+                yield http, service
+            await service.shutdown(0)
+
+
+async def workspace(http: httpx.AsyncClient) -> str:
+    ws_id: str = (await http.post("/v1/workspaces", json={"path": "w"})).json()["id"]
+    return ws_id
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> str:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert error["code"] == code, error
+    message: str = error["message"]
+    return message
+
+
+def lines(response: httpx.Response) -> list[dict[str, Any]]:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/x-ndjson")
+    return [json.loads(line) for line in response.text.splitlines() if line.strip()]
+
+
+def message(session: str, prompt: str, run_id: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"session_id": session, "prompt": prompt}
+    if run_id is not None:
+        body["run_id"] = run_id
+    return body
+
+
+# -- one request per run ----------------------------------------------------------------------
+
+
+async def test_submit_and_wait_answers_with_the_terminal(autojump_clock, tmp_path: Path):
+    async with app_client(tmp_path) as (http, _):
+        ws = await workspace(http)
+        response = await http.post(
+            f"/v1/workspaces/{ws}/messages", params={"wait": "5"}, json=message("s", "hi", "r1")
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert (body["run_id"], body["session_id"], body["state"]) == ("r1", "s", "completed")
+        assert body["terminal"]["result"] == "hi"
+
+
+async def test_submit_and_wait_gives_the_run_after_wait_seconds(autojump_clock, tmp_path: Path):
+    async with app_client(tmp_path) as (http, _):
+        ws = await workspace(http)
+        start = trio.current_time()
+        response = await http.post(
+            f"/v1/workspaces/{ws}/messages",
+            params={"wait": "2.5"},
+            json=message("s", "sleep 10", "long"),
+        )
+        assert trio.current_time() - start == pytest.approx(2.5, abs=0.1)
+        assert response.status_code == 202, response.text
+        assert response.json() == {"run_id": "long", "session_id": "s", "state": "active"}
+        done = await http.get("/v1/runs/long/wait", params={"timeout": "30"})
+        assert done.status_code == 200
+        assert done.json()["state"] == "completed"
+
+
+async def test_without_wait_a_submission_answers_as_before(autojump_clock, tmp_path: Path):
+    async with app_client(tmp_path) as (http, _):
+        ws = await workspace(http)
+        response = await http.post(f"/v1/workspaces/{ws}/messages", json=message("s", "x", "a"))
+        assert (response.status_code, response.json()) == (202, {"run_id": "a"})
+        zero = await http.post(
+            f"/v1/workspaces/{ws}/messages", params={"wait": "0"}, json=message("s", "y", "b")
+        )
+        assert zero.status_code in (200, 202)
+        assert zero.json()["run_id"] == "b"
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "wait=1_0",
+        "wait=61",
+        "wait=-1",
+        "wait=nan",
+        "wait=inf",
+        "wait=",
+        "wait=+5",
+        "wait=%205",
+        "wait=5&x=1",
+        "timeout=5",
+    ],
+)
+async def test_a_bad_wait_is_refused_and_accepts_nothing(
+    autojump_clock, tmp_path: Path, query: str
+):
+    async with app_client(tmp_path) as (http, service):
+        ws = await workspace(http)
+        response = await http.post(
+            f"/v1/workspaces/{ws}/messages?{query}", json=message("s", "x", "r")
+        )
+        assert_error(response, 422, "invalid_query")
+        assert_error(await http.get("/v1/runs/r"), 404, "run_not_found")
+        assert service.backend.ledger.statistics().accepted_total == 0
+
+
+async def test_submit_and_wait_refuses_like_a_submission(autojump_clock, tmp_path: Path):
+    async with app_client(tmp_path) as (http, _):
+        ws = await workspace(http)
+        url = f"/v1/workspaces/{ws}/messages?wait=1"
+        assert (await http.post(url, json=message("s", "x", "r"))).status_code == 200
+        assert_error(await http.post(url, json=message("s", "x", "r")), 409, "duplicate_run")
+        assert_error(await http.post(url, json=message("s", " ")), 422, "empty_prompt")
+        missing = "/v1/workspaces/00000000-0000-0000-0000-000000000000/messages?wait=1"
+        assert_error(await http.post(missing, json=message("s", "x")), 404, "workspace_not_found")
+
+
+# -- batches ------------------------------------------------------------------------------------
+
+
+async def test_a_batch_streams_acceptances_then_each_terminal_once(autojump_clock, tmp_path: Path):
+    async with app_client(tmp_path) as (http, _):
+        ws = await workspace(http)
+        taken = await http.post(f"/v1/workspaces/{ws}/messages", json=message("s", "x", "old"))
+        assert taken.status_code == 202
+        batch = [
+            message("a", "sleep 3", "slow"),
+            message("b", "fast", "quick"),
+            message("c", "dup", "old"),
+            message("d", "minted"),
+            message("e", "again", "quick"),
+        ]
+        response = await http.post(f"/v1/workspaces/{ws}/batches", json={"messages": batch})
+        got = lines(response)
+        head, tail = got[: len(batch)], got[len(batch) :]
+        assert [line["index"] for line in head] == [0, 1, 2, 3, 4]
+        assert [line["kind"] for line in head] == [
+            "accepted",
+            "accepted",
+            "refused",
+            "accepted",
+            "refused",
+        ]
+        assert head[0]["run_id"] == "slow"
+        assert head[1]["run_id"] == "quick"
+        assert head[2] == {
+            "kind": "refused",
+            "index": 2,
+            "run_id": "old",
+            "status": 409,
+            "error": head[2]["error"],
+        }
+        assert head[2]["error"]["code"] == "duplicate_run"
+        assert head[4]["error"]["code"] == "duplicate_run"
+        minted = head[3]["run_id"]
+        assert minted
+        assert all(line["kind"] == "ended" for line in tail)
+        # One terminal per accepted run, exactly once, in the order they ended (slow last).
+        assert sorted(line["index"] for line in tail) == [0, 1, 3]
+        assert tail[-1]["index"] == 0
+        runs = {line["run"]["run_id"]: line["run"] for line in tail}
+        assert set(runs) == {"slow", "quick", minted}
+        assert runs["slow"]["state"] == "completed"
+        assert runs[minted]["session_id"] == "d"
+        assert runs[minted]["terminal"]["result"] == "minted"
+
+
+async def test_a_malformed_item_refuses_the_whole_batch(autojump_clock, tmp_path: Path):
+    async with app_client(tmp_path) as (http, service):
+        ws = await workspace(http)
+        url = f"/v1/workspaces/{ws}/batches"
+        cases = [
+            ([message("s", "ok", "r1"), message("s", "", "r2")], "empty_prompt", "messages[1]"),
+            ([message("s", "ok", "r1"), message("s", "x", "a/b")], "invalid_run_id", "messages[1]"),
+            ([message(" ", "ok", "r1")], "session_missing", "messages[0]"),
+            ([message("s", "ok", "r1"), {"session_id": "s"}], "invalid_request", ""),
+            ([message("s", "ok", "r1"), {**message("s", "x"), "z": 1}], "invalid_request", ""),
+            ([], "invalid_request", ""),
+            ([message("s", "x")] * (MAX_BATCH_ITEMS + 1), "invalid_request", ""),
+        ]
+        for items, code, where in cases:
+            text = assert_error(await http.post(url, json={"messages": items}), 422, code)
+            assert where in text
+        assert_error(await http.post(url, json=[message("s", "x")]), 422, "invalid_request")
+        assert_error(await http.post(url, json={"messages": [], "x": 1}), 422, "invalid_request")
+        assert_error(await http.post(url, content=b"{", headers=JSON), 400, "malformed_json")
+        assert_error(await http.post(url, content=b"{}"), 415, "unsupported_media_type")
+        big = {"messages": [message("s", "x" * MAX_BODY_BYTES)]}
+        assert_error(await http.post(url, json=big), 413, "body_too_large")
+        assert_error(await http.post(url + "?wait=1", json={"messages": []}), 422, "invalid_query")
+        missing = "/v1/workspaces/00000000-0000-0000-0000-000000000000/batches"
+        assert_error(
+            await http.post(missing, json={"messages": [message("s", "x")]}),
+            404,
+            "workspace_not_found",
+        )
+        assert service.backend.ledger.statistics().accepted_total == 0
+        assert_error(await http.get("/v1/runs/r1"), 404, "run_not_found")
+
+
+JSON = {"content-type": "application/json"}
+
+
+async def test_a_batch_is_answered_only_once_durable(autojump_clock, tmp_path: Path):
+    async with app_client(tmp_path) as (_, service):
+        ws_id = (await service.create_workspace(CreateWorkspace("w")))[0].id
+        ledger = service.backend.ledger
+        flushed = trio.Event()
+        real_flush = ledger.flush
+
+        async def gated_flush() -> None:
+            await flushed.wait()
+            await real_flush()
+
+        ledger.flush = gated_flush  # type: ignore[method-assign]
+        answered = False
+
+        async def submit() -> None:
+            nonlocal answered
+            batch = SubmitBatch([SubmitMessage("s", "x", "r1"), SubmitMessage("s", "y", "r2")])
+            assert await service.submit_batch(ws_id, batch) == ["r1", "r2"]
+            answered = True
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(submit)
+            await trio.sleep(5)
+            assert not answered
+            flushed.set()
+        assert answered
+
+
+async def test_a_batch_the_store_cannot_make_durable_is_a_503(autojump_clock, tmp_path: Path):
+    async with app_client(tmp_path) as (_, service):
+        ws_id = (await service.create_workspace(CreateWorkspace("w")))[0].id
+
+        async def failing_flush() -> None:
+            raise StoreError("disk full")
+
+        service.backend.ledger.flush = failing_flush  # type: ignore[method-assign]
+        batch = SubmitBatch([SubmitMessage("s", "x", "r1")])
+        with pytest.raises(ApiError) as info:
+            await service.submit_batch(ws_id, batch)
+        assert (info.value.status, info.value.code) == (503, "store_unavailable")
+
+
+async def test_a_batch_during_shutdown_is_refused_whole(autojump_clock, tmp_path: Path):
+    async with app_client(tmp_path) as (http, service):
+        ws = await workspace(http)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.shutdown, 0.0)
+            while not service.draining:
+                await trio.sleep(0)
+            response = await http.post(
+                f"/v1/workspaces/{ws}/batches", json={"messages": [message("s", "x", "r")]}
+            )
+            assert_error(response, 503, "shutting_down")
+
+
+# -- over real sockets: RunsClient, and a reader that stops ------------------------------------
+
+REAL_TIMEOUT = 60.0  # real seconds, per test
+WRITE_TIMEOUT = 1.0
+SLACK = 5.0
+BIG = 2_000_000  # characters of one "big" result: a few overflow any socket buffering
+
+
+async def big_agent(call: RunCall, ctx: RunContext) -> object:
+    word, _, seconds = call.prompt.partition(" ")
+    await trio.sleep(float(seconds) if word == "sleep" else 0.01)
+    return "x" * BIG if call.prompt == "big" else call.prompt
+
+
+def serving(tmp_path: Path, body: Any, **options: Any) -> float:
+    """Run ``body(server)`` against a fresh server; the real seconds its shutdown took."""
+    took = 0.0
+
+    async def main() -> None:
+        nonlocal took
+        with trio.fail_after(REAL_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                opts = ServeOptions(
+                    port=0, workspace_root=str(tmp_path), drain=0.2, close_grace=1.0, **options
+                )
+                factory = SessionCoordinator.factory(big_agent)
+                server: RunningServer = await nursery.start(
+                    partial(serve, opts, coordinator_factory=factory)
+                )
+                try:
+                    await body(server)
+                finally:
+                    server.request_shutdown()
+                    start = trio.current_time()
+            took = trio.current_time() - start
+
+    trio.run(main)
+    return took
+
+
+class Counting(httpx.AsyncBaseTransport):
+    """Counts requests by path; loses the answer to the first request to ``lose`` (if any)."""
+
+    def __init__(self, lose: str = "") -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.paths: list[str] = []
+        self.lose = lose
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.paths.append(request.url.path)
+        response = await self.inner.handle_async_request(request)
+        if self.lose and request.url.path.endswith(self.lose):
+            self.lose = ""
+            await response.aclose()
+            raise httpx.ReadError("connection reset before the answer arrived")
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_run_prompt_is_one_request_when_the_run_ends_in_time(tmp_path: Path):
+    async def body(server: RunningServer) -> None:
+        transport = Counting()
+        async with RunsClient(server.url, transport=transport, timeout=4.0) as client:
+            ws = (await client.create_workspace("w")).id
+            transport.paths.clear()
+            terminal = await client.run_prompt(ws, "s", "hello", "r1")
+            assert (terminal.outcome, terminal.result) == ("completed", "hello")
+            assert transport.paths == [f"/v1/workspaces/{ws}/messages"]
+            # A run longer than a poll (2 s here): the one request, then /wait.
+            terminal = await client.run_prompt(ws, "s", "sleep 2.5", "r2")
+            assert terminal.outcome == "completed"
+            assert transport.paths[1] == f"/v1/workspaces/{ws}/messages"
+            assert set(transport.paths[2:]) == {"/v1/runs/r2/wait"}
+
+    serving(tmp_path, body)
+
+
+def test_run_prompt_reattaches_after_a_lost_answer(tmp_path: Path):
+    async def body(server: RunningServer) -> None:
+        transport = Counting(lose="/messages")
+        async with RunsClient(server.url, transport=transport) as client:
+            ws = (await client.create_workspace("w")).id
+            terminal = await client.run_prompt(ws, "s", "once", "rid")
+            assert terminal.result == "once"
+            assert transport.paths.count(f"/v1/workspaces/{ws}/messages") == 2
+            # Not a retry: a second submission with a taken id is refused.
+            with pytest.raises(ClientError, match="duplicate_run"):
+                await client.run_prompt(ws, "s", "once", "rid")
+        assert server.service.backend.ledger.statistics().accepted_total == 1
+
+    serving(tmp_path, body)
+
+
+def test_run_batch_collects_every_terminal_once(tmp_path: Path):
+    async def body(server: RunningServer) -> None:
+        async with RunsClient(server.url) as client:
+            ws = (await client.create_workspace("w")).id
+            await client.submit(ws, "s", "taken", "old")
+            seen: list[int] = []
+            messages = [(f"s{i % 3}", f"p{i}", f"b{i}") for i in range(20)]
+            messages.append(("s", "dup", "old"))
+            results = await client.run_batch(ws, messages, on_terminal=lambda i, _: seen.append(i))
+            assert sorted(seen) == list(range(20))
+            for i in range(20):
+                result = results[i]
+                assert isinstance(result, RunComplete)
+                assert (result.run_id, result.result) == (f"b{i}", f"p{i}")
+            refused = results[20]
+            assert isinstance(refused, ClientError)
+            assert (refused.status, refused.code) == (409, "duplicate_run")
+        assert server.service.backend.ledger.statistics().accepted_total == 21
+
+    serving(tmp_path, body)
+
+
+def test_run_batch_sends_again_when_its_acceptances_were_lost(tmp_path: Path):
+    async def body(server: RunningServer) -> None:
+        transport = Counting(lose="/batches")
+        async with RunsClient(server.url, transport=transport) as client:
+            ws = (await client.create_workspace("w")).id
+            messages = [("s", f"p{i}", f"r{i}") for i in range(5)]
+            results = await client.run_batch(ws, messages)
+            assert [r.result for r in results if isinstance(r, RunComplete)] == [
+                f"p{i}" for i in range(5)
+            ]
+            assert transport.paths.count(f"/v1/workspaces/{ws}/batches") == 2
+        assert server.service.backend.ledger.statistics().accepted_total == 5
+
+    serving(tmp_path, body)
+
+
+async def stalled_batch(url: str, ws: str, messages: list[dict[str, Any]]) -> Any:
+    """A socket that posts a batch and then never reads."""
+    parsed = httpx.URL(url)
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: no autotuning
+    await sock.connect((parsed.host, parsed.port))
+    await sock.send(batch_request(parsed.host, ws, messages))
+    return sock
+
+
+def batch_request(host: str, ws: str, messages: list[dict[str, Any]]) -> bytes:
+    payload = json.dumps({"messages": messages}).encode()
+    head = (
+        f"POST /v1/workspaces/{ws}/batches HTTP/1.1\r\nHost: {host}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    return head.encode() + payload
+
+
+def test_a_batch_reader_that_stops_never_holds_the_server_or_its_shutdown(tmp_path: Path):
+    got = 0
+    opened: list[Any] = []
+
+    async def body(server: RunningServer) -> None:
+        nonlocal got
+        async with RunsClient(server.url) as client:
+            ws = (await client.create_workspace("w")).id
+            parsed = httpx.URL(server.url)
+            big = [{"session_id": f"s{i}", "prompt": "big", "run_id": f"b{i}"} for i in range(6)]
+            with await stalled_batch(server.url, ws, big) as sock:
+                ledger = server.service.backend.ledger
+                while ledger.session_of("b5") is None and ledger.get("b5") is None:
+                    await trio.sleep(0.01)  # until accepted (bounded by REAL_TIMEOUT)
+                for i in range(6):
+                    assert (await client.wait_terminal(f"b{i}")).outcome == "completed"
+                # The stalled write is cut within the write timeout: the connection ends
+                # (a stream still open would hold it, kept alive, once drained).
+                await trio.sleep(WRITE_TIMEOUT + 1)
+                with trio.fail_after(SLACK):
+                    try:
+                        while chunk := await sock.recv(1 << 20):
+                            got += len(chunk)
+                    except ConnectionResetError:
+                        pass
+            # A long batch, never read, open through shutdown: it does not hold shutdown.
+            long = [{"session_id": "z", "prompt": "sleep 30", "run_id": "long"}]
+            # A plain socket (closed after trio.run), connecting and sending at once.
+            plain = socket.create_connection((parsed.host, parsed.port), timeout=SLACK)
+            opened.append(plain)
+            plain.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            plain.sendall(batch_request(parsed.host, ws, long))
+            while ledger.session_of("long") is None:
+                await trio.sleep(0.01)
+            assert (await client.wait("long", 0.5)).state == "active"
+
+    try:
+        took = serving(tmp_path, body, write_timeout=WRITE_TIMEOUT)
+    finally:
+        for sock in opened:
+            sock.close()
+    assert got < 6 * BIG  # cut off, not delivered
+    assert took < 1.0 + 0.2 + ServeOptions().graceful_timeout + SLACK
