@@ -126,7 +126,7 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
     ),
     "sqlite-no-recovery": (
         "sqlite.py",
-        [("            await trio.to_thread.run_sync(_recover, writer, unended)\n", "")],
+        [("            await trio.to_thread.run_sync(_recover, writer, abandoned)\n", "")],
     ),
 }
 
