@@ -128,6 +128,19 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         "sqlite.py",
         [("            await trio.to_thread.run_sync(_recover, writer, abandoned)\n", "")],
     ),
+    "deadline-never-fires": (
+        "coordinator.py",
+        [
+            (
+                "deadline=math.inf if accept._deadline is None else now + accept._deadline",
+                "deadline=math.inf",
+            )
+        ],
+    ),
+    "timeout-as-cancelled": (
+        "coordinator.py",
+        [("        elif _timed_out(accept, scope):\n", "        elif False:\n")],
+    ),
 }
 
 

@@ -183,6 +183,24 @@ async def test_retention_by_count_bytes_and_age(tmp_path: Path, real_clock):
     assert rows(db) == {}
 
 
+async def test_a_timed_out_terminal_keeps_its_flag_on_disk(tmp_path: Path, real_clock):
+    """``RunComplete.timed_out`` round-trips through the store: cached, cold and reopened."""
+    db = tmp_path / "runs.db"
+    timed_out = RunComplete("s", "late", error="timed out", timed_out=True)
+    async with open_sqlite_ledger(db, cache_bytes=1) as store:
+        store.accept("late", "s")
+        store.complete(timed_out)
+        with trio.fail_after(BOUND):
+            assert await store.wait("late") == timed_out
+            await store.flush()
+    _, terminal = rows(db)["late"]
+    assert terminal is not None
+    assert RunComplete.from_json(terminal) == timed_out
+    async with open_sqlite_ledger(db) as store:
+        with trio.fail_after(BOUND):
+            assert await store.wait("late") == timed_out
+
+
 async def test_results_live_on_disk_with_a_bounded_cache(tmp_path: Path, real_clock):
     db = tmp_path / "runs.db"
     async with open_sqlite_ledger(db, cache_bytes=100_000) as store:
@@ -298,13 +316,13 @@ async def test_a_rerun_coordinator_stores_what_it_takes_to_run_again(tmp_path: P
         factory = SessionCoordinator.factory(agent, after_crash="rerun")
         ws = await backend.create_workspace(tmp_path / "w", factory)
         with trio.fail_after(BOUND):
-            run_id = await backend.submit(ws.id, AgentMessage("s", "long one"))
+            run_id = await backend.submit(ws.id, AgentMessage("s", "long one", deadline=90))
         with sqlite3.connect(db) as connection:
             stored = connection.execute(
                 "SELECT workspace, call FROM runs WHERE run_id = ?", (run_id,)
             ).fetchone()
         assert stored[0] == ws.path
-        assert RunCall.from_json(stored[1]) == RunCall("s", "long one", run_id)
+        assert RunCall.from_json(stored[1]) == RunCall("s", "long one", run_id, deadline=90)
         await backend.close_workspace(ws.id, grace=0.1)
 
 

@@ -402,7 +402,7 @@ class Backend:
             raise DuplicateRun(run_id)
         nursery = workspace._nursery
         assert nursery is not None
-        call = RunCall(msg.session_id, msg.prompt, run_id, msg.attachments)
+        call = RunCall(msg.session_id, msg.prompt, run_id, msg.attachments, deadline=msg.deadline)
         # The call goes with the reservation so the run is listed as queued (and clear_queue
         # can drop it) before its task gets to run.
         accept = coordinator.begin_accepted(msg.session_id, call)

@@ -37,7 +37,7 @@ from .context import (
     with_run_id,
 )
 from .errors import SessionMissing
-from .events import Attachment, EventType, RunCall, RunComplete, RunProgress
+from .events import Attachment, EventType, RunCall, RunComplete, RunProgress, check_deadline
 from .ledger import RunStore
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "SessionCoordinator",
     "SupportsAfterCrash",
     "SupportsCancelRun",
+    "SupportsDeadlines",
     "SupportsLaneQueries",
     "SupportsStatistics",
     "WorkspaceResources",
@@ -161,8 +162,10 @@ class AcceptedRun:
 
     __slots__ = (
         "_call",
+        "_cancel_requested",
         "_closed",
         "_coordinator",
+        "_deadline",
         "_entered",
         "_entered_at",
         "_marker",
@@ -193,6 +196,9 @@ class AcceptedRun:
         self._closed = False
         self._ready: trio.Event | None = None
         self._scope: trio.CancelScope | None = None
+        # Set by cancel()/cancel_run(): the scope was cancelled on request, not by its deadline.
+        self._cancel_requested = False
+        self._deadline: float | None = None
         self._marker: RunCompleteMarker | None = None
         self._terminal: RunComplete | None = None
 
@@ -355,6 +361,20 @@ class SupportsLaneQueries(Protocol):
         ...
 
 
+@runtime_checkable
+class SupportsDeadlines(Protocol):
+    """A coordinator whose runs have a default deadline (``RunCall.deadline`` when unset).
+
+    A service that caps deadlines reads it, so that a workspace's default is kept where it
+    is within the cap.
+    """
+
+    @property
+    def default_deadline(self) -> float | None:
+        """Seconds a run may take from its start when its call gives none; ``None``: no limit."""
+        ...
+
+
 AfterCrash = Literal["abandon", "rerun"]
 """What a durable store does with a run of this coordinator still going when the process
 died: end it ``abandoned`` (the default), or ``rerun`` it from the start on restart."""
@@ -433,6 +453,17 @@ def _cancelling(scope: trio.CancelScope) -> bool:
     return scope.cancel_called or trio.current_effective_deadline() == -math.inf
 
 
+def _timed_out(accept: AcceptedRun, scope: trio.CancelScope) -> bool:
+    # Cut off by its own deadline: not by cancel()/cancel_run(), nor by an enclosing scope
+    # (shutdown), which both end the run cancelled. Called outside the run's scope.
+    return (
+        not accept._cancel_requested
+        and scope.cancel_called
+        and trio.current_time() >= scope.deadline
+        and trio.current_effective_deadline() != -math.inf
+    )
+
+
 # The variant nibble of a UUID4 is 10xx: keep the two low random bits, set the high two.
 _UUID4_VARIANT: Final = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
@@ -456,9 +487,17 @@ class SessionCoordinator:
     says what a durable store does with a run still going when the process died: end it
     abandoned (the default), or run it again from the start (``"rerun"``).
 
+    A run's deadline is its call's ``deadline``, or ``default_deadline`` when the call has
+    none, and never more than ``max_deadline`` (``None``: no limit). It counts from the run's
+    start (time queued behind its session's other runs does not count), retries and backoff
+    included. Past it the run's cancel scope is cancelled and the run ends *failed* with
+    ``timed_out`` set (unless it completed anyway); its lane moves on and its waiters return.
+    An explicit cancel (or a shutdown) that comes first still ends it cancelled.
+
     ``run_accepted`` returns the run's terminal when it completed or was cancelled by this
     coordinator; re-raises the agent's exception (unwrapped) after publishing the failed
-    terminal; re-raises a ``prepare`` exception having published nothing; and re-raises a
+    terminal; returns the failed terminal of a run that timed out; re-raises a ``prepare``
+    exception having published nothing; and re-raises a
     ``trio.Cancelled`` from an enclosing scope after publishing the cancelled terminal. It
     never swallows a ``Cancelled`` and never publishes two terminals for one run.
     """
@@ -473,6 +512,8 @@ class SessionCoordinator:
         prepare: Prepare | None = None,
         retry: RetryPolicy | None = None,
         after_crash: AfterCrash = "abandon",
+        default_deadline: float | None = None,
+        max_deadline: float | None = None,
     ) -> None:
         if not callable(agent):
             raise TypeError(f"agent must be an async callable, got {agent!r}")
@@ -483,6 +524,8 @@ class SessionCoordinator:
         if after_crash not in ("abandon", "rerun"):
             raise ValueError(f"after_crash must be 'abandon' or 'rerun', got {after_crash!r}")
         self._after_crash: AfterCrash = after_crash
+        self._default_deadline = check_deadline(default_deadline, "default_deadline")
+        self._max_deadline = check_deadline(max_deadline, "max_deadline")
         self._agent = agent
         self._run_completions = run_completions
         self._ledger = ledger
@@ -502,6 +545,8 @@ class SessionCoordinator:
         prepare: Prepare | None = None,
         retry: RetryPolicy | None = None,
         after_crash: AfterCrash = "abandon",
+        default_deadline: float | None = None,
+        max_deadline: float | None = None,
     ) -> Callable[[WorkspaceResources], SessionCoordinator]:
         """A ``coordinator_factory`` for ``Backend.create_workspace`` running ``agent``."""
 
@@ -514,6 +559,8 @@ class SessionCoordinator:
                 prepare=prepare,
                 retry=retry,
                 after_crash=after_crash,
+                default_deadline=default_deadline,
+                max_deadline=max_deadline,
             )
 
         return make
@@ -523,6 +570,23 @@ class SessionCoordinator:
         """``"abandon"`` or ``"rerun"``: a run still going when the process died (with a
         durable store) ends abandoned, or runs again from the start on restart."""
         return self._after_crash
+
+    @property
+    def default_deadline(self) -> float | None:
+        """Seconds a run may take from its start when its call gives no ``deadline``."""
+        return self._default_deadline
+
+    @property
+    def max_deadline(self) -> float | None:
+        """The most seconds any run may take from its start, whatever its call asks."""
+        return self._max_deadline
+
+    def deadline_for(self, call: RunCall) -> float | None:
+        """The seconds ``call``'s run may take from its start here; ``None``: no limit."""
+        deadline = call.deadline if call.deadline is not None else self._default_deadline
+        if self._max_deadline is not None:
+            deadline = self._max_deadline if deadline is None else min(deadline, self._max_deadline)
+        return deadline
 
     # -- queries -----------------------------------------------------------------------
 
@@ -660,7 +724,12 @@ class SessionCoordinator:
         accept._started_at = now
         self._queue_wait.observe(now - accept._entered_at)
         accept._phase = _ACTIVE
-        accept._scope = trio.CancelScope()
+        # The deadline counts from here, the run's start: queued time does not count.
+        assert accept.call is not None
+        accept._deadline = self.deadline_for(accept.call)
+        accept._scope = trio.CancelScope(
+            deadline=math.inf if accept._deadline is None else now + accept._deadline
+        )
         if accept._ready is not None:
             accept._ready.set()
 
@@ -721,6 +790,7 @@ class SessionCoordinator:
         for accept in list(session.lane):
             if accept._phase is _ACTIVE:
                 assert accept._scope is not None
+                accept._cancel_requested = True
                 accept._scope.cancel()
             elif accept._phase is _QUEUED or accept.call is not None:
                 self._drop(session, accept)
@@ -745,6 +815,7 @@ class SessionCoordinator:
                 continue
             if accept._phase is _ACTIVE:
                 assert accept._scope is not None
+                accept._cancel_requested = True
                 accept._scope.cancel()
             else:
                 self._drop(session, accept)
@@ -775,6 +846,7 @@ class SessionCoordinator:
         *,
         run_id: str = "",
         attachments: Sequence[Attachment] = (),
+        deadline: float | None = None,
     ) -> RunComplete:
         """Accept and run one prompt here, without a dispatcher; returns its terminal.
 
@@ -791,7 +863,7 @@ class SessionCoordinator:
         except BaseException:
             self._ledger.withdraw(run_id)
             raise
-        call = RunCall(session_id, prompt, run_id, tuple(attachments))
+        call = RunCall(session_id, prompt, run_id, tuple(attachments), deadline=deadline)
         with accept, with_run_id(run_id), with_run_complete_marker() as marker:
             try:
                 return await self.run_accepted(accept, call)
@@ -919,6 +991,16 @@ class SessionCoordinator:
             rc = RunComplete(session_id, run_id, error=str(failure) or type(failure).__name__)
             self._publish(accept, rc)
             raise failure
+        elif _timed_out(accept, scope):
+            if failure is not None:
+                logger.warning(
+                    "run %s (session %s) raised while being cut off by its deadline",
+                    run_id,
+                    session_id,
+                    exc_info=failure,
+                )
+            error = f"timed out: the run did not end within its deadline of {accept._deadline:g} s"
+            rc = RunComplete(session_id, run_id, error=error, timed_out=True)
         else:
             if failure is not None:
                 # Cancellation is never reported as an error, even when the agent (or

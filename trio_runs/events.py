@@ -12,6 +12,7 @@ import base64
 import binascii
 import enum
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, Generic, Literal, Self, TypeVar
 
@@ -127,6 +128,10 @@ class RunComplete(_JSONValue):
     (or node) that ran it stopped before it ended, so whether its work happened is unknown.
     It is always ``failed`` (``error`` says why) and never cancelled; tell it from an
     ordinary failure by this field, never by parsing ``error``.
+
+    ``timed_out`` marks a failed terminal of a run cut off by its deadline (``RunCall.deadline``
+    or its coordinator's default): a failure of the run, not a cancellation. Like
+    ``abandoned`` it always comes with an ``error`` and is never cancelled (nor abandoned).
     """
 
     session_id: str
@@ -135,10 +140,15 @@ class RunComplete(_JSONValue):
     error: str | None = None
     cancelled: bool = False
     abandoned: bool = False
+    timed_out: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.abandoned and (self.error is None or self.cancelled):
             raise ValueError("an abandoned terminal is a failure: it needs an error, not cancelled")
+        if self.timed_out and (self.error is None or self.cancelled or self.abandoned):
+            raise ValueError(
+                "a timed-out terminal is a failure: it needs an error, not cancelled or abandoned"
+            )
 
     @property
     def outcome(self) -> Outcome:
@@ -159,6 +169,7 @@ class RunComplete(_JSONValue):
             "cancelled": self.cancelled,
             # Only when set: the wire shape of every other terminal stays as it was.
             **({"abandoned": True} if self.abandoned else {}),
+            **({"timed_out": True} if self.timed_out else {}),
         }
 
     @classmethod
@@ -166,7 +177,10 @@ class RunComplete(_JSONValue):
         """Decode :meth:`to_dict`'s output; raises ``ValueError`` on any malformed field."""
         what = cls.__name__
         d = _check_keys(
-            data, what, ("session_id", "run_id"), ("result", "error", "cancelled", "abandoned")
+            data,
+            what,
+            ("session_id", "run_id"),
+            ("result", "error", "cancelled", "abandoned", "timed_out"),
         )
         return cls(
             session_id=_typed(d, "session_id", str, what),
@@ -175,6 +189,7 @@ class RunComplete(_JSONValue):
             error=_opt(d, "error", (str, type(None)), what, None),
             cancelled=_opt(d, "cancelled", bool, what, False),
             abandoned=_opt(d, "abandoned", bool, what, False),
+            timed_out=_opt(d, "timed_out", bool, what, False),
         )
 
 
@@ -312,17 +327,47 @@ def _to_attachments(value: Iterable[Attachment]) -> tuple[Attachment, ...]:
     return tuple(value)
 
 
+def check_deadline(value: object, name: str = "deadline") -> float | None:
+    """``value`` as a deadline in seconds: ``None``, or a finite number > 0 (``ValueError``)."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a finite number of seconds > 0 or None, got {value!r}")
+    return float(value)
+
+
+def _validate_deadline(_: object, __: object, value: float | None) -> None:
+    check_deadline(value)
+
+
+def _deadline_from(data: Mapping[str, Any], what: str) -> float | None:
+    value = _opt(data, "deadline", (int, float, type(None)), what, None)
+    try:
+        return check_deadline(value)
+    except ValueError as exc:
+        raise ValueError(f"{what}: field 'deadline': {exc}") from None
+
+
 @attrs.frozen(slots=True)
 class AgentMessage(_JSONValue):
     """What a client submits: a prompt for a session, optionally with its own run id.
 
-    An empty ``run_id`` asks the backend to mint one (a UUID4 string).
+    An empty ``run_id`` asks the backend to mint one (a UUID4 string). ``deadline``, when
+    given, is how many seconds the run may take once it starts (queued time does not count);
+    past it the run ends failed with ``timed_out`` set. ``None`` leaves it to the
+    coordinator's default (and maximum).
     """
 
     session_id: str
     prompt: str
     run_id: str = ""
     attachments: tuple[Attachment, ...] = attrs.field(default=(), converter=_to_attachments)
+    deadline: float | None = attrs.field(default=None, validator=_validate_deadline)
 
     def has_input(self) -> bool:
         """Whether there is something to run: a non-blank prompt or a non-blank text file."""
@@ -335,30 +380,37 @@ class AgentMessage(_JSONValue):
             "prompt": self.prompt,
             "run_id": self.run_id,
             "attachments": [a.to_dict() for a in self.attachments],
+            **({"deadline": self.deadline} if self.deadline is not None else {}),
         }
 
     @classmethod
     def from_dict(cls, data: object) -> AgentMessage:
         """Decode :meth:`to_dict`'s output; raises ``ValueError`` on any malformed field."""
         what = cls.__name__
-        d = _check_keys(data, what, ("session_id", "prompt"), ("run_id", "attachments"))
+        d = _check_keys(data, what, ("session_id", "prompt"), ("run_id", "attachments", "deadline"))
         return cls(
             session_id=_typed(d, "session_id", str, what),
             prompt=_typed(d, "prompt", str, what),
             run_id=_opt(d, "run_id", str, what, ""),
             attachments=_attachments_from(d, what),
+            deadline=_deadline_from(d, what),
         )
 
 
 @attrs.frozen(slots=True)
 class RunCall(_JSONValue):
-    """What the agent receives for one attempt of one run."""
+    """What the agent receives for one attempt of one run.
+
+    ``deadline`` is the message's (seconds from the run's start, or ``None`` for the
+    coordinator's default).
+    """
 
     session_id: str
     prompt: str
     run_id: str = ""
     attachments: tuple[Attachment, ...] = attrs.field(default=(), converter=_to_attachments)
     attempt: int = 1
+    deadline: float | None = attrs.field(default=None, validator=_validate_deadline)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-compatible mapping."""
@@ -368,19 +420,23 @@ class RunCall(_JSONValue):
             "run_id": self.run_id,
             "attachments": [a.to_dict() for a in self.attachments],
             "attempt": self.attempt,
+            **({"deadline": self.deadline} if self.deadline is not None else {}),
         }
 
     @classmethod
     def from_dict(cls, data: object) -> RunCall:
         """Decode :meth:`to_dict`'s output; raises ``ValueError`` on any malformed field."""
         what = cls.__name__
-        d = _check_keys(data, what, ("session_id", "prompt"), ("run_id", "attachments", "attempt"))
+        d = _check_keys(
+            data, what, ("session_id", "prompt"), ("run_id", "attachments", "attempt", "deadline")
+        )
         return cls(
             session_id=_typed(d, "session_id", str, what),
             prompt=_typed(d, "prompt", str, what),
             run_id=_opt(d, "run_id", str, what, ""),
             attachments=_attachments_from(d, what),
             attempt=_opt(d, "attempt", int, what, 1),
+            deadline=_deadline_from(d, what),
         )
 
 

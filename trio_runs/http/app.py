@@ -173,7 +173,9 @@ def create_app(
         body, content_type = prometheus.exposition(registry, request.headers.get("accept"))
         return Response(body, headers={"content-type": content_type})
 
-    document = json_response(openapi_document(secured=token is not None)).body
+    document = json_response(
+        openapi_document(secured=token is not None, max_deadline=service.max_deadline)
+    ).body
 
     async def openapi(request: Request) -> Response:
         return Response(document, media_type="application/json")

@@ -72,6 +72,15 @@ class SseEvent:
             return None
 
 
+def _submit_body(
+    session_id: str, prompt: str, run_id: str, deadline: float | None
+) -> dict[str, object]:
+    body: dict[str, object] = {"session_id": session_id, "prompt": prompt, "run_id": run_id}
+    if deadline is not None:
+        body["deadline"] = deadline
+    return body
+
+
 def _quote(segment: str) -> str:
     # One path segment, every byte but the unreserved ones percent-encoded ('/' included).
     # A segment of dots is encoded too: clients (httpx included) drop "." and ".." segments
@@ -230,15 +239,19 @@ class RunsClient:
         run_id: str,
         *,
         resubmitting: bool = False,
+        deadline: float | None = None,
     ) -> str:
         """Submit a prompt under a client-minted ``run_id``; returns it once accepted.
+
+        ``deadline``: seconds the run may take from its start (``None``: the workspace's
+        default, within the server's maximum); past it the run ends failed, ``timed_out``.
 
         Transport errors are retried: when an earlier attempt was accepted but its answer
         lost, the retry's ``duplicate_run`` is recognised as that acceptance. Pass
         ``resubmitting=True`` when an earlier call may have been accepted (its answer lost
         to a server restart), for the same recognition.
         """
-        body = {"session_id": session_id, "prompt": prompt, "run_id": run_id}
+        body = _submit_body(session_id, prompt, run_id, deadline)
         path = f"/v1/workspaces/{_quote(workspace_id)}/messages"
         response, attempts = await self._send("POST", path, body, None, None)
         if response.status_code >= 400:
@@ -261,6 +274,7 @@ class RunsClient:
         run_id: str,
         *,
         resubmitting: bool = False,
+        deadline: float | None = None,
     ) -> RunView:
         """Submit a prompt and wait for its end in one request (``?wait=``).
 
@@ -271,7 +285,7 @@ class RunsClient:
         re-attached to instead of run twice. Bounded by ``poll_seconds + timeout``.
         """
         seconds = self.poll_seconds
-        body = {"session_id": session_id, "prompt": prompt, "run_id": run_id}
+        body = _submit_body(session_id, prompt, run_id, deadline)
         path = f"/v1/workspaces/{_quote(workspace_id)}/messages"
         params = {"wait": f"{seconds:g}"}
         response, attempts = await self._send("POST", path, body, params, seconds + self.timeout)
@@ -294,12 +308,13 @@ class RunsClient:
         run_id: str,
         *,
         resubmitting: bool = False,
+        deadline: float | None = None,
     ) -> RunComplete:
         """Submit a prompt and return its terminal: one request for a run that ends within
         :attr:`poll_seconds` (:meth:`submit_and_wait`), then ``/wait`` polls as
-        :meth:`wait_terminal`. Raises as those do."""
+        :meth:`wait_terminal`. Raises as those do. ``deadline`` as :meth:`submit`."""
         view = await self.submit_and_wait(
-            workspace_id, session_id, prompt, run_id, resubmitting=resubmitting
+            workspace_id, session_id, prompt, run_id, resubmitting=resubmitting, deadline=deadline
         )
         if view.terminal is not None:
             return view.terminal

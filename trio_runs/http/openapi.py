@@ -140,7 +140,7 @@ _BODY_ERRORS = {
     "422": _error(
         "well-formed JSON of the wrong shape, or a value the rules refuse (typed code: "
         "session_missing, invalid_session_id, empty_prompt, invalid_prompt, invalid_run_id, "
-        "path_outside_root, invalid_request)"
+        "deadline_too_long, path_outside_root, invalid_request)"
     ),
 }
 # Before OpenAPI 3.2 (itemSchema), a text/event-stream schema describes one event.
@@ -440,11 +440,12 @@ def _paths() -> dict[str, Any]:
     }
 
 
-def openapi_document(*, secured: bool = False) -> dict[str, Any]:
+def openapi_document(*, secured: bool = False, max_deadline: float | None = None) -> dict[str, Any]:
     """The API's OpenAPI 3.1 document (a fresh dict on every call).
 
     ``secured``: the server requires a bearer token, so every operation but ``/healthz``
-    declares the ``bearer`` scheme and its 401.
+    declares the ``bearer`` scheme and its 401. ``max_deadline``: the server's maximum run
+    deadline, declared as the submission's ``deadline`` maximum (a longer one is a 422).
     """
     _, schemas = msgspec.json.schema_components(
         [
@@ -466,6 +467,9 @@ def openapi_document(*, secured: bool = False) -> dict[str, Any]:
         ref_template=_REF,
     )
     schemas = {_NAMES.get(name, name): _renamed(schema) for name, schema in schemas.items()}
+    if max_deadline is not None:
+        deadline = schemas["SubmitMessage"]["properties"]["deadline"]["anyOf"][0]
+        deadline["maximum"] = min(deadline["maximum"], max_deadline)
     paths = _paths()
     components: dict[str, Any] = {"schemas": schemas}
     document: dict[str, Any] = {

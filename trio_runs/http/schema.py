@@ -39,6 +39,7 @@ from ..events import RunComplete
 __all__ = [
     "MAX_BATCH_ITEMS",
     "MAX_BODY_BYTES",
+    "MAX_DEADLINE_SECONDS",
     "MAX_PATH_LENGTH",
     "MAX_WAIT_SECONDS",
     "RUN_STATES",
@@ -49,6 +50,7 @@ __all__ = [
     "BatchLine",
     "BatchRefused",
     "CreateWorkspace",
+    "Deadline",
     "ErrorBody",
     "ErrorDetail",
     "Health",
@@ -87,6 +89,9 @@ DEFAULT_WAIT_SECONDS: Final = 30.0
 MAX_BATCH_ITEMS: Final = 1000
 """The most messages one batch may hold (and its body is bounded by :data:`MAX_BODY_BYTES`)."""
 
+MAX_DEADLINE_SECONDS: Final = 1e9
+"""The largest deadline the API can carry (the server's ``--max-deadline`` is usually lower)."""
+
 RUN_STATES: Final = ("pending", "queued", "active", "completed", "failed", "cancelled")
 """What ``RunView.state`` can say."""
 
@@ -111,6 +116,19 @@ Prompt = Annotated[
     Meta(pattern=PROMPT_PATTERN, description="text: not blank, no NUL characters"),
 ]
 """A prompt: not blank, no NUL."""
+
+Deadline = Annotated[
+    float,
+    Meta(
+        gt=0,
+        le=MAX_DEADLINE_SECONDS,
+        description=(
+            "seconds the run may take from its start (queued time does not count); past it "
+            "the run ends failed with timed_out set. At most the server's maximum."
+        ),
+    ),
+]
+"""A run's deadline in seconds: > 0 (and finite: at most :data:`MAX_DEADLINE_SECONDS`)."""
 
 WorkspacePath = Annotated[
     str,
@@ -185,12 +203,15 @@ class SubmitMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """``POST /v1/workspaces/{id}/messages``: a prompt for a session, maybe with its run id.
 
     Without ``run_id`` (or with ``null``) the server mints one; minting it client-side makes
-    a retry safe (a second submission of the same id is refused as a duplicate).
+    a retry safe (a second submission of the same id is refused as a duplicate). Without
+    ``deadline`` the workspace's default applies, capped by the server's maximum; a deadline
+    above that maximum is refused (422 ``deadline_too_long``).
     """
 
     session_id: Id
     prompt: Prompt
     run_id: Id | None = None
+    deadline: Deadline | None = None
 
 
 class SubmitBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

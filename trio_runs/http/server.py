@@ -26,7 +26,7 @@ import signal
 import socket
 import struct
 from functools import partial
-from typing import cast
+from typing import Final, cast
 
 import attrs
 import trio
@@ -41,6 +41,7 @@ from ..backend import CoordinatorFactory, open_backend
 from ..ledger import RunStore
 from ..sqlite import SqliteRetention, open_sqlite_ledger
 from .app import create_app
+from .schema import MAX_DEADLINE_SECONDS
 from .service import RunService
 from .sse import CLIENT_CONNECTION, DEFAULT_HEARTBEAT, DEFAULT_WRITE_TIMEOUT
 
@@ -60,6 +61,8 @@ logger = logging.getLogger("trio_runs.http")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 DEFAULT_AGENT = "trio_runs.agents:demo"
+DEFAULT_MAX_DEADLINE: Final = 86_400.0
+"""A day: the longest a run may take from its start unless ``--max-deadline`` says otherwise."""
 DEFAULT_DB = os.path.join(".trio-runs", "runs.db")
 """The run database's path under the workspace root, unless ``--db`` says otherwise."""
 
@@ -73,6 +76,18 @@ def _positive(_: object, attribute: attrs.Attribute[float], value: float) -> Non
     _non_negative(_, attribute, value)
     if value == 0:
         raise ValueError(f"{attribute.name} must be > 0")
+
+
+def _max_deadline(_: object, __: object, value: float | None) -> None:
+    if value is not None and not (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0 < value <= MAX_DEADLINE_SECONDS
+    ):
+        raise ValueError(
+            f"max_deadline must be None or seconds in (0, {MAX_DEADLINE_SECONDS:g}], got {value!r}"
+        )
 
 
 def _port(_: object, __: object, value: int) -> None:
@@ -132,6 +147,10 @@ class ServeOptions:
     graceful_timeout: float = attrs.field(default=3.0, validator=_non_negative)
     """Seconds in-flight responses get once the drain is over; then every connection left
     (event streams and long polls included) is closed."""
+    max_deadline: float | None = attrs.field(default=DEFAULT_MAX_DEADLINE, validator=_max_deadline)
+    """The longest any run may take from its start, in seconds (``None``: no limit). A
+    submission asking for more is refused (422 ``deadline_too_long``); one asking for nothing
+    gets its workspace's default deadline, capped by this."""
     write_timeout: float = attrs.field(default=DEFAULT_WRITE_TIMEOUT, validator=_positive)
     """Seconds a client gets to take each write (64 KiB at most) before its connection is
     closed; an event stream whose workspace closed has this long to send its last events."""
@@ -249,6 +268,7 @@ async def _serve(
             factory,
             workspace_root=options.workspace_root,
             close_grace=options.close_grace,
+            max_deadline=options.max_deadline,
         )
         app = cast(ASGIFramework, create_app(service, token=token, heartbeat=options.heartbeat))
         async with trio.open_nursery() as outer:

@@ -15,7 +15,7 @@ import os
 import trio
 
 from ..backend import Backend, CoordinatorFactory, Workspace
-from ..coordinator import Coordinator, SupportsLaneQueries
+from ..coordinator import Coordinator, SupportsDeadlines, SupportsLaneQueries
 from ..errors import (
     AgentNotInitialized,
     BackendClosed,
@@ -66,6 +66,7 @@ class RunService:
         *,
         workspace_root: str | os.PathLike[str] = ".",
         close_grace: float = 10.0,
+        max_deadline: float | None = None,
     ) -> None:
         self.backend = backend
         """The backend every workspace and run lives in."""
@@ -73,10 +74,16 @@ class RunService:
         """The directory workspace paths are resolved against (and confined to)."""
         self._factory = coordinator_factory
         self._close_grace = close_grace
+        self._max_deadline = max_deadline
         self._draining = False
         self._awaiting_delivery: set[str] = set()
         self._delivered_all = trio.Event()
         self._streams: set[EventStream] = set()
+
+    @property
+    def max_deadline(self) -> float | None:
+        """The longest deadline a submission may ask for (``None``: no limit)."""
+        return self._max_deadline
 
     @property
     def stream_connections(self) -> int:
@@ -174,13 +181,13 @@ class RunService:
 
         Maps the backend's typed refusals: 404 ``workspace_not_found``; 409
         ``workspace_closing``, ``agent_not_initialized``, ``duplicate_run``; 422
-        ``session_missing``, ``invalid_session_id``, ``empty_prompt``, ``invalid_run_id``;
-        503 ``shutting_down``.
+        ``session_missing``, ``invalid_session_id``, ``empty_prompt``, ``invalid_run_id``,
+        ``deadline_too_long`` (above the server's maximum); 503 ``shutting_down``.
         """
         if self._draining:
             raise _shutting_down()
         try:
-            return await self.backend.submit(workspace_id, _message(request))
+            return await self.backend.submit(workspace_id, self._message(workspace_id, request))
         except _REFUSALS as exc:
             raise self._refusal(workspace_id, exc) from None
 
@@ -205,10 +212,18 @@ class RunService:
         if self._draining:
             raise _shutting_down()
         self.workspace(workspace_id)
-        results: list[str | ApiError] = []
-        for request in batch.messages:
+        messages: list[AgentMessage] = []
+        for index, request in enumerate(batch.messages):
+            # A deadline above the maximum breaks the published schema, as a message breaking
+            # the identifier rule does: the whole batch is refused, nothing accepted.
             try:
-                results.append(self.backend.send_message(workspace_id, _message(request)))
+                messages.append(self._message(workspace_id, request))
+            except ApiError as exc:
+                raise ApiError(exc.status, exc.code, f"messages[{index}]: {exc.message}") from None
+        results: list[str | ApiError] = []
+        for msg in messages:
+            try:
+                results.append(self.backend.send_message(workspace_id, msg))
             except _REFUSALS as exc:
                 results.append(self._refusal(workspace_id, exc))
         if any(isinstance(result, str) for result in results):
@@ -217,6 +232,24 @@ class RunService:
             except StoreError as exc:
                 raise self._refusal(workspace_id, exc) from None
         return results
+
+    def _message(self, workspace_id: str, request: SubmitMessage) -> AgentMessage:
+        # The message, its deadline within the server's maximum: a deadline above it is
+        # refused (422); none asked for means the workspace's default, capped by it.
+        deadline, cap = request.deadline, self._max_deadline
+        if cap is not None and deadline is not None and deadline > cap:
+            raise ApiError(
+                422,
+                "deadline_too_long",
+                f"deadline {deadline:g} s is above the server's maximum of {cap:g} s",
+            )
+        if cap is not None and deadline is None:
+            coordinator = self.workspace(workspace_id).coordinator
+            default = None
+            if isinstance(coordinator, SupportsDeadlines):
+                default = coordinator.default_deadline
+            deadline = cap if default is None else min(default, cap)
+        return AgentMessage(request.session_id, request.prompt, request.run_id or "", (), deadline)
 
     def _refusal(self, workspace_id: str, exc: Exception) -> ApiError:
         # The backend's typed refusal of a submission as its HTTP status and code.
@@ -394,10 +427,6 @@ _REFUSALS: tuple[type[Exception], ...] = (
     StoreError,
     *(kind for kind, _, _ in _REFUSAL_CODES),
 )
-
-
-def _message(request: SubmitMessage) -> AgentMessage:
-    return AgentMessage(request.session_id, request.prompt, request.run_id or "")
 
 
 def _view(workspace: Workspace) -> WorkspaceView:
