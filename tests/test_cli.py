@@ -74,7 +74,11 @@ def test_run_help_documents_the_exit_statuses(capsys):
     assert code == 0
     assert "0  completed" in out
     assert "4  server unreachable or lost" in out
-    assert "Ctrl-C cancels the run on the server before exiting" in " ".join(out.split())
+    assert "7  timed out" in out
+    text = " ".join(out.split())
+    assert "Ctrl-C, SIGTERM or SIGHUP cancels the run on the server before exiting" in text
+    assert "--detach" in text
+    assert "--deadline SECONDS" in text
 
 
 def test_cancel_help_offers_a_run_or_a_session(capsys):
@@ -193,7 +197,9 @@ def test_run_still_ends_right_when_the_event_stream_is_refused(capsys, monkeypat
         raise ClientError(503, "nope", "no stream for you")
 
     monkeypatch.setattr(RunsClient, "stream_events", refuse)
-    args = argparse.Namespace(session="s", workspace="w", quiet=False, output="text")
+    args = argparse.Namespace(
+        session="s", workspace="w", quiet=False, output="text", detach=False, deadline=None
+    )
 
     async def main() -> int:
         with trio.fail_after(20):
@@ -546,3 +552,18 @@ def test_rich_is_in_the_demo_extra_only():
     assert any(req.startswith("rich") for req in extras["demo"])
     assert "trio-runs[http]" in extras["demo"]
     assert "trio-runs[demo]" in extras["test"]  # the README's first command runs the demo
+
+
+def test_serve_max_deadline_defaults_to_a_day_and_takes_none(capsys, fake_serve):
+    code, _, err = run_main(["serve"], capsys)
+    assert code == 0, err
+    assert fake_serve.pop().max_deadline == 86_400
+    code, _, err = run_main(["serve", "--max-deadline", "none"], capsys)
+    assert code == 0, err
+    assert fake_serve.pop().max_deadline is None
+    code, _, err = run_main(["serve", "--max-deadline", "60"], capsys)
+    assert code == 0, err
+    assert fake_serve.pop().max_deadline == 60
+    for bad in ("0", "-1", "inf", "soon"):
+        code, _, err = run_main(["serve", "--max-deadline", bad], capsys)
+        assert code == cli.EXIT_USAGE, bad

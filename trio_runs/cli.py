@@ -5,8 +5,8 @@
 result, or with ``--output json`` one JSON document) goes to stdout, and nothing else does;
 progress and messages go to stderr. One exit status per meaning (``EXIT_*``, the table in
 ``--help`` and the README): 0 completed (or done), 1 failed, 2 usage or refused, 3 cancelled,
-4 server unreachable or lost, 5 unknown run, 6 abandoned, 130 interrupted before
-anything was submitted.
+4 server unreachable or lost, 5 unknown run, 6 abandoned, 7 timed out, 130 interrupted
+before anything was submitted.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
@@ -46,6 +47,7 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_LOST",
     "EXIT_OK",
+    "EXIT_TIMED_OUT",
     "EXIT_UNKNOWN_RUN",
     "EXIT_USAGE",
     "main",
@@ -60,6 +62,8 @@ EXIT_UNKNOWN_RUN: Final = 5
 # A run that a restarted server ended as failed *and* flagged abandoned (DESIGN.md, D3):
 # whether its work happened is unknown, which is not the run's own failure.
 EXIT_ABANDONED: Final = 6
+# A run cut off by its deadline: failed, and flagged timed_out.
+EXIT_TIMED_OUT: Final = 7
 EXIT_INTERRUPTED: Final = 130
 
 _EXIT_BY_OUTCOME: Final = {"completed": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
@@ -83,7 +87,7 @@ _API_SUMMARY = """\
 HTTP API (JSON under /v1; the OpenAPI document is at /v1/openapi.json):
   POST   /v1/workspaces                      {path} -> 201 {id, path}
   DELETE /v1/workspaces/{id}                 graceful close
-  POST   /v1/workspaces/{id}/messages        {session_id, prompt, run_id?} -> 202 {run_id}
+  POST   /v1/workspaces/{id}/messages        {session_id, prompt, run_id?, deadline?} -> 202
   GET    /v1/runs/{run_id}                   {run_id, session_id, state, terminal?}
   GET    /v1/runs/{run_id}/wait?timeout=S    200 once ended, 202 after S s (S <= 60)
   POST   /v1/runs/{run_id}/cancel            cancel this run only -> the run
@@ -103,6 +107,7 @@ exit status (the same for every command):
   4  server unreachable or lost: no answer within --timeout (never hangs)
   5  unknown run: the server does not know that run id
   6  abandoned: the server stopped before the run ended; on restart it ended it abandoned
+  7  timed out: the run did not end within its deadline (--deadline, or the server's)
   130  interrupted (Ctrl-C) before the run was submitted
 """
 
@@ -195,6 +200,18 @@ def _non_negative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not (0 <= value < float("inf")):
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
+_DEFAULT_MAX_DEADLINE: Final = 86_400.0
+
+
+def _max_deadline(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    value = _positive_float(text)
+    if value > 1e9:
+        raise argparse.ArgumentTypeError(f"must be at most 1e9 seconds, got {text!r}")
     return value
 
 
@@ -409,6 +426,16 @@ def _build_parser() -> argparse.ArgumentParser:
         "they are cut off (they still end cancelled) (default: 10)",
     )
     serve.add_argument(
+        "--max-deadline",
+        type=_max_deadline,
+        default=_DEFAULT_MAX_DEADLINE,
+        metavar="SECONDS",
+        help="the longest any run may take from its start: a run submitted with a longer "
+        "deadline is refused (422 deadline_too_long), one without gets its workspace's "
+        "default deadline capped by this; past it the run ends failed as timed out; "
+        "'none' for no limit (default: 86400, a day)",
+    )
+    serve.add_argument(
         "--drain",
         type=_non_negative_float,
         default=2.0,
@@ -423,9 +450,9 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Submit a prompt to a server and block until its run ends. Live "
         "progress goes to stderr; stdout gets the result alone (or, with --output json, "
         "the run). The ending comes from the server's authoritative /wait endpoint, "
-        "never from live events alone. Ctrl-C cancels the run on the server before "
-        "exiting (this run only: the other runs of its session go on); a second Ctrl-C "
-        "exits at once.",
+        "never from live events alone. Ctrl-C, SIGTERM or SIGHUP cancels the run on the "
+        "server before exiting (this run only: the other runs of its session go on); a "
+        "second one exits at once. With --detach the run is left running on purpose.",
         epilog=_EXIT_CODES,
         formatter_class=formatter,
         parents=common,
@@ -440,7 +467,22 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--session", required=True, metavar="SESSION", help="session id (its lane)")
     run.add_argument("--run-id", default=None, help="use this run id instead of a fresh UUID4")
     run.add_argument(
+        "--deadline",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="the run may take this long from its start (time queued behind its session's "
+        "other runs does not count); past it, it ends failed as timed out, exit status 7 "
+        "(default: the workspace's default, within the server's --max-deadline)",
+    )
+    run.add_argument(
         "-q", "--quiet", action="store_true", help="no progress on stderr, only the outcome"
+    )
+    run.add_argument(
+        "--detach",
+        action="store_true",
+        help="submit the run, print its id on stdout and exit 0 without waiting: it runs on "
+        "(follow it with 'status --wait RUN_ID', stop it with 'cancel --run RUN_ID')",
     )
     run.add_argument(
         "prompt",
@@ -621,6 +663,7 @@ def _serve(args: argparse.Namespace) -> int:
             heartbeat=args.heartbeat,
             close_grace=args.close_grace,
             drain=args.drain,
+            max_deadline=args.max_deadline,
         )
         http.check_bind(options.host, options.token)
         agents = importlib.import_module("trio_runs.agents")
@@ -727,8 +770,13 @@ def _ended(rc: RunComplete) -> RunView:
 
 
 def _outcome_status(rc: RunComplete) -> int:
-    # An abandoned run failed, but not by its own doing: it gets a status of its own.
-    return EXIT_ABANDONED if rc.abandoned else _EXIT_BY_OUTCOME[rc.outcome]
+    # An abandoned run failed, but not by its own doing: it gets a status of its own; so
+    # does a run cut off by its deadline.
+    if rc.abandoned:
+        return EXIT_ABANDONED
+    if rc.timed_out:
+        return EXIT_TIMED_OUT
+    return _EXIT_BY_OUTCOME[rc.outcome]
 
 
 def _report_terminal(rc: RunComplete, output: str = "text") -> int:
@@ -739,6 +787,8 @@ def _report_terminal(rc: RunComplete, output: str = "text") -> int:
         print(_show(rc.result), flush=True)
     if rc.abandoned:
         _err(f"run {rc.run_id} was abandoned (whether its work happened is unknown): {rc.error}")
+    elif rc.timed_out:
+        _err(f"run {rc.run_id} {rc.error}")
     elif rc.outcome == "failed":
         _err(f"run {rc.run_id} failed: {rc.error}")
     elif rc.outcome == "cancelled":
@@ -777,8 +827,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _run_main(client: RunsClient, args: argparse.Namespace, prompt: str, run_id: str) -> int:
-    import signal
-
     http = _http()
     status = EXIT_INTERRUPTED
     submitting = False
@@ -831,12 +879,15 @@ async def _run_main(client: RunsClient, args: argparse.Namespace, prompt: str, r
                     await accepted.wait()
 
     async def watch_interrupts(nursery: trio.Nursery) -> None:
+        # SIGINT (Ctrl-C), SIGTERM (kill) and SIGHUP (the terminal went away) all mean "stop
+        # this client": its run is cancelled on the server rather than orphaned.
         nonlocal interrupts
-        with trio.open_signal_receiver(signal.SIGINT) as signals:
-            async for _ in signals:
+        with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+            async for signum in signals:
                 interrupts += 1
                 if interrupts == 1 and submitting:
-                    _err(f"cancelling run {run_id}; Ctrl-C again to quit")
+                    name = signal.Signals(signum).name
+                    _err(f"{name}: cancelling run {run_id}; Ctrl-C again to quit")
                     nursery.start_soon(cancel_remote)
                     continue
                 if interrupts > 1:
@@ -848,12 +899,20 @@ async def _run_main(client: RunsClient, args: argparse.Namespace, prompt: str, r
         nursery.start_soon(watch_interrupts, nursery)
         try:
             workspace_id = (await client.create_workspace(args.workspace)).id
+            if args.detach:
+                # Left running on purpose: the run id is what it takes to follow it later.
+                submitting = True
+                await _submit_detached(client, workspace_id, args, prompt, run_id)
+                nursery.cancel_scope.cancel()
+                return EXIT_OK
             with trio.move_on_after(min(2.0, client.timeout)):
                 await nursery.start(follow)
             submitting = True
             try:
                 # One request: submitted, and its terminal if the run ends within a poll.
-                view = await client.submit_and_wait(workspace_id, args.session, prompt, run_id)
+                view = await client.submit_and_wait(
+                    workspace_id, args.session, prompt, run_id, deadline=args.deadline
+                )
             except http.ClientError as exc:
                 if exc.code != "workspace_not_found":
                     raise
@@ -862,7 +921,12 @@ async def _run_main(client: RunsClient, args: argparse.Namespace, prompt: str, r
                 # submit again. The run id is ours, so this can never run it twice.
                 workspace_id = (await client.create_workspace(args.workspace)).id
                 view = await client.submit_and_wait(
-                    workspace_id, args.session, prompt, run_id, resubmitting=True
+                    workspace_id,
+                    args.session,
+                    prompt,
+                    run_id,
+                    resubmitting=True,
+                    deadline=args.deadline,
                 )
             accepted.set()
             if not args.quiet:
@@ -878,6 +942,33 @@ async def _run_main(client: RunsClient, args: argparse.Namespace, prompt: str, r
             status = _client_error_status(exc, args)
         nursery.cancel_scope.cancel()
     return status
+
+
+_STOP_SIGNALS: Final = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
+async def _submit_detached(
+    client: RunsClient, workspace_id: str, args: argparse.Namespace, prompt: str, run_id: str
+) -> None:
+    # --detach: submit (durably), print the run id (or the run, as JSON), wait for nothing.
+    http = _http()
+    try:
+        await client.submit(workspace_id, args.session, prompt, run_id, deadline=args.deadline)
+    except http.ClientError as exc:
+        if exc.code != "workspace_not_found":
+            raise
+        workspace_id = (await client.create_workspace(args.workspace)).id
+        await client.submit(
+            workspace_id, args.session, prompt, run_id, resubmitting=True, deadline=args.deadline
+        )
+    if args.output == "json":
+        _print_run(await client.run(run_id), args.output)
+    else:
+        print(run_id, flush=True)
+    if not args.quiet:
+        _err(f"run {run_id} accepted (session {args.session}); detached: it runs on")
 
 
 class _Started:
