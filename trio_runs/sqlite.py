@@ -27,9 +27,11 @@ and released by the kernel when the process dies, however it dies.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import logging
 import math
+import operator
 import os
 import queue
 import sqlite3
@@ -105,13 +107,12 @@ class _Waiting:
         self.withdrawn = False
 
 
-class _Retained:
-    __slots__ = ("ended_at", "session_id", "size")
-
-    def __init__(self, session_id: str, size: int, ended_at: float) -> None:
-        self.session_id = session_id
-        self.size = size
-        self.ended_at = ended_at
+_Retained = tuple[str, int, float]
+# A retained terminal's (session id, size, ended_at): a plain tuple of atoms, which the garbage
+# collector stops tracking, so a full store adds nothing to every full collection's walk.
+_SESSION: Final = 0
+_SIZE: Final = 1
+_ENDED_AT: Final = 2
 
 
 # Writes, in the order the Trio thread made them.
@@ -154,7 +155,7 @@ class SqliteLedger:
         self._retained: dict[str, _Retained] = {}
         self._order: deque[str] = deque()
         self._retained_bytes = 0
-        self._cache: OrderedDict[str, tuple[RunComplete, int]] = OrderedDict()
+        self._cache: OrderedDict[str, RunComplete] = OrderedDict()
         self._cache_bytes = 0
         # Write sequence numbers: how many writes were queued / are on disk.
         self._queued = 0
@@ -315,7 +316,7 @@ class SqliteLedger:
         cached = self._cache.get(run_id)
         if cached is not None:
             self._cache.move_to_end(run_id)
-            return cached[0]
+            return cached
         if run_id not in self._retained:
             return None
         return self._remember(run_id, self._read(run_id))
@@ -328,7 +329,7 @@ class SqliteLedger:
         cached = self._cache.get(run_id)
         if cached is not None:
             await trio.lowlevel.checkpoint()
-            return cached[0]
+            return cached
         waiting = self._pending.get(run_id)
         if waiting is None:
             ending = self._ending.get(run_id)
@@ -367,7 +368,7 @@ class SqliteLedger:
         if ending is not None:
             return ending[1].session_id
         retained = self._retained.get(run_id)
-        return retained.session_id if retained is not None else None
+        return retained[_SESSION] if retained is not None else None
 
     def pending_run_ids(self) -> list[str]:
         """Runs accepted whose terminal is not visible yet, oldest first."""
@@ -406,13 +407,14 @@ class SqliteLedger:
 
     def _remember(self, run_id: str, rc: RunComplete) -> RunComplete:
         retained = self._retained.get(run_id)
-        if retained is None or retained.size > self._cache_limit:
+        if retained is None or retained[_SIZE] > self._cache_limit:
             return rc
-        self._cache[run_id] = (rc, retained.size)
-        self._cache_bytes += retained.size
+        self._cache[run_id] = rc
+        self._cache_bytes += retained[_SIZE]
         while self._cache_bytes > self._cache_limit:
-            _, (_, size) = self._cache.popitem(last=False)
-            self._cache_bytes -= size
+            # Every cached terminal is retained (eviction drops it from the cache too).
+            oldest, _ = self._cache.popitem(last=False)
+            self._cache_bytes -= self._retained[oldest][_SIZE]
         return rc
 
     def _committed(self, count: int, ended: Sequence[tuple[str, int, float]]) -> None:
@@ -426,7 +428,7 @@ class SqliteLedger:
             if entry is None:
                 continue
             waiting, rc, on_visible = entry
-            self._retained[run_id] = _Retained(rc.session_id, size, ended_at)
+            self._retained[run_id] = (rc.session_id, size, ended_at)
             self._order.append(run_id)
             self._retained_bytes += size
             self._remember(run_id, rc)
@@ -471,15 +473,14 @@ class SqliteLedger:
             if (
                 len(self._retained) <= bounds.count
                 and self._retained_bytes <= bounds.bytes
-                and retained.ended_at >= oldest_allowed
+                and retained[_ENDED_AT] >= oldest_allowed
             ):
                 break
             run_id = order.popleft()
             del self._retained[run_id]
-            self._retained_bytes -= retained.size
-            cached = self._cache.pop(run_id, None)
-            if cached is not None:
-                self._cache_bytes -= cached[1]
+            self._retained_bytes -= retained[_SIZE]
+            if self._cache.pop(run_id, None) is not None:
+                self._cache_bytes -= retained[_SIZE]
             evicted.append(run_id)
         if evicted:
             self._evicted += len(evicted)
@@ -543,37 +544,40 @@ class SqliteLedger:
                 return
 
 
+_ACCEPT_SQL: Final = (
+    "INSERT INTO runs (run_id, session_id, accepted_at, workspace, call) VALUES (?, ?, ?, ?, ?)"
+)
+_END_SQL: Final = (
+    "INSERT INTO runs (run_id, session_id, accepted_at, ended_at, terminal, size)"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET"
+    " ended_at = excluded.ended_at, terminal = excluded.terminal, size = excluded.size"
+)
+_WITHDRAW_SQL: Final = "DELETE FROM runs WHERE run_id = ? AND ended_at IS NULL"
+_EVICT_SQL: Final = "DELETE FROM runs WHERE run_id = ? AND ended_at IS NOT NULL"
+
+
 def _apply(connection: sqlite3.Connection, batch: list[_Write]) -> list[tuple[str, int, float]]:
+    # One transaction, one fsync, for the whole batch. Consecutive writes of one kind go to
+    # SQLite in one executemany: the same statements in the same order, without a Python
+    # round trip per row.
     ended: list[tuple[str, int, float]] = []
-    with connection:  # one transaction: one fsync for the whole batch
-        for write in batch:
-            kind = write[0]
+    with connection:
+        for kind, group in itertools.groupby(batch, key=operator.itemgetter(0)):
             if kind == "accept":
-                _, run_id, session_id, at, workspace, call = cast(_Accept, write)
-                connection.execute(
-                    "INSERT INTO runs (run_id, session_id, accepted_at, workspace, call)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (run_id, session_id, at, workspace, call),
-                )
+                connection.executemany(_ACCEPT_SQL, [cast(_Accept, write)[1:] for write in group])
             elif kind == "end":
-                _, run_id, session_id, at, encoded, size = cast(_End, write)
-                connection.execute(
-                    "INSERT INTO runs (run_id, session_id, accepted_at, ended_at, terminal, size)"
-                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET"
-                    " ended_at = excluded.ended_at, terminal = excluded.terminal,"
-                    " size = excluded.size",
-                    (run_id, session_id, at, at, encoded, size),
-                )
-                ended.append((run_id, size, at))
+                rows = []
+                for write in group:
+                    _, run_id, session_id, at, encoded, size = cast(_End, write)
+                    rows.append((run_id, session_id, at, at, encoded, size))
+                    ended.append((run_id, size, at))
+                connection.executemany(_END_SQL, rows)
             elif kind == "withdraw":
-                connection.execute(
-                    "DELETE FROM runs WHERE run_id = ? AND ended_at IS NULL", (write[1],)
-                )
+                connection.executemany(_WITHDRAW_SQL, [(write[1],) for write in group])
             else:
-                ids: tuple[str, ...] = write[1]  # type: ignore[assignment]
                 connection.executemany(
-                    "DELETE FROM runs WHERE run_id = ? AND ended_at IS NOT NULL",
-                    [(run_id,) for run_id in ids],
+                    _EVICT_SQL,
+                    [(run_id,) for write in group for run_id in cast(_Evict, write)[1]],
                 )
     return ended
 
@@ -697,7 +701,7 @@ async def open_sqlite_ledger(
             for run_id, session_id, size, ended_at in await trio.to_thread.run_sync(
                 _load_retained, writer
             ):
-                ledger._retained[run_id] = _Retained(session_id, size, ended_at)
+                ledger._retained[run_id] = (session_id, size, ended_at)
                 ledger._order.append(run_id)
                 ledger._retained_bytes += size
             for run_id, session_id, workspace, call in unended:
