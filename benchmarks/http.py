@@ -16,6 +16,12 @@ Two baselines, each measured in the same run, repetition by repetition:
   server - the HTTP stack itself (httpx -> hypercorn -> Starlette -> JSON), no runs. The
   ratio against it is what the run service adds on top of the stack.
 
+Beside them, from the same interleaved repetitions (issue 12): the same C clients with **one
+request per run** (``RunsClient.run_prompt``: ``POST .../messages?wait=S`` answers with the
+terminal) and **batched** (``RunsClient.run_batch``: :data:`BATCH` runs per
+``POST .../batches``, their terminals streamed back in its answer), each against the
+two-request figure and the bare-HTTP baseline.
+
 ``python -m benchmarks.http [--quick] [--json PATH]`` / ``python -m benchmarks --only http``
 """
 
@@ -35,7 +41,7 @@ from typing import NamedTuple
 
 import trio
 
-from trio_runs import AgentMessage, SessionCoordinator, open_backend
+from trio_runs import AgentMessage, RunComplete, SessionCoordinator, open_backend
 
 from ._common import REPO_ROOT, Report, Row, Stat, Target, interleaved, percentile, ratios
 from .dispatch import trivial_agent, workspace_path
@@ -45,6 +51,8 @@ ROUND_TRIPS = 2_000
 """Round trips per repetition and client count (``--quick``: :data:`QUICK_ROUND_TRIPS`)."""
 QUICK_ROUND_TRIPS = 150
 IN_PROCESS_ROUND_TRIPS = 5_000
+BATCH = 16
+"""Runs per batch request of the batched client (its last batch may be smaller)."""
 WARMUP = 1
 """Untimed round trips per client before the clock starts (connections, caches)."""
 STARTUP_SECONDS = 30.0
@@ -123,21 +131,28 @@ def running_server() -> Iterator[Server]:
 async def _clients(
     clients: int,
     round_trips: int,
-    one: Callable[[int], Awaitable[bool]],
+    one: Callable[[int, int], Awaitable[int]],
     server_cpu: Callable[[], float],
+    batch: int = 1,
 ) -> Sample:
-    """``clients`` tasks sharing ``round_trips`` calls of ``one(client)`` (True: completed)."""
+    """``clients`` tasks sharing ``round_trips`` round trips: each call ``one(client, k)``
+    does ``k`` of them (at most ``batch``) and returns how many completed. A latency is
+    recorded per call (for a batch: sent -> its last terminal)."""
     per_client = [round_trips // clients + (i < round_trips % clients) for i in range(clients)]
     latencies: list[float] = []
-    completed = 0
+    completed = ended = 0
 
     async def client(i: int) -> None:
-        nonlocal completed
-        for _ in range(per_client[i]):
+        nonlocal completed, ended
+        left = per_client[i]
+        while left > 0:
+            k = min(batch, left)
             start = time.perf_counter()
-            ok = await one(i)
+            ok = await one(i, k)
             latencies.append(time.perf_counter() - start)
             completed += ok
+            ended += k
+            left -= k
 
     server_start, client_start = server_cpu(), time.process_time()
     start = time.perf_counter()
@@ -150,15 +165,17 @@ async def _clients(
         latencies,
         server_cpu() - server_start,
         time.process_time() - client_start,
-        len(latencies),
+        ended,
         completed,
     )
 
 
 async def http_round_trips(
-    url: str, clients: int, round_trips: int, bare: bool, server_cpu: Callable[[], float]
+    url: str, clients: int, round_trips: int, mode: str, server_cpu: Callable[[], float]
 ) -> Sample:
-    """Round trips over HTTP: submit + wait_terminal (``bare``: two ``GET /healthz``)."""
+    """Round trips over HTTP, by ``mode``: ``two`` (submit + wait_terminal), ``one``
+    (``run_prompt``: submit and wait in one request), ``batch`` (``run_batch``, up to
+    :data:`BATCH` runs per request), ``bare`` (two ``GET /healthz``)."""
     from trio_runs.http import RunsClient
 
     async with contextlib.AsyncExitStack() as stack:
@@ -169,23 +186,41 @@ async def http_round_trips(
         prefix = uuid.uuid4().hex[:12]
         minted = 0
 
-        async def submit_and_wait(i: int) -> bool:
+        def mint() -> str:
             nonlocal minted
             minted += 1
-            run_id = f"{prefix}-{minted}"
+            return f"{prefix}-{minted}"
+
+        async def submit_and_wait(i: int, k: int) -> int:
+            run_id = mint()
             await pool[i].submit(workspace, f"c{i}", "go", run_id)
             return (await pool[i].wait_terminal(run_id)).outcome == "completed"
 
-        async def two_healthz(i: int) -> bool:
+        async def one_request(i: int, k: int) -> int:
+            terminal = await pool[i].run_prompt(workspace, f"c{i}", "go", mint())
+            return terminal.outcome == "completed"
+
+        async def batched(i: int, k: int) -> int:
+            messages = [(f"c{i}", "go", mint()) for _ in range(k)]
+            results = await pool[i].run_batch(workspace, messages)
+            return sum(isinstance(r, RunComplete) and r.outcome == "completed" for r in results)
+
+        async def two_healthz(i: int, k: int) -> int:
             await pool[i].health()
             await pool[i].health()
             return True
 
-        one = two_healthz if bare else submit_and_wait
-        warm = await _clients(clients, WARMUP * clients, one, server_cpu)
+        one = {
+            "two": submit_and_wait,
+            "one": one_request,
+            "batch": batched,
+            "bare": two_healthz,
+        }[mode]
+        batch = BATCH if mode == "batch" else 1
+        warm = await _clients(clients, WARMUP * clients * batch, one, server_cpu, batch)
         if warm.completed != warm.ended:
             raise AssertionError("a warm-up round trip did not complete")
-        return await _clients(clients, round_trips, one, server_cpu)
+        return await _clients(clients, round_trips, one, server_cpu, batch)
 
 
 def _no_server() -> float:
@@ -201,7 +236,7 @@ async def in_process_round_trips(clients: int, round_trips: int) -> Sample:
         msgs = [AgentMessage(f"c{i}", "go") for i in range(clients)]
         send, wait, workspace_id = backend.send_message, backend.wait_run, ws.id
 
-        async def submit_and_wait(i: int) -> bool:
+        async def submit_and_wait(i: int, k: int) -> int:
             return (await wait(send(workspace_id, msgs[i]))).outcome == "completed"
 
         await _clients(clients, WARMUP * clients, submit_and_wait, _no_server)
@@ -239,6 +274,62 @@ def _row(
     return Row(label, metric, unit, Stat.of(subject), Stat.of(base), ratios(subject, base), note)
 
 
+def _add_one_request_rows(
+    report: Report,
+    label: str,
+    two: Sequence[Sample],
+    bare: Sequence[Sample],
+    single: Sequence[Sample],
+    batched: Sequence[Sample],
+) -> None:
+    # Issue 12: one request per run (submit ?wait=) and batches, next to two requests per
+    # run and the bare HTTP stack, all from the same interleaved repetitions.
+    kinds = (("one request", single), (f"batched ({BATCH}/request)", batched))
+    for kind, samples in kinds:
+        report.add(
+            Row(
+                label,
+                f"throughput, {kind} (wall)",
+                "runs/s",
+                Stat.of(s.ended / s.wall for s in samples),
+                Stat.of(s.ended / s.wall for s in two),
+                ratios([s.ended / s.wall for s in samples], [s.ended / s.wall for s in two]),
+                "baseline: two requests per run",
+            )
+        )
+    report.add(
+        _row(
+            label,
+            "latency p50, one request (submit -> terminal)",
+            "ms",
+            _pct_ms(single, 50.0),
+            _pct_ms(two, 50.0),
+            "baseline: two requests per run",
+        )
+    )
+    for kind, samples in kinds:
+        report.add(
+            _row(
+                label,
+                f"time per run, {kind}, vs bare HTTP (wall)",
+                "ms",
+                _per_trip_ms(samples),
+                _per_trip_ms(bare),
+                "baseline: two GET /healthz per round trip",
+            )
+        )
+        report.add(
+            _row(
+                label,
+                f"server CPU per run, {kind}",
+                "ms",
+                _cpu_ms(samples, "server_cpu"),
+                _cpu_ms(two, "server_cpu"),
+                "baseline: two requests per run",
+            )
+        )
+
+
 def run(
     *,
     quick: bool = False,
@@ -253,7 +344,8 @@ def run(
         name="http",
         title="5. HTTP: submit + wait round trips over loopback (server in its own process)",
         baseline="in-process: the same clients calling Backend.send_message + wait_run; "
-        "bare HTTP: two GET /healthz per round trip to the same server",
+        "bare HTTP: two GET /healthz per round trip to the same server; two requests per run: "
+        f"submit + wait, against one request per run (?wait=) and batches of {BATCH}",
         params={"clients": list(clients), "round_trips": round_trips, "reps": reps},
     )
     missing = _missing_http_extra()
@@ -268,11 +360,13 @@ def run(
             # In-process round trips are ~100x cheaper: more of them, for a stable figure.
             n_inproc = max(n, IN_PROCESS_ROUND_TRIPS)
             trio.run(in_process_round_trips, c, n_inproc)  # warm-up
-            subj, inproc, bare = interleaved(
+            subj, inproc, bare, single, batched = interleaved(
                 reps,
-                functools.partial(trio.run, http, c, n, False),
+                functools.partial(trio.run, http, c, n, "two"),
                 functools.partial(trio.run, in_process_round_trips, c, n_inproc),
-                functools.partial(trio.run, http, c, n, True),
+                functools.partial(trio.run, http, c, n, "bare"),
+                functools.partial(trio.run, http, c, n, "one"),
+                functools.partial(trio.run, http, c, n, "batch"),
             )
             label = f"{c} client{'s' if c > 1 else ''}"
             report.add(
@@ -337,7 +431,8 @@ def run(
                     "baseline: bare HTTP",
                 )
             )
-            all_ended &= all(s.completed == s.ended == n for s in subj)
+            _add_one_request_rows(report, label, subj, bare, single, batched)
+            all_ended &= all(s.completed == s.ended == n for s in (*subj, *single, *batched))
     report.targets.append(
         Target(
             "every HTTP round trip ends",
