@@ -141,6 +141,10 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         "coordinator.py",
         [("        elif _timed_out(accept, scope):\n", "        elif False:\n")],
     ),
+    "sigterm-orphans-run": (
+        "cli.py",
+        [('for name in ("SIGINT", "SIGTERM", "SIGHUP")', 'for name in ("SIGINT",)')],
+    ),
 }
 
 
