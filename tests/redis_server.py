@@ -17,14 +17,10 @@ import subprocess
 import time
 from pathlib import Path
 
+from ports import free_port
+
 BINARY = shutil.which("redis-server")
 STARTUP_TIMEOUT = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _answers(port: int) -> bool:

@@ -27,7 +27,6 @@ import json
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from ports import free_port
 
 CLI = [sys.executable, "-m", "trio_runs.cli"]
 ITERATIONS = int(os.environ.get("TRIO_RUNS_CRASH_ITERATIONS", "10"))
@@ -64,28 +64,6 @@ PROMPTS = [
     ("sleep 0.3", "completed"),
     ("sleep 30", "any"),  # still running at the kill: abandoned, or cancelled by the load
 ]
-
-
-def free_port() -> int:
-    """A free port *below* the kernel's ephemeral range. The server is restarted on the same
-    port; a port from the ephemeral range could meanwhile be handed to some other socket as
-    its source port (other tests connect all the time), and the restart could not bind."""
-    low = 32768
-    with (
-        contextlib.suppress(OSError, ValueError),
-        open("/proc/sys/net/ipv4/ip_local_port_range") as ranges,
-    ):
-        low = int(ranges.read().split()[0])
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(max(1024, low - 12_000), low)
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no free port below the ephemeral range")
 
 
 class Server:
