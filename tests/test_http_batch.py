@@ -11,6 +11,7 @@ nothing. The real-socket tests (a client that stops reading a batch never holds 
 from __future__ import annotations
 
 import json
+import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+import test_e2e as e2e
 import trio
 
 from trio_runs import (
@@ -44,6 +46,7 @@ from trio_runs.http.schema import (
 from trio_runs.http.service import RunService
 
 TIMEOUT = 60  # virtual seconds
+spawned = e2e.spawn  # the process tests' fixture, as ``spawned``: teardown kills them all
 
 
 @asynccontextmanager
@@ -503,3 +506,24 @@ def test_a_batch_reader_that_stops_never_holds_the_server_or_its_shutdown(tmp_pa
             sock.close()
     assert got < 6 * BIG  # cut off, not delivered
     assert took < 1.0 + 0.2 + ServeOptions().graceful_timeout + SLACK
+
+
+# -- trio-runs run: Ctrl-C while its one request is still out ----------------------------------
+
+
+def test_ctrl_c_during_the_one_request_cancels_only_that_run(spawned, tmp_path: Path):
+    spawn = spawned
+    # --timeout 20: the one request waits up to 10 s, so the interrupt surely comes while it
+    # is out (the client has not been told the run was accepted yet).
+    server = e2e.serve(spawn, tmp_path)
+    args = ["run", "--server", server.url, "--session", "a", "--timeout", "20"]
+    running = e2e.client(spawn, *args, "--run-id", "mine", "sleep 30")
+    server.wait_state("mine", "active")
+    behind = e2e.client(spawn, *args, "--run-id", "next", "-q", "queued behind")
+    server.wait_state("next", "queued")
+    running.proc.send_signal(signal.SIGINT)
+    assert running.finish(bound=e2e.EXIT_BOUND).code == 3, running.err
+    assert "cancelling run mine" in running.err
+    assert server.http.get("/v1/runs/mine").json()["state"] == "cancelled"
+    assert behind.finish(bound=e2e.EXIT_BOUND).code == 0, behind.err
+    assert behind.out == "queued behind\n"
