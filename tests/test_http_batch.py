@@ -20,9 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema_rs
 import pytest
 import test_e2e as e2e
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trio_runs import (
     RunCall,
@@ -35,6 +38,7 @@ from trio_runs import (
 from trio_runs.agents import demo
 from trio_runs.http import ClientError, RunningServer, RunsClient, ServeOptions, serve
 from trio_runs.http.app import create_app
+from trio_runs.http.openapi import openapi_document
 from trio_runs.http.schema import (
     MAX_BATCH_ITEMS,
     MAX_BODY_BYTES,
@@ -42,6 +46,7 @@ from trio_runs.http.schema import (
     CreateWorkspace,
     SubmitBatch,
     SubmitMessage,
+    decode_batch,
 )
 from trio_runs.http.service import RunService
 
@@ -527,3 +532,44 @@ def test_ctrl_c_during_the_one_request_cancels_only_that_run(spawned, tmp_path: 
     assert server.http.get("/v1/runs/mine").json()["state"] == "cancelled"
     assert behind.finish(bound=e2e.EXIT_BOUND).code == 0, behind.err
     assert behind.out == "queued behind\n"
+
+
+# -- the published schema and the server agree ------------------------------------------------
+
+DOC = openapi_document()
+BATCH_SCHEMA = jsonschema_rs.validator_for(
+    {
+        **DOC["paths"]["/v1/workspaces/{workspace_id}/batches"]["post"]["requestBody"]["content"][
+            "application/json"
+        ]["schema"],
+        "components": DOC["components"],
+    }
+)
+_values = st.text(max_size=6) | st.sampled_from(["", " ", "a/b", ".."]) | st.none() | st.integers()
+_good = st.fixed_dictionaries(
+    {"session_id": st.sampled_from(["s", "t"]), "prompt": st.sampled_from(["p", "q r"])},
+    optional={"run_id": st.sampled_from(["r1", "r2", None])},
+)
+_messages = _good | st.fixed_dictionaries(
+    {}, optional={"run_id": _values, "session_id": _values, "prompt": _values, "extra": _values}
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    body=st.fixed_dictionaries(
+        {},
+        optional={
+            "messages": st.lists(_messages, max_size=4) | _values,
+            "other": _values,
+        },
+    )
+)
+def test_a_batch_is_schema_valid_exactly_when_the_server_decodes_it(body: dict[str, Any]):
+    status = 200
+    try:
+        decode_batch(json.dumps(body).encode(), "application/json")
+    except ApiError as error:
+        status = error.status
+    assert status in {200, 422}
+    assert BATCH_SCHEMA.is_valid(body) == (status == 200), body
