@@ -17,7 +17,7 @@ from ._common import MIN_REPS, Report, header_lines, parser, render, timer, writ
 
 __all__ = ["BENCHMARKS", "main", "run"]
 
-BENCHMARKS = ("dispatch", "sessions", "flood", "memory", "http")
+BENCHMARKS = ("dispatch", "sessions", "flood", "memory", "http", "durable")
 """Every benchmark that runs by default, in order."""
 
 

@@ -4,10 +4,15 @@ The server gets its own interpreter (and so its own core on a 2-core machine), a
 production; the clients measured run in the parent. It binds 127.0.0.1 on a free port, prints
 its URL as the first line of stdout, and serves until its stdin closes (the parent exited or
 is done) or it gets SIGINT/SIGTERM — so it never outlives the benchmark.
+
+``--db PATH`` chooses the run store as ``trio-runs serve --db`` does: ``:memory:`` for the
+in-memory ``RunLedger``, a file for the SQLite store; without it, the server's default (a
+SQLite file under its temporary workspace root).
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
 import os
@@ -30,8 +35,8 @@ async def _stop_at_eof(stop: trio.Event) -> None:
     stop.set()
 
 
-async def _serve(root: str) -> None:
-    options = ServeOptions(host="127.0.0.1", port=0, workspace_root=root, drain=0.0)
+async def _serve(root: str, db: str | None) -> None:
+    options = ServeOptions(host="127.0.0.1", port=0, workspace_root=root, drain=0.0, db=db)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
@@ -48,10 +53,18 @@ async def _serve(root: str) -> None:
         server.request_shutdown()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="The benchmarks' HTTP server (trivial agent).")
+    p.add_argument(
+        "--db",
+        metavar="PATH",
+        help="the run store: ':memory:' (in-memory RunLedger) or a SQLite file "
+        "(default: the server's, under its temporary workspace root)",
+    )
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="http server: %(levelname)s %(message)s")
     with tempfile.TemporaryDirectory(prefix="trio-runs-bench-http-") as root:
-        trio.run(_serve, root)
+        trio.run(_serve, root, args.db)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import benchmarks  # noqa: E402
-from benchmarks import _common, dispatch, flood, http, memory, sessions  # noqa: E402
+from benchmarks import _common, dispatch, durable, flood, http, memory, sessions  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -104,6 +104,44 @@ def test_http_without_the_extra_is_skipped_with_the_install_command(
     report = http.run()
     assert "pip install" in report.skipped
     assert "SKIPPED" in _common.render(report)
+
+
+def test_durable_runs_all_three_workloads_on_both_stores() -> None:
+    report = durable.run(
+        sizes=(20,),
+        reps=1,
+        batch=10,
+        clients=(1, 2),
+        round_trips=4,
+        memory_runs=8,
+        memory_runs_in_memory=2,
+        result_bytes=1024,
+        retention_bytes=64 * 1024,
+    )
+    check(report)
+    labels = {row.label for row in report.rows}
+    assert {"dispatch, N=20", "HTTP, 1 client", "HTTP, 2 clients"} <= labels
+    assert any(label.startswith("memory, 8 runs") for label in labels)
+    commits = [r for r in report.rows if r.metric == "commits per 1,000 runs"]
+    assert commits
+    assert all(r.value.median > 0 for r in commits)
+    assert {t.name for t in report.targets} == {
+        "durable dispatch",
+        "durable HTTP round trip",
+        "every durable HTTP round trip ends",
+        "durable RSS",
+    }
+    assert [t.holds for t in report.targets if t.name == "every durable HTTP round trip ends"] == [
+        True
+    ]
+
+
+def test_durable_databases_are_on_the_repository_filesystem_not_in_memory() -> None:
+    directory = durable.database_dir()
+    assert durable._filesystem(directory) not in {"tmpfs", "ramfs"}
+    with durable.database_file(directory) as db:
+        assert Path(db).parent.is_dir()
+    assert not Path(db).parent.exists()
 
 
 def test_interleaved_rotates_which_measure_goes_first() -> None:
