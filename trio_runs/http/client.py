@@ -252,17 +252,11 @@ class RunsClient:
         to a server restart), for the same recognition.
         """
         body = _submit_body(session_id, prompt, run_id, deadline)
-        path = f"/v1/workspaces/{_quote(workspace_id)}/messages"
-        response, attempts = await self._send("POST", path, body, None, None)
-        if response.status_code >= 400:
-            error = _error_of(response)
-            if (
-                (attempts > 1 or resubmitting)
-                and error.code == "duplicate_run"
-                and await self._is_ours(run_id, session_id)
-            ):
-                return run_id  # our own earlier attempt was accepted; its answer was lost
-            raise error
+        response = await self._post_message(
+            workspace_id, session_id, run_id, body, None, None, resubmitting
+        )
+        if response is None:
+            return run_id  # our own earlier attempt was accepted; its answer was lost
         accepted: str = response.json()["run_id"]
         return accepted
 
@@ -286,19 +280,38 @@ class RunsClient:
         """
         seconds = self.poll_seconds
         body = _submit_body(session_id, prompt, run_id, deadline)
-        path = f"/v1/workspaces/{_quote(workspace_id)}/messages"
         params = {"wait": f"{seconds:g}"}
-        response, attempts = await self._send("POST", path, body, params, seconds + self.timeout)
-        if response.status_code >= 400:
-            error = _error_of(response)
-            if (
-                (attempts > 1 or resubmitting)
-                and error.code == "duplicate_run"
-                and await self._is_ours(run_id, session_id)
-            ):
-                return await self.run(run_id)  # ours, accepted; its answer was lost
-            raise error
+        response = await self._post_message(
+            workspace_id, session_id, run_id, body, params, seconds + self.timeout, resubmitting
+        )
+        if response is None:
+            return await self.run(run_id)  # ours, accepted; its answer was lost
         return RunView.from_dict(response.json())
+
+    async def _post_message(
+        self,
+        workspace_id: str,
+        session_id: str,
+        run_id: str,
+        body: dict[str, object],
+        params: Mapping[str, str] | None,
+        bound: float | None,
+        resubmitting: bool,
+    ) -> httpx.Response | None:
+        # POST a message; None when the server refused it as a duplicate of our own earlier
+        # attempt, accepted but unanswered (a retry, or a resubmission after a restart).
+        path = f"/v1/workspaces/{_quote(workspace_id)}/messages"
+        response, attempts = await self._send("POST", path, body, params, bound)
+        if response.status_code < 400:
+            return response
+        error = _error_of(response)
+        if (
+            (attempts > 1 or resubmitting)
+            and error.code == "duplicate_run"
+            and await self._is_ours(run_id, session_id)
+        ):
+            return None
+        raise error
 
     async def run_prompt(
         self,
