@@ -22,7 +22,6 @@ a client can tell a long run from a dead connection. How a batch stream ends oth
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -31,6 +30,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ..errors import UnknownRun
+from ._stream import prepare_stream
 from .schema import ApiError
 from .service import RunService
 
@@ -59,9 +59,7 @@ class BatchStream(Response):
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
             media_type=self.media_type,
         )
-        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
-        if not (heartbeat > 0 and math.isfinite(heartbeat)):
-            raise ValueError(f"heartbeat must be a positive number of seconds, got {heartbeat}")
+        prepare_stream(self, heartbeat)
         self.service = service
         self.results = results
         self.run_ids = run_ids

@@ -35,6 +35,7 @@ from starlette.types import Receive, Scope, Send
 from ..backend import Workspace
 from ..broker import Subscription
 from ..errors import SubscriberOverflow
+from ._stream import prepare_stream
 from .schema import ApiError
 
 __all__ = [
@@ -115,10 +116,7 @@ class EventStream(Response):
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
             media_type=self.media_type,
         )
-        # A stream has no length: drop the content-length Response computed for no body.
-        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
-        if not (heartbeat > 0 and math.isfinite(heartbeat)):
-            raise ValueError(f"heartbeat must be a positive number of seconds, got {heartbeat}")
+        prepare_stream(self, heartbeat)
         self.workspace = workspace
         self.heartbeat = heartbeat
         self.run_id = run_id
