@@ -2,9 +2,9 @@
 same run.
 
 ``python -m benchmarks [--quick] [--json PATH]`` runs them all; ``python -m benchmarks.NAME``
-runs one (``dispatch``, ``sessions``, ``flood``, ``memory``, ``http``), from a source checkout:
-the benchmarks are not part of the installed package. See ``benchmarks/README.md`` for what
-each measures and the latest results.
+runs one (``dispatch``, ``sessions``, ``flood``, ``memory``, ``http``, ``durable``), from a
+source checkout: the benchmarks are not part of the installed package. See
+``benchmarks/README.md`` for what each measures and the latest results.
 """
 
 from __future__ import annotations
