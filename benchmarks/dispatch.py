@@ -33,8 +33,8 @@ from ._common import Report, Row, Stat, Stopwatch, Target, Timing, paired, ratio
 FULL_SIZES = (10_000, 100_000, 1_000_000)
 QUICK_SIZES = (1_000, 10_000, 30_000)
 BATCH = 1_000
-RATIO_TARGET = 3.0
-FLATNESS_TARGET = 1.25
+RATIO_TARGET = 2.5
+FLATNESS_TARGET = 1.10
 """Flat: the ratio at the largest N is at most this multiple of the ratio at the smallest."""
 
 

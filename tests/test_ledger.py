@@ -4,11 +4,14 @@ Promises checked (DESIGN.md "Ledger" and ledger.py docstrings): ``accept`` regis
 run and refuses a known id (``DuplicateRun``); ``complete`` is sync, first terminal wins and
 later ones are counted, never stored; ``wait`` answers late waiters at once, blocks for pending
 runs and wakes every waiter with the same terminal, raises ``UnknownRun`` for unknown ids;
-retention evicts the oldest terminals only, and a woken waiter still gets an evicted terminal.
+retention evicts the oldest terminals only, and a woken waiter still gets an evicted terminal;
+every retained terminal reads back equal (and of the same types) however old, and most of them
+are invisible to the cyclic garbage collector.
 """
 
 from __future__ import annotations
 
+import gc
 import inspect
 from collections import Counter
 from typing import Any
@@ -323,6 +326,116 @@ async def test_woken_waiter_gets_its_terminal_even_if_evicted_meanwhile(
             assert got == []
     assert got == [rc_a]
     assert got[0] is rc_a
+
+
+def assorted(i: int) -> RunComplete:
+    """Terminal ``r{i}`` of a mix: every outcome, atomic results of every kind, and a result
+    that holds other objects."""
+    run_id = f"r{i}"
+    kinds: list[dict[str, Any]] = [
+        {},
+        {"result": i},
+        {"result": True},
+        {"result": i / 2},
+        {"result": f"text {i}"},
+        {"result": b"bytes"},
+        {"result": {"n": [i]}},
+        {"error": f"boom {i}"},
+        {"cancelled": True},
+        {"error": "lost", "abandoned": True},
+    ]
+    return done(run_id, f"s{i % 7}", **kinds[i % len(kinds)])
+
+
+def assert_reads_back(ledger: RunLedger, rc: RunComplete) -> None:
+    got = ledger.get(rc.run_id)
+    assert got == rc
+    assert got is not None
+    assert type(got.result) is type(rc.result)  # True stays True, not 1
+    assert ledger.state(rc.run_id) == "terminal"
+    assert ledger.session_of(rc.run_id) == rc.session_id
+    assert rc.run_id in ledger
+
+
+@pytest.mark.parametrize("retain", [1, 2, 3, 1_279, 1_280, 1_281, 1_537, 5_000, 9_001])
+def test_exactly_the_newest_retain_terminals_are_kept(retain: int) -> None:
+    """Whatever ``retain`` is, after each terminal exactly the newest ``min(n, retain)`` are
+    held, each reading back equal to what was recorded; every older one is forgotten."""
+    ledger = RunLedger(retain=retain)
+    terminals = [assorted(i) for i in range(2 * retain + 300)]
+    for n, rc in enumerate(terminals, start=1):
+        ledger.accept(rc.run_id, rc.session_id)
+        assert ledger.complete(rc) is True
+        assert ledger.terminal_count == min(n, retain)
+        assert ledger.evicted_total == max(0, n - retain)
+    kept, forgotten = terminals[-retain:], terminals[:-retain]
+    for rc in kept:
+        assert_reads_back(ledger, rc)
+    for rc in forgotten:
+        assert ledger.get(rc.run_id) is None
+        assert ledger.state(rc.run_id) is None
+        assert rc.run_id not in ledger
+    assert ledger.statistics().retained == retain
+
+
+async def test_old_terminals_are_waited_on_refused_twice_and_never_reused(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A terminal recorded thousands of terminals ago is still answered at once, still
+    refuses a second terminal and still makes its id a duplicate."""
+    ledger = RunLedger(retain=20_000)
+    terminals = [assorted(i) for i in range(12_000)]
+    for rc in terminals:
+        ledger.accept(rc.run_id, rc.session_id)
+        ledger.complete(rc)
+    with trio.fail_after(10):
+        for rc in terminals[:20]:
+            assert await ledger.wait(rc.run_id) == rc
+            assert ledger.complete(done(rc.run_id, error="a second terminal")) is False
+            with pytest.raises(DuplicateRun):
+                ledger.accept(rc.run_id, "s")
+            assert_reads_back(ledger, rc)
+    assert ledger.duplicates_suppressed == 20
+    assert ledger.outcomes == Counter(rc.outcome for rc in terminals)
+
+
+def test_most_retained_terminals_are_invisible_to_the_garbage_collector() -> None:
+    """Holding 40,000 terminals (atomic results) adds fewer than 4,000 objects the cyclic
+    garbage collector tracks: every full collection walks every tracked object, so a held
+    terminal that stayed tracked would cost every collection, and more the more are held."""
+    gc.collect()
+    before = len(gc.get_objects())
+    ledger = RunLedger(retain=40_000)
+    for i in range(40_000):
+        ledger.accept(f"r{i}", "s")
+        ledger.complete(done(f"r{i}", result=i if i % 3 else None, cancelled=i % 5 == 0))
+    gc.collect()
+    assert ledger.terminal_count == 40_000
+    assert len(gc.get_objects()) - before < 4_000
+
+
+async def test_a_waiter_on_a_withdrawn_run_gets_unknown_run(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """``withdraw`` wakes a waiter already parked on the run into ``UnknownRun``."""
+    ledger = RunLedger()
+    ledger.accept("r1", "s")
+    outcome: list[BaseException] = []
+
+    async def waiter() -> None:
+        try:
+            await ledger.wait("r1")
+        except UnknownRun as exc:
+            outcome.append(exc)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert ledger.session_of("r1") == "s"
+            ledger.withdraw("r1")
+    assert len(outcome) == 1
+    assert ledger.state("r1") is None
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 1.5, "10", None])

@@ -8,10 +8,11 @@ it is never fanned out either.
 
 from __future__ import annotations
 
+import operator
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeAlias, cast, runtime_checkable
 
 import attrs
 import trio
@@ -38,6 +39,37 @@ OnVisible = Callable[[RunComplete], object]
 
 _SHARDS = 64
 _SHARD_MASK = _SHARDS - 1  # _SHARDS is a power of two
+_RECENT = 1024
+"""The newest terminals (at least this many, more than a typical batch of in-flight runs) are
+held as the very objects recorded; older ones compactly."""
+_CHUNK = 256
+"""How many of the oldest recent terminals move to the older tier at a time."""
+_ATOMIC: frozenset[type] = frozenset((type(None), str, int, float, bool, bytes))
+"""Result types a terminal can be kept compactly with: the garbage collector untracks a
+tuple holding only atomic values."""
+
+# The compact form of a terminal is the tuple of its fields' values, in attrs' order, read
+# and rebuilt generically so that a field added to RunComplete is kept like the others.
+_FIELDS = tuple(field for field in attrs.fields(RunComplete) if field.init)
+_FIELD_NAMES: tuple[str, ...] = tuple(field.name for field in _FIELDS)
+_INIT_NAMES: tuple[str, ...] = tuple(field.alias or field.name for field in _FIELDS)
+_fields_of: Callable[[RunComplete], tuple[Any, ...]] = operator.attrgetter(*_FIELD_NAMES)
+_RUN_ID_AT = _FIELD_NAMES.index("run_id")
+_SESSION_ID_AT = _FIELD_NAMES.index("session_id")
+
+_Kept: TypeAlias = "tuple[Any, ...] | RunComplete"
+"""An older terminal: the tuple of its fields' values, or the ``RunComplete`` itself when it
+cannot be kept that way (a subclass, or a result holding other objects)."""
+
+
+def _expanded(kept: _Kept) -> RunComplete:
+    if isinstance(kept, tuple):
+        return RunComplete(**dict(zip(_INIT_NAMES, kept, strict=True)))
+    return kept
+
+
+def _run_id_of(kept: _Kept) -> str:
+    return cast(str, kept[_RUN_ID_AT]) if isinstance(kept, tuple) else kept.run_id
 
 
 @attrs.frozen(kw_only=True)
@@ -166,15 +198,17 @@ class SupportsRerun(Protocol):
         ...
 
 
-class _Pending:
+class _Waited:
+    # A pending run somebody waits on. Most runs are never waited on while pending, so a
+    # pending run is just its session id until the first waiter comes: one object less to
+    # allocate (and for the garbage collector to track) per run.
     __slots__ = ("completed_at", "done", "session_id", "terminal", "withdrawn")
 
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id
         self.withdrawn = False
         self.completed_at = 0.0
-        # Created only when somebody waits: most runs are never waited on individually.
-        self.done: trio.Event | None = None
+        self.done = trio.Event()
         self.terminal: RunComplete | None = None
 
 
@@ -186,22 +220,45 @@ class RunLedger:
     when it ends; waiters on an ended run are answered at once. Memory is bounded: the
     oldest terminals beyond ``retain`` are forgotten (waiting on them raises ``UnknownRun``).
     Pending runs are never evicted.
+
+    Held terminals cost the garbage collector nothing past the newest thousand or so: older
+    ones are kept as plain values, and ``get`` and ``wait`` read one back as an equal
+    ``RunComplete`` (not the very object recorded, unless its result holds other objects).
     """
 
     def __init__(self, retain: int = 100_000) -> None:
         if not isinstance(retain, int) or isinstance(retain, bool) or retain < 1:
             raise ValueError(f"retain must be a positive int, got {retain!r}")
         self._retain = retain
-        self._pending: dict[str, _Pending] = {}
-        # Terminals by run id, spread over _SHARDS small dicts by hash. One dict of `retain`
-        # entries under steady churn (the newest in, the oldest out) is rebuilt every so
+        # Pending runs: the session id, or a `_Waited` once somebody waits on the run.
+        self._pending: dict[str, str | _Waited] = {}
+        # Retained terminals live in two tiers, so that the cyclic garbage collector, whose
+        # every full collection walks every tracked object, does not walk them: with a
+        # thousand runs in flight a full collection comes every few thousand runs, and
+        # walking the 100,000 terminals of the default retention made the cost per run grow
+        # with N (GC 1.9 -> 10.6 us per run from 10k to 1M runs).
+        #
+        # Recent: the newest terminals (_RECENT to _RECENT + _CHUNK of them), as the very
+        # objects recorded: a late waiter, usually a recent one, gets the object itself.
+        # Beside each, in order of recording, its `_Kept` form, made when it was recorded:
+        # by the time it moves on, a collection has untracked that tuple.
+        self._recent: dict[str, RunComplete] = {}
+        self._recent_order: deque[_Kept] = deque()
+        # Older: the `_Kept` forms by run id, spread over _SHARDS small dicts by hash. A dict
+        # holding only untracked values stays untracked itself, so the collector never
+        # visits them (a `get` of an older terminal builds an equal RunComplete anew). Small
+        # dicts, because one dict of `retain` entries under steady churn is rebuilt every so
         # often, its old and new tables side by side for a moment: at the default retention
-        # that made peak RSS after 1M runs ~20% higher than after 100k. Small dicts rebuild a
-        # little at a time, so the peak stays flat.
-        self._shards: tuple[dict[str, RunComplete], ...] = tuple({} for _ in range(_SHARDS))
-        # Eviction order. A deque, not the dict's own order: popping the oldest key of a
-        # dict with many deleted leading slots is not O(1) in CPython.
-        self._order: deque[str] = deque()
+        # that made peak RSS after 1M runs ~20% higher than after 100k. They take the oldest
+        # recent terminals _CHUNK at a time.
+        self._older: tuple[dict[str, _Kept], ...] = tuple({} for _ in range(_SHARDS))
+        # Their eviction order, oldest first: one tuple of _CHUNK run ids per move (which the
+        # collector untracks too); `_older_head` indexes the oldest run id still held in the
+        # first one. Not the dicts' own order: popping the oldest key of a dict with many
+        # deleted leading slots is not O(1) in CPython.
+        self._older_chunks: deque[tuple[str, ...]] = deque()
+        self._older_head = 0
+        self._older_count = 0
         self._duplicates_suppressed = 0
         self._accepted_total = 0
         self._outcomes: Counter[str] = Counter()
@@ -239,7 +296,7 @@ class RunLedger:
         return LedgerStatistics(
             accepted_total=self._accepted_total,
             pending=len(self._pending),
-            retained=len(self._order),
+            retained=len(self._recent) + self._older_count,
             completed_total=outcomes["completed"],
             failed_total=outcomes["failed"],
             cancelled_total=outcomes["cancelled"],
@@ -256,19 +313,26 @@ class RunLedger:
     @property
     def terminal_count(self) -> int:
         """Terminals currently retained."""
-        return len(self._order)
+        return len(self._recent) + self._older_count
 
-    def _table(self, run_id: str) -> dict[str, RunComplete]:
-        return self._shards[hash(run_id) & _SHARD_MASK]
+    def _has_terminal(self, run_id: object) -> bool:
+        return run_id in self._recent or run_id in self._older[hash(run_id) & _SHARD_MASK]
+
+    def _terminal(self, run_id: str) -> RunComplete | None:
+        rc = self._recent.get(run_id)
+        if rc is not None:
+            return rc
+        kept = self._older[hash(run_id) & _SHARD_MASK].get(run_id)
+        return None if kept is None else _expanded(kept)
 
     def __contains__(self, run_id: object) -> bool:
-        return run_id in self._pending or run_id in self._shards[hash(run_id) & _SHARD_MASK]
+        return run_id in self._pending or self._has_terminal(run_id)
 
     def state(self, run_id: str) -> RunState | None:
         """``"pending"``, ``"terminal"``, or ``None`` for an unknown (or evicted) run id."""
         if run_id in self._pending:
             return "pending"
-        if run_id in self._table(run_id):
+        if run_id in self._recent or run_id in self._older[hash(run_id) & _SHARD_MASK]:
             return "terminal"
         return None
 
@@ -276,9 +340,14 @@ class RunLedger:
         """The session a known run belongs to, or ``None``."""
         pending = self._pending.get(run_id)
         if pending is not None:
-            return pending.session_id
-        rc = self._table(run_id).get(run_id)
-        return rc.session_id if rc is not None else None
+            return pending.session_id if isinstance(pending, _Waited) else pending
+        rc = self._recent.get(run_id)
+        if rc is not None:
+            return rc.session_id
+        kept = self._older[hash(run_id) & _SHARD_MASK].get(run_id)
+        if kept is None:
+            return None
+        return cast(str, kept[_SESSION_ID_AT]) if isinstance(kept, tuple) else kept.session_id
 
     def pending_run_ids(self) -> list[str]:
         """The ids of every run accepted and not yet ended, oldest first."""
@@ -289,9 +358,9 @@ class RunLedger:
 
         Raises ``DuplicateRun`` if the id is already pending or ended: run ids are unique.
         """
-        if run_id in self._pending or run_id in self._table(run_id):
+        if run_id in self._pending or self._has_terminal(run_id):
             raise DuplicateRun(run_id)
-        self._pending[run_id] = _Pending(session_id)
+        self._pending[run_id] = session_id
         self._accepted_total += 1
 
     def withdraw(self, run_id: str) -> None:
@@ -302,7 +371,7 @@ class RunLedger:
         pending = self._pending.pop(run_id, None)
         if pending is not None:
             self._accepted_total -= 1
-            if pending.done is not None:
+            if isinstance(pending, _Waited):
                 # Nobody should wait on a run that was never acknowledged; if somebody does,
                 # wake them into UnknownRun rather than leave them parked for good.
                 pending.withdrawn = True
@@ -317,27 +386,64 @@ class RunLedger:
         accepted is recorded too: a terminal is never refused for being unexpected.
         """
         run_id = rc.run_id
-        table = self._table(run_id)
-        if run_id in table:
+        pending = self._pending.pop(run_id, None)
+        recent = self._recent
+        # A pending run has no terminal yet (accept refuses a known id): only a run that was
+        # not pending can be a duplicate.
+        if pending is None and (
+            run_id in recent or run_id in self._older[hash(run_id) & _SHARD_MASK]
+        ):
             self._duplicates_suppressed += 1
             return False
-        pending = self._pending.pop(run_id, None)
-        table[run_id] = rc
-        self._order.append(run_id)
+        recent[run_id] = rc
+        recent_order = self._recent_order
+        # Its `_Kept` form: a plain terminal whose result is atomic becomes the tuple of its
+        # fields, which the collector stops tracking at its next pass; anything else (a
+        # subclass, a result holding other objects) is kept as itself.
+        if type(rc) is RunComplete and type(rc.result) in _ATOMIC:
+            recent_order.append(_fields_of(rc))
+        else:
+            recent_order.append(rc)
         self._outcomes[rc.outcome] += 1
-        if len(self._order) > self._retain:
-            oldest = self._order.popleft()
-            del self._table(oldest)[oldest]
+        if len(recent_order) >= _RECENT + _CHUNK and self._retain >= _RECENT + _CHUNK:
+            self._age_oldest_recent()
+        if len(recent_order) + self._older_count > self._retain:
+            if self._older_count:
+                chunks = self._older_chunks
+                head = self._older_head
+                oldest = chunks[0][head]
+                head += 1
+                if head == _CHUNK:
+                    chunks.popleft()
+                    head = 0
+                self._older_head = head
+                del self._older[hash(oldest) & _SHARD_MASK][oldest]
+                self._older_count -= 1
+            else:
+                # Fewer than _RECENT + _CHUNK retained: the oldest is a recent one.
+                del recent[_run_id_of(recent_order.popleft())]
             self._evicted_total += 1
-        if pending is not None:
+        if isinstance(pending, _Waited):
+            # Somebody waits, so Trio is running: time the hand-over.
             pending.terminal = rc
-            if pending.done is not None:
-                # Somebody waits, so Trio is running: time the hand-over.
-                pending.completed_at = trio.current_time()
-                pending.done.set()
+            pending.completed_at = trio.current_time()
+            pending.done.set()
         if on_visible is not None:
             on_visible(rc)
         return True
+
+    def _age_oldest_recent(self) -> None:
+        # The oldest _CHUNK recent terminals move to the older tier, in their `_Kept` form.
+        recent_order, recent, older = self._recent_order, self._recent, self._older
+        run_ids = []
+        for _ in range(_CHUNK):
+            kept = recent_order.popleft()
+            run_id = _run_id_of(kept)
+            del recent[run_id]
+            older[hash(run_id) & _SHARD_MASK][run_id] = kept
+            run_ids.append(run_id)
+        self._older_chunks.append(tuple(run_ids))
+        self._older_count += _CHUNK
 
     async def flush(self) -> None:
         """Nothing to wait for in memory: a checkpoint, so it can be cancelled like any wait."""
@@ -345,7 +451,7 @@ class RunLedger:
 
     def get(self, run_id: str) -> RunComplete | None:
         """The run's terminal; ``None`` while it is pending, or when the id is unknown."""
-        return self._table(run_id).get(run_id)
+        return self._terminal(run_id)
 
     async def wait(self, run_id: str) -> RunComplete:
         """The run's terminal: at once if it ended, else as soon as it ends.
@@ -353,16 +459,20 @@ class RunLedger:
         Raises ``UnknownRun`` for an id never accepted (or evicted past ``retain``). Many
         tasks may wait on the same run; each gets the same terminal exactly once.
         """
-        rc = self._table(run_id).get(run_id)
+        rc = self._recent.get(run_id)
         if rc is not None:
             await trio.lowlevel.checkpoint()
             return rc
         pending = self._pending.get(run_id)
         if pending is None:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            raise UnknownRun(run_id)
-        if pending.done is None:
-            pending.done = trio.Event()
+            kept = self._older[hash(run_id) & _SHARD_MASK].get(run_id)
+            if kept is None:
+                await trio.lowlevel.checkpoint_if_cancelled()
+                raise UnknownRun(run_id)
+            await trio.lowlevel.checkpoint()
+            return _expanded(kept)
+        if not isinstance(pending, _Waited):
+            pending = self._pending[run_id] = _Waited(pending)
         await pending.done.wait()
         if pending.withdrawn:
             raise UnknownRun(run_id)
