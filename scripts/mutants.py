@@ -100,11 +100,10 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         "_terminals.py",
         [
             (
-                "    return store.complete(rc, partial(run_completions.publish_must_deliver, "
-                "EventType.UPDATED))\n",
+                "    return store.complete(rc, announce)\n",
                 "    first = store.complete(rc)\n"
-                "    if first:\n"
-                "        run_completions.publish_must_deliver(EventType.UPDATED, rc)\n"
+                "    if first and announce is not None:\n"
+                "        announce(rc)\n"
                 "    return first\n",
             )
         ],

@@ -12,9 +12,15 @@ import trio
 
 from .broker import Broker
 from .events import EventType, RunComplete
-from .ledger import RunStore
+from .ledger import OnVisible, RunStore
 
-__all__ = ["fallback_terminal", "is_cancellation", "non_cancelled_leaves", "record_terminal"]
+__all__ = [
+    "announcer",
+    "fallback_terminal",
+    "is_cancellation",
+    "non_cancelled_leaves",
+    "record_terminal",
+]
 
 
 def non_cancelled_leaves(exc: BaseException) -> list[BaseException]:
@@ -29,18 +35,19 @@ def is_cancellation(exc: BaseException) -> bool:
     return not non_cancelled_leaves(exc)
 
 
-def record_terminal(
-    store: RunStore, run_completions: Broker[RunComplete] | None, rc: RunComplete
-) -> bool:
-    """Record ``rc``; fan it out only if it was the run's first terminal. Never awaits.
+def announcer(run_completions: Broker[RunComplete]) -> OnVisible:
+    """What fans a visible terminal out on ``run_completions`` (must-deliver), once made."""
+    return partial(run_completions.publish_must_deliver, EventType.UPDATED)
 
-    The store decides at once (first writer wins), so no observer ever sees a second
-    terminal; the fan-out follows the store's commit (``on_visible``), so no observer sees a
-    terminal the store could still lose.
+
+def record_terminal(store: RunStore, announce: OnVisible | None, rc: RunComplete) -> bool:
+    """Record ``rc``; fan it out (``announce``) only if it was the run's first terminal.
+
+    Never awaits. The store decides at once (first writer wins), so no observer ever sees a
+    second terminal; the fan-out follows the store's commit (``on_visible``), so no observer
+    sees a terminal the store could still lose.
     """
-    if run_completions is None:
-        return store.complete(rc)
-    return store.complete(rc, partial(run_completions.publish_must_deliver, EventType.UPDATED))
+    return store.complete(rc, announce)
 
 
 def fallback_terminal(session_id: str, run_id: str, exc: BaseException) -> RunComplete:

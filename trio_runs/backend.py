@@ -17,7 +17,13 @@ import attrs
 import trio
 
 from ._histogram import Histogram
-from ._terminals import fallback_terminal, is_cancellation, non_cancelled_leaves, record_terminal
+from ._terminals import (
+    announcer,
+    fallback_terminal,
+    is_cancellation,
+    non_cancelled_leaves,
+    record_terminal,
+)
 from ._validation import validate_submission, validate_workspace_path
 from .broker import Broker
 from .context import run_complete_published, with_run_complete_marker, with_run_id
@@ -482,7 +488,7 @@ class Backend:
         # Synchronous and never raising: it runs in finally blocks, and a store that fails
         # for one run must not take the workspace's other runs down with it.
         try:
-            record_terminal(self._ledger, workspace.run_completions, rc)
+            record_terminal(self._ledger, announcer(workspace.run_completions), rc)
         except Exception:
             logger.exception("could not record the terminal of run %s", rc.run_id)
 

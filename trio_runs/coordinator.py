@@ -26,7 +26,7 @@ import attrs
 import trio
 
 from ._histogram import Histogram, HistogramRecorder
-from ._terminals import fallback_terminal, record_terminal
+from ._terminals import announcer, fallback_terminal, record_terminal
 from ._validation import validate_submission
 from .broker import Broker
 from .context import (
@@ -527,7 +527,8 @@ class SessionCoordinator:
         self._default_deadline = check_deadline(default_deadline, "default_deadline")
         self._max_deadline = check_deadline(max_deadline, "max_deadline")
         self._agent = agent
-        self._run_completions = run_completions
+        # Made once: every terminal this coordinator publishes is fanned out through it.
+        self._announce = announcer(run_completions)
         self._ledger = ledger
         self._events = events
         self._prepare = prepare
@@ -747,7 +748,7 @@ class SessionCoordinator:
         if accept._started_at is not None:
             self._run_duration.observe(trio.current_time() - accept._started_at)
         try:
-            record_terminal(self._ledger, self._run_completions, rc)
+            record_terminal(self._ledger, self._announce, rc)
         except Exception:
             # The store failed to record it. Leave the marker down, so the dispatcher's
             # fallback (or its last resort) records the terminal again, and keep going: this
@@ -870,9 +871,7 @@ class SessionCoordinator:
             except BaseException as exc:
                 if not marker.published:
                     record_terminal(
-                        self._ledger,
-                        self._run_completions,
-                        fallback_terminal(session_id, run_id, exc),
+                        self._ledger, self._announce, fallback_terminal(session_id, run_id, exc)
                     )
                 raise
 
