@@ -21,6 +21,7 @@ import trio
 
 from trio_runs import (
     AgentMessage,
+    Backend,
     RunCall,
     RunContext,
     RunLedger,
@@ -81,39 +82,45 @@ async def trio_runs_runs(n: int, batch: int = BATCH, retain: int | None = None) 
     The ledger keeps its default retention unless ``retain`` is given.
     """
     async with open_backend(None if retain is None else RunLedger(retain=retain)) as backend:
-        ws = await backend.create_workspace(
-            workspace_path("dispatch"), SessionCoordinator.factory(trivial_agent)
-        )
-        msgs = messages(min(batch, n))
-        all_seen = trio.Event()
-        seen = 0
+        return await timed_runs(backend, n, batch)
 
-        async def subscriber(*, task_status: trio.TaskStatus[None]) -> None:
-            nonlocal seen
-            async with ws.run_completions.subscribe() as subscription:
-                task_status.started()
-                async for _ in subscription:
-                    seen += 1
-                    if seen == n:
-                        all_seen.set()
 
-        async with trio.open_nursery() as nursery:
-            await nursery.start(subscriber)
-            send, wait, workspace_id = backend.send_message, backend.wait_run, ws.id
-            watch = Stopwatch()
-            remaining = n
-            while remaining:
-                k = min(batch, remaining)
-                run_ids = [send(workspace_id, msgs[i]) for i in range(k)]
-                for run_id in run_ids:
-                    await wait(run_id)
-                remaining -= k
-            await all_seen.wait()
-            elapsed = watch.read()
-            nursery.cancel_scope.cancel()
-        if seen != n:
-            raise AssertionError(f"the subscriber saw {seen} terminals of {n}")
-        return elapsed
+async def timed_runs(backend: Backend, n: int, batch: int, name: str = "dispatch") -> Timing:
+    """Time for ``n`` trivial runs on ``backend``, in batches of ``batch``: ``send_message``
+    each, then ``wait_run`` each, with one subscriber that must see every terminal."""
+    ws = await backend.create_workspace(
+        workspace_path(name), SessionCoordinator.factory(trivial_agent)
+    )
+    msgs = messages(min(batch, n))
+    all_seen = trio.Event()
+    seen = 0
+
+    async def subscriber(*, task_status: trio.TaskStatus[None]) -> None:
+        nonlocal seen
+        async with ws.run_completions.subscribe() as subscription:
+            task_status.started()
+            async for _ in subscription:
+                seen += 1
+                if seen == n:
+                    all_seen.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(subscriber)
+        send, wait, workspace_id = backend.send_message, backend.wait_run, ws.id
+        watch = Stopwatch()
+        remaining = n
+        while remaining:
+            k = min(batch, remaining)
+            run_ids = [send(workspace_id, msgs[i]) for i in range(k)]
+            for run_id in run_ids:
+                await wait(run_id)
+            remaining -= k
+        await all_seen.wait()
+        elapsed = watch.read()
+        nursery.cancel_scope.cancel()
+    if seen != n:
+        raise AssertionError(f"the subscriber saw {seen} terminals of {n}")
+    return elapsed
 
 
 def run(

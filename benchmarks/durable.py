@@ -54,7 +54,6 @@ from ._common import (
     Report,
     Row,
     Stat,
-    Stopwatch,
     Target,
     Timing,
     interleaved,
@@ -65,7 +64,7 @@ from ._common import (
     settle,
     timing_rows,
 )
-from .dispatch import BATCH, messages, trivial_agent, workspace_path
+from .dispatch import BATCH, messages, timed_runs, workspace_path
 
 FULL_SIZES = (10_000, 100_000)
 QUICK_SIZES = (1_000, 10_000)
@@ -169,41 +168,9 @@ async def dispatch_runs(n: int, batch: int, db: str | None) -> tuple[Timing, int
     The store is opened before the clock starts and closed after it stops.
     """
     async with opened_store(db) as store, open_backend(store) as backend:
-        ws = await backend.create_workspace(
-            workspace_path("durable"), SessionCoordinator.factory(trivial_agent)
-        )
-        msgs = messages(min(batch, n))
-        all_seen = trio.Event()
-        seen = 0
-
-        async def subscriber(*, task_status: trio.TaskStatus[None]) -> None:
-            nonlocal seen
-            async with ws.run_completions.subscribe() as subscription:
-                task_status.started()
-                async for _ in subscription:
-                    seen += 1
-                    if seen == n:
-                        all_seen.set()
-
-        async with trio.open_nursery() as nursery:
-            await nursery.start(subscriber)
-            send, wait, workspace_id = backend.send_message, backend.wait_run, ws.id
-            commits = _commits(store)
-            watch = Stopwatch()
-            remaining = n
-            while remaining:
-                k = min(batch, remaining)
-                run_ids = [send(workspace_id, msgs[i]) for i in range(k)]
-                for run_id in run_ids:
-                    await wait(run_id)
-                remaining -= k
-            await all_seen.wait()
-            elapsed = watch.read()
-            commits = _commits(store) - commits
-            nursery.cancel_scope.cancel()
-        if seen != n:
-            raise AssertionError(f"the subscriber saw {seen} terminals of {n}")
-    return elapsed, commits
+        commits = _commits(store)
+        elapsed = await timed_runs(backend, n, batch, "durable")
+        return elapsed, _commits(store) - commits
 
 
 def _dispatch_in_memory(n: int, batch: int) -> tuple[Timing, int]:
