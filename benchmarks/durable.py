@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import importlib
 import json
 import os
 import select
@@ -65,6 +64,7 @@ from ._common import (
     timing_rows,
 )
 from .dispatch import BATCH, messages, timed_runs, workspace_path
+from .http import Server, missing_http_extra
 
 FULL_SIZES = (10_000, 100_000)
 QUICK_SIZES = (1_000, 10_000)
@@ -279,32 +279,6 @@ def _measure_dispatch(
 
 
 # -- 2. HTTP -------------------------------------------------------------------------------
-
-TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _missing_http_extra() -> str:
-    """Why the service cannot be measured here ("" when it can)."""
-    try:
-        importlib.import_module("trio_runs.http.server")
-        importlib.import_module("trio_runs.http.client")
-    except ImportError as exc:
-        return f"the HTTP extra is not installed ({exc}): pip install -e '.[bench]'"
-    return ""
-
-
-class Server(NamedTuple):
-    url: str
-    process: subprocess.Popen[str]
-
-    def cpu_seconds(self) -> float:
-        """The server process's user + system CPU so far, all threads (0.0 without /proc)."""
-        try:
-            with open(f"/proc/{self.process.pid}/stat", encoding="ascii") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 class Sample(NamedTuple):
@@ -732,7 +706,7 @@ def run(
     if retention_bytes is None and quick:
         retention_bytes = QUICK_RETENTION_BYTES
     directory = database_dir()
-    missing = _missing_http_extra() if clients else ""
+    missing = missing_http_extra() if clients else ""
     report = Report(
         name="durable",
         title="6. Durable store: SqliteLedger against the in-memory RunLedger",

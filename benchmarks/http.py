@@ -246,7 +246,7 @@ async def in_process_round_trips(clients: int, round_trips: int) -> Sample:
 # -- the report -------------------------------------------------------------------------------
 
 
-def _missing_http_extra() -> str:
+def missing_http_extra() -> str:
     """Why the service cannot be measured here ("" when it can)."""
     try:
         importlib.import_module("trio_runs.http.server")
@@ -348,7 +348,7 @@ def run(
         f"submit + wait, against one request per run (?wait=) and batches of {BATCH}",
         params={"clients": list(clients), "round_trips": round_trips, "reps": reps},
     )
-    missing = _missing_http_extra()
+    missing = missing_http_extra()
     if missing:
         report.skipped = missing
         return report
