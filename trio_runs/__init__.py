@@ -9,7 +9,14 @@ and when the workspace shuts down. Cancellation is never reported as an error.
 from __future__ import annotations
 
 from ._histogram import Histogram
-from .backend import Backend, BackendStatistics, CoordinatorFactory, Workspace, open_backend
+from .backend import (
+    AsCompleted,
+    Backend,
+    BackendStatistics,
+    CoordinatorFactory,
+    Workspace,
+    open_backend,
+)
 from .broker import Broker, BrokerStatistics, Subscription
 from .context import (
     RunCompleteMarker,
@@ -75,6 +82,7 @@ __all__ = [
     "Agent",
     "AgentMessage",
     "AgentNotInitialized",
+    "AsCompleted",
     "Attachment",
     "Backend",
     "BackendClosed",

@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import TracebackType
 
 import attrs
 import trio
@@ -30,6 +32,7 @@ from .context import run_complete_published, with_run_complete_marker, with_run_
 from .coordinator import (
     Coordinator,
     Reservation,
+    SessionCoordinator,
     SupportsAfterCrash,
     SupportsCancelRun,
     SupportsLaneQueries,
@@ -41,6 +44,7 @@ from .errors import (
     BackendClosed,
     DuplicateRun,
     NotSupported,
+    UnknownRun,
     WorkspaceClosing,
     WorkspaceNotFound,
 )
@@ -55,7 +59,14 @@ from .events import (
 )
 from .ledger import LedgerStatistics, RunLedger, RunStore, SupportsRerun
 
-__all__ = ["Backend", "BackendStatistics", "CoordinatorFactory", "Workspace", "open_backend"]
+__all__ = [
+    "AsCompleted",
+    "Backend",
+    "BackendStatistics",
+    "CoordinatorFactory",
+    "Workspace",
+    "open_backend",
+]
 
 logger = logging.getLogger("trio_runs")
 
@@ -131,6 +142,22 @@ class Workspace:
         self._runs: set[str] = set()
         # Whether a crash reruns this workspace's runs (its coordinator asks, the store can).
         self._rerun_after_crash = False
+
+    @property
+    def sessions(self) -> SessionCoordinator:
+        """The workspace's coordinator as the :class:`SessionCoordinator` it is, typed.
+
+        For the session methods (``cancel``, ``cancel_run``, ``clear_queue``,
+        ``queued_prompts_list``, ``active_run_id``...) without an ``isinstance`` check.
+        Raises ``AgentNotInitialized`` for a workspace without an agent and ``NotSupported``
+        when its coordinator is another kind (use :attr:`coordinator` for that one).
+        """
+        coordinator = self.coordinator
+        if coordinator is None:
+            raise AgentNotInitialized(self.id)
+        if not isinstance(coordinator, SessionCoordinator):
+            raise NotSupported(self.id, "session methods (it is not a SessionCoordinator)")
+        return coordinator
 
     @property
     def closing(self) -> bool:
@@ -589,6 +616,22 @@ class Backend:
         """The run's terminal, at once if it already ended; raises ``UnknownRun``."""
         return await self._ledger.wait(run_id)
 
+    def as_completed(self, run_ids: Iterable[str]) -> AsCompleted:
+        """The terminals of ``run_ids`` as they become visible, each once: no subscriber race.
+
+        ``async with backend.as_completed(run_ids) as completed: async for rc in completed:``
+        yields the runs already ended first (in the order given), then each other run's
+        terminal as it becomes visible in the store, and ends after the last. Call it
+        whenever you like after submitting: it reads the store, so a run that ended before
+        the call (a ``clear_queue`` ends the runs it drops before it returns) is not missed.
+
+        Raises ``UnknownRun`` at once, before yielding anything, for a run id the store does
+        not know (never accepted, or evicted past retention), and ``TypeError`` for a run id
+        that is not a str. Repeated ids are yielded once. Cancelled while waiting, nothing is
+        lost (see :class:`AsCompleted`); leaving the block early never cancels a run.
+        """
+        return AsCompleted(self._ledger, run_ids)
+
     async def run(self, workspace_id: str, msg: AgentMessage) -> RunComplete:
         """Submit ``msg`` and wait for its terminal (the in-process ``crush run``).
 
@@ -677,3 +720,140 @@ def _sole_error(
         return None
     leaves = [leaf for exc in others for leaf in non_cancelled_leaves(exc)]
     return leaves[0] if len(leaves) == 1 else None
+
+
+# -- as_completed --------------------------------------------------------------------------
+
+
+class AsCompleted:
+    """The terminals of a fixed set of runs, each once, as they become visible in the store.
+
+    Made by :meth:`Backend.as_completed`; use it as ``async with backend.as_completed(ids) as
+    completed: async for rc in completed: ...``. It asks the store, never a broker: a run
+    that ended before the call (a run ``clear_queue`` dropped ends before it returns) is
+    found there as surely as one that ends later, so there is no subscriber to start first
+    and nothing to race.
+
+    Entering the block yields the runs already ended, in the order given, then the others as
+    their terminals become visible; iteration ends after the last. It starts one waiting task
+    per run not yet ended, inside the block (memory grows with the number of runs given,
+    never with how many terminals the workspaces publish). Leaving the block early cancels
+    those waits, never the runs.
+
+    Cancelled while waiting for the next terminal, nothing is lost: a terminal not yet handed
+    out stays with its waiting task and the next ``__anext__`` in the same block returns it.
+    Never yields a run twice, never yields a run that was not given, and never cancels a run.
+    """
+
+    def __init__(self, store: RunStore, run_ids: Iterable[str]) -> None:
+        if isinstance(run_ids, str):
+            # A bare string would be taken as one run id per character.
+            raise TypeError("run_ids must be an iterable of run ids, not a single str")
+        unique: dict[str, None] = {}
+        for run_id in run_ids:
+            if not isinstance(run_id, str):
+                raise TypeError(f"run ids must be str, got {type(run_id).__name__}")
+            if store.state(run_id) is None:
+                raise UnknownRun(run_id)
+            unique[run_id] = None
+        self._store = store
+        self._run_ids = tuple(unique)
+        self._left = len(self._run_ids)
+        self._ended: deque[str] = deque()
+        self._state = _NEW
+        self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
+        self._nursery: trio.Nursery | None = None
+        self._receive: trio.MemoryReceiveChannel[RunComplete | Exception] | None = None
+
+    @property
+    def run_ids(self) -> tuple[str, ...]:
+        """The runs to yield, each once, in the order given (repeats dropped)."""
+        return self._run_ids
+
+    @property
+    def remaining(self) -> int:
+        """How many of the runs have not been yielded yet."""
+        return self._left
+
+    async def __aenter__(self) -> AsCompleted:
+        if self._state != _NEW:
+            raise RuntimeError("an as_completed block can be entered only once")
+        self._state = _OPEN
+        manager = self._nursery_manager = trio.open_nursery()
+        nursery = self._nursery = await manager.__aenter__()
+        # Unbuffered: a terminal stays with its waiter until it is handed out, so nothing
+        # piles up unread, and a cancelled receive loses nothing.
+        send, self._receive = trio.open_memory_channel[RunComplete | Exception](0)
+        async with send:
+            for run_id in self._run_ids:
+                if self._store.get(run_id) is not None:
+                    self._ended.append(run_id)
+                else:
+                    nursery.start_soon(self._wait_one, run_id, send.clone())
+        return self
+
+    async def _wait_one(
+        self, run_id: str, send: trio.MemorySendChannel[RunComplete | Exception]
+    ) -> None:
+        try:
+            try:
+                got: RunComplete | Exception = await self._store.wait(run_id)
+            except Exception as exc:
+                # UnknownRun (evicted past retention), a store failing: raised to the
+                # consumer as itself, not as an ExceptionGroup out of the block.
+                got = exc
+            await send.send(got)
+        finally:
+            send.close()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        assert self._nursery is not None
+        assert self._nursery_manager is not None
+        self._state = _CLOSED
+        # Left before every run ended: the waits end with the block, never the runs.
+        self._nursery.cancel_scope.cancel()
+        try:
+            return bool(await self._nursery_manager.__aexit__(exc_type, exc, tb))
+        except BaseExceptionGroup as group:
+            # The waiters never raise, so a group holds what the block raised: hand it back
+            # as it was raised (as open_backend does).
+            if _sole_error(group, exc) is exc:
+                return False
+            raise
+
+    def __aiter__(self) -> AsCompleted:
+        return self
+
+    async def __anext__(self) -> RunComplete:
+        """The next terminal; ``StopAsyncIteration`` once every run was yielded."""
+        if self._state != _OPEN:
+            raise RuntimeError(
+                "use it inside its block: async with backend.as_completed(run_ids) as completed"
+            )
+        assert self._receive is not None
+        if self._ended:
+            await trio.lowlevel.checkpoint()
+            run_id = self._ended[0]
+            rc = self._store.get(run_id)
+            if rc is None:
+                # Evicted since the block was entered (retention): wait raises UnknownRun.
+                rc = await self._store.wait(run_id)
+            self._ended.popleft()
+            self._left -= 1
+            return rc
+        try:
+            got = await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+        if isinstance(got, Exception):
+            raise got
+        self._left -= 1
+        return got
+
+
+_NEW, _OPEN, _CLOSED = 0, 1, 2
