@@ -144,6 +144,15 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         "cli.py",
         [('for name in ("SIGINT", "SIGTERM", "SIGHUP")', 'for name in ("SIGINT",)')],
     ),
+    "as-completed-skips-ended-runs": (
+        "backend.py",
+        [
+            (
+                "                    self._ended.append(run_id)\n",
+                "                    self._left -= 1\n",
+            )
+        ],
+    ),
 }
 
 

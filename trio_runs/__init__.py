@@ -64,6 +64,7 @@ from .errors import (
 from .events import (
     AgentMessage,
     Attachment,
+    EndReason,
     Event,
     EventType,
     Notification,
@@ -72,7 +73,16 @@ from .events import (
     RunComplete,
     RunProgress,
 )
-from .ledger import LedgerStatistics, RunLedger, RunStore, SupportsRerun
+from .ledger import (
+    LedgerStatistics,
+    RunInfo,
+    RunLedger,
+    RunPage,
+    RunQuery,
+    RunStore,
+    SupportsRerun,
+    SupportsRunListing,
+)
 
 __version__ = "0.1.0"
 
@@ -94,6 +104,7 @@ __all__ = [
     "CoordinatorStatistics",
     "DuplicateRun",
     "EmptyPrompt",
+    "EndReason",
     "Event",
     "EventType",
     "Histogram",
@@ -111,8 +122,11 @@ __all__ = [
     "RunComplete",
     "RunCompleteMarker",
     "RunContext",
+    "RunInfo",
     "RunLedger",
+    "RunPage",
     "RunProgress",
+    "RunQuery",
     "RunStore",
     "SessionCoordinator",
     "SessionMissing",
@@ -124,6 +138,7 @@ __all__ = [
     "SupportsDeadlines",
     "SupportsLaneQueries",
     "SupportsRerun",
+    "SupportsRunListing",
     "SupportsStatistics",
     "TrioRunsError",
     "UnknownRun",

@@ -14,13 +14,15 @@ import enum
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Final, Generic, Literal, Self, TypeVar
+from types import MappingProxyType
+from typing import Any, Final, Generic, Literal, Self, TypeVar, get_args
 
 import attrs
 
 __all__ = [
     "AgentMessage",
     "Attachment",
+    "EndReason",
     "Event",
     "EventType",
     "Notification",
@@ -33,6 +35,55 @@ __all__ = [
 T = TypeVar("T")
 
 Outcome = Literal["completed", "failed", "cancelled"]
+
+EndReason = Literal["user", "session_cancel", "clear_queue", "shutdown", "deadline", "abandoned"]
+"""What ended a run when the agent itself did not (``RunComplete.reason``): ``user``, its
+``cancel_run``; ``session_cancel``, a ``cancel`` of its session; ``clear_queue``, dropped from
+its session's queue; ``shutdown``, its workspace or backend closing; ``deadline``, its deadline
+(the terminal is ``timed_out``); ``abandoned``, recovery after its process stopped."""
+
+END_REASONS: Final[frozenset[str]] = frozenset(get_args(EndReason))
+
+_NO_LABELS: Final[Mapping[str, str]] = MappingProxyType({})
+
+
+def _to_labels(value: Mapping[str, str]) -> Mapping[str, str]:
+    # A read-only copy: a frozen value must not change because the caller's dict did. The
+    # empty case (nearly every run) shares one object and allocates nothing.
+    if not value:
+        return _NO_LABELS
+    if type(value) is MappingProxyType and value is not _NO_LABELS:
+        # Ours already (a copy made here or by decoding): copying again buys nothing.
+        return value
+    return MappingProxyType(dict(value))
+
+
+def _labels_from(data: Mapping[str, Any], what: str) -> Mapping[str, str]:
+    raw = _opt(data, "labels", dict, what, None)
+    if raw is None:
+        return _NO_LABELS
+    for key, value in raw.items():
+        if not isinstance(value, str):
+            raise ValueError(
+                f"{what}: field 'labels': value of {key!r} must be str, got {type(value).__name__}"
+            )
+    return MappingProxyType(dict(raw))
+
+
+def _opt_time(data: Mapping[str, Any], key: str, what: str) -> float | None:
+    value = _opt(data, key, (int, float, type(None)), what, None)
+    if value is None:
+        return None
+    if not math.isfinite(value):
+        raise ValueError(f"{what}: field {key!r} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _opt_attempt(data: Mapping[str, Any], what: str) -> int:
+    value: int = _opt(data, "attempt", int, what, 1)
+    if value < 1:
+        raise ValueError(f"{what}: field 'attempt' must be >= 1, got {value}")
+    return value
 
 
 def _loads(text: str | bytes | bytearray, what: str) -> Mapping[str, Any]:
@@ -132,6 +183,14 @@ class RunComplete(_JSONValue):
     ``timed_out`` marks a failed terminal of a run cut off by its deadline (``RunCall.deadline``
     or its coordinator's default): a failure of the run, not a cancellation. Like
     ``abandoned`` it always comes with an ``error`` and is never cancelled (nor abandoned).
+
+    The run's metadata (keyword-only, each on the wire only when set): ``reason``, what ended
+    it when the agent itself did not (see :data:`EndReason`; ``None`` when its own return,
+    raise or self-cancellation did); ``accepted_at``, ``started_at`` and ``ended_at``, wall
+    clock UNIX seconds (``time.time()``) of its acceptance, of its agent starting to execute
+    (after any queue wait; ``None`` if it never started) and of its terminal being decided;
+    ``attempt``, which execution of the run this is (``2`` for its first rerun after a
+    crash); ``labels``, the read-only labels it was submitted with.
     """
 
     session_id: str
@@ -141,6 +200,14 @@ class RunComplete(_JSONValue):
     cancelled: bool = False
     abandoned: bool = False
     timed_out: bool = False
+    reason: EndReason | None = attrs.field(default=None, kw_only=True)
+    accepted_at: float | None = attrs.field(default=None, kw_only=True)
+    started_at: float | None = attrs.field(default=None, kw_only=True)
+    ended_at: float | None = attrs.field(default=None, kw_only=True)
+    attempt: int = attrs.field(default=1, kw_only=True)
+    labels: Mapping[str, str] = attrs.field(
+        default=_NO_LABELS, kw_only=True, converter=_to_labels, hash=False
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.abandoned and (self.error is None or self.cancelled):
@@ -170,6 +237,12 @@ class RunComplete(_JSONValue):
             # Only when set: the wire shape of every other terminal stays as it was.
             **({"abandoned": True} if self.abandoned else {}),
             **({"timed_out": True} if self.timed_out else {}),
+            **({"reason": self.reason} if self.reason is not None else {}),
+            **({"accepted_at": self.accepted_at} if self.accepted_at is not None else {}),
+            **({"started_at": self.started_at} if self.started_at is not None else {}),
+            **({"ended_at": self.ended_at} if self.ended_at is not None else {}),
+            **({"attempt": self.attempt} if self.attempt != 1 else {}),
+            **({"labels": dict(self.labels)} if self.labels else {}),
         }
 
     @classmethod
@@ -180,8 +253,23 @@ class RunComplete(_JSONValue):
             data,
             what,
             ("session_id", "run_id"),
-            ("result", "error", "cancelled", "abandoned", "timed_out"),
+            (
+                "result",
+                "error",
+                "cancelled",
+                "abandoned",
+                "timed_out",
+                "reason",
+                "accepted_at",
+                "started_at",
+                "ended_at",
+                "attempt",
+                "labels",
+            ),
         )
+        reason = _opt(d, "reason", (str, type(None)), what, None)
+        if reason is not None and reason not in END_REASONS:
+            raise ValueError(f"{what}: field 'reason': unknown end reason {reason!r}")
         return cls(
             session_id=_typed(d, "session_id", str, what),
             run_id=_typed(d, "run_id", str, what),
@@ -190,6 +278,12 @@ class RunComplete(_JSONValue):
             cancelled=_opt(d, "cancelled", bool, what, False),
             abandoned=_opt(d, "abandoned", bool, what, False),
             timed_out=_opt(d, "timed_out", bool, what, False),
+            reason=reason,
+            accepted_at=_opt_time(d, "accepted_at", what),
+            started_at=_opt_time(d, "started_at", what),
+            ended_at=_opt_time(d, "ended_at", what),
+            attempt=_opt_attempt(d, what),
+            labels=_labels_from(d, what),
         )
 
 
@@ -360,7 +454,10 @@ class AgentMessage(_JSONValue):
     An empty ``run_id`` asks the backend to mint one (a UUID4 string). ``deadline``, when
     given, is how many seconds the run may take once it starts (queued time does not count);
     past it the run ends failed with ``timed_out`` set. ``None`` leaves it to the
-    coordinator's default (and maximum).
+    coordinator's default (and maximum). ``labels`` (read-only, empty by default) go with the
+    run into its terminal and the store's listing; ``send_message`` refuses ill-formed ones
+    with ``InvalidLabels`` (at most 16; keys 1-64 chars of ``[A-Za-z0-9_.-]``; values at
+    most 256 chars, no NUL or lone surrogates).
     """
 
     session_id: str
@@ -368,6 +465,9 @@ class AgentMessage(_JSONValue):
     run_id: str = ""
     attachments: tuple[Attachment, ...] = attrs.field(default=(), converter=_to_attachments)
     deadline: float | None = attrs.field(default=None, validator=_validate_deadline)
+    labels: Mapping[str, str] = attrs.field(
+        default=_NO_LABELS, kw_only=True, converter=_to_labels, hash=False
+    )
 
     def has_input(self) -> bool:
         """Whether there is something to run: a non-blank prompt or a non-blank text file."""
@@ -381,19 +481,26 @@ class AgentMessage(_JSONValue):
             "run_id": self.run_id,
             "attachments": [a.to_dict() for a in self.attachments],
             **({"deadline": self.deadline} if self.deadline is not None else {}),
+            **({"labels": dict(self.labels)} if self.labels else {}),
         }
 
     @classmethod
     def from_dict(cls, data: object) -> AgentMessage:
         """Decode :meth:`to_dict`'s output; raises ``ValueError`` on any malformed field."""
         what = cls.__name__
-        d = _check_keys(data, what, ("session_id", "prompt"), ("run_id", "attachments", "deadline"))
+        d = _check_keys(
+            data,
+            what,
+            ("session_id", "prompt"),
+            ("run_id", "attachments", "deadline", "labels"),
+        )
         return cls(
             session_id=_typed(d, "session_id", str, what),
             prompt=_typed(d, "prompt", str, what),
             run_id=_opt(d, "run_id", str, what, ""),
             attachments=_attachments_from(d, what),
             deadline=_deadline_from(d, what),
+            labels=_labels_from(d, what),
         )
 
 
@@ -402,7 +509,10 @@ class RunCall(_JSONValue):
     """What the agent receives for one attempt of one run.
 
     ``deadline`` is the message's (seconds from the run's start, or ``None`` for the
-    coordinator's default).
+    coordinator's default). ``attempt`` counts the agent's tries within this execution (a
+    ``RetryPolicy``); ``execution`` counts executions of the run (``2`` for its first rerun
+    after a crash), which its terminal reports as ``RunComplete.attempt``. ``labels`` and
+    ``accepted_at`` (wall clock) are the run's, from its acceptance, for its terminal.
     """
 
     session_id: str
@@ -411,6 +521,11 @@ class RunCall(_JSONValue):
     attachments: tuple[Attachment, ...] = attrs.field(default=(), converter=_to_attachments)
     attempt: int = 1
     deadline: float | None = attrs.field(default=None, validator=_validate_deadline)
+    labels: Mapping[str, str] = attrs.field(
+        default=_NO_LABELS, kw_only=True, converter=_to_labels, hash=False
+    )
+    accepted_at: float | None = attrs.field(default=None, kw_only=True)
+    execution: int = attrs.field(default=1, kw_only=True)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-compatible mapping."""
@@ -421,6 +536,9 @@ class RunCall(_JSONValue):
             "attachments": [a.to_dict() for a in self.attachments],
             "attempt": self.attempt,
             **({"deadline": self.deadline} if self.deadline is not None else {}),
+            **({"labels": dict(self.labels)} if self.labels else {}),
+            **({"accepted_at": self.accepted_at} if self.accepted_at is not None else {}),
+            **({"execution": self.execution} if self.execution != 1 else {}),
         }
 
     @classmethod
@@ -428,8 +546,14 @@ class RunCall(_JSONValue):
         """Decode :meth:`to_dict`'s output; raises ``ValueError`` on any malformed field."""
         what = cls.__name__
         d = _check_keys(
-            data, what, ("session_id", "prompt"), ("run_id", "attachments", "attempt", "deadline")
+            data,
+            what,
+            ("session_id", "prompt"),
+            ("run_id", "attachments", "attempt", "deadline", "labels", "accepted_at", "execution"),
         )
+        execution: int = _opt(d, "execution", int, what, 1)
+        if execution < 1:
+            raise ValueError(f"{what}: field 'execution' must be >= 1, got {execution}")
         return cls(
             session_id=_typed(d, "session_id", str, what),
             prompt=_typed(d, "prompt", str, what),
@@ -437,6 +561,9 @@ class RunCall(_JSONValue):
             attachments=_attachments_from(d, what),
             attempt=_opt(d, "attempt", int, what, 1),
             deadline=_deadline_from(d, what),
+            labels=_labels_from(d, what),
+            accepted_at=_opt_time(d, "accepted_at", what),
+            execution=execution,
         )
 
 

@@ -8,9 +8,12 @@ it is never fanned out either.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import heapq
 import operator
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, Literal, Protocol, TypeAlias, cast, runtime_checkable
 
@@ -24,10 +27,15 @@ from .events import RunCall, RunComplete
 __all__ = [
     "LedgerStatistics",
     "OnVisible",
+    "RunInfo",
     "RunLedger",
+    "RunPage",
+    "RunQuery",
     "RunState",
     "RunStore",
     "SupportsRerun",
+    "SupportsRunListing",
+    "SupportsRunMetadata",
 ]
 
 RunState = Literal["pending", "ending", "terminal"]
@@ -50,7 +58,10 @@ tuple holding only atomic values."""
 
 # The compact form of a terminal is the tuple of its fields' values, in attrs' order, read
 # and rebuilt generically so that a field added to RunComplete is kept like the others.
-_FIELDS = tuple(field for field in attrs.fields(RunComplete) if field.init)
+# The labels, a mapping (which the collector tracks), are kept apart: see `_kept_form`.
+_FIELDS = tuple(
+    field for field in attrs.fields(RunComplete) if field.init and field.name != "labels"
+)
 _FIELD_NAMES: tuple[str, ...] = tuple(field.name for field in _FIELDS)
 _INIT_NAMES: tuple[str, ...] = tuple(field.alias or field.name for field in _FIELDS)
 _fields_of: Callable[[RunComplete], tuple[Any, ...]] = operator.attrgetter(*_FIELD_NAMES)
@@ -196,6 +207,155 @@ class SupportsRerun(Protocol):
     def take_rerunnable(self, workspace_path: str) -> list[RunCall]:
         """The recovered runs of that workspace, oldest first, each handed out once."""
         ...
+
+
+@attrs.frozen(kw_only=True)
+class RunInfo:
+    """A run as its store knows it, pending or ended (from ``run_info`` / ``list_runs``)."""
+
+    run_id: str
+    session_id: str
+    workspace_path: str | None
+    """The path of the workspace it was accepted in; ``None`` if the store was not told."""
+    state: RunState
+    accepted_at: float | None
+    """Wall clock UNIX seconds of its acceptance; ``None`` if the store was not told."""
+    started_at: float | None
+    """When its agent began executing (after its queue wait); ``None``: not (yet) started."""
+    attempt: int
+    """Which execution of the run this is: ``2`` for its first rerun after a crash."""
+    labels: Mapping[str, str]
+    terminal: RunComplete | None
+    """The visible terminal (which carries ``ended_at`` and ``reason``); ``None`` until then."""
+
+
+def _check_limit(_: object, __: object, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1000:
+        raise ValueError(f"limit must be an int from 1 to 1000, got {value!r}")
+
+
+def _check_state(_: object, __: object, value: object) -> None:
+    if value not in (None, "pending", "terminal"):
+        raise ValueError(f"state must be 'pending', 'terminal' or None, got {value!r}")
+
+
+def _check_label(_: object, __: object, value: object) -> None:
+    if value is None:
+        return
+    if not (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], str)
+    ):
+        raise ValueError(f"label must be a (key, value) tuple of two str, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class RunQuery:
+    """Which runs ``list_runs`` returns: every filter given must match (``None``: any).
+
+    ``state="pending"`` is every run without a visible terminal (an ``ending`` one too).
+    ``label`` is a ``(key, value)`` pair matched exactly. ``cursor`` is a page's
+    ``next_cursor``, opaque, valid with the same filters. ``limit`` is 1 to 1000
+    (``ValueError`` otherwise, at construction).
+    """
+
+    workspace_path: str | None = None
+    session_id: str | None = None
+    state: Literal["pending", "terminal"] | None = attrs.field(default=None, validator=_check_state)
+    label: tuple[str, str] | None = attrs.field(default=None, validator=_check_label)
+    cursor: str | None = None
+    limit: int = attrs.field(default=100, validator=_check_limit)
+
+
+@attrs.frozen(kw_only=True)
+class RunPage:
+    """One page of ``list_runs``: newest accepted first."""
+
+    runs: tuple[RunInfo, ...]
+    next_cursor: str | None
+    """Pass it as ``RunQuery.cursor`` for the next page; ``None``: there are no more runs."""
+
+
+@runtime_checkable
+class SupportsRunListing(Protocol):
+    """A store that lists its runs, pending and retained, with their metadata.
+
+    Runs are ordered newest accepted first, by ``(accepted_at, run_id)``; a run whose
+    acceptance time is unknown sorts as accepted at 0. A cursor names the last run of a
+    page, so runs accepted meanwhile never shift the next page (they sort before it), and
+    no run still held is skipped or shown twice across pages.
+    """
+
+    def run_info(self, run_id: str) -> RunInfo | None:
+        """The run as the store knows it, or ``None`` for an unknown (or evicted) id."""
+        ...
+
+    def list_runs(self, query: RunQuery) -> RunPage:
+        """One page of the runs matching ``query``; ``ValueError`` for a malformed cursor."""
+        ...
+
+
+@runtime_checkable
+class SupportsRunMetadata(Protocol):
+    """A store that keeps what a listing shows of a pending run; the backend feeds it.
+
+    Both are synchronous and never block: ``accept_call`` is ``RunStore.accept`` (same
+    errors, same durability) that also records the call's labels, acceptance time and
+    execution, and the workspace path; ``mark_started`` notes when the run's agent began
+    executing (in memory: a terminal carries it durably).
+    """
+
+    def accept_call(self, call: RunCall, workspace_path: str | None) -> None:
+        """:meth:`RunStore.accept` of ``call.run_id``, keeping its metadata."""
+        ...
+
+    def mark_started(self, run_id: str, started_at: float) -> None:
+        """Note that the pending run's agent began executing; a no-op for any other id."""
+        ...
+
+
+_CURSOR_PREFIX = "c1|"
+
+
+def encode_cursor(accepted_at: float | None, run_id: str) -> str:
+    """The opaque cursor naming the run at ``(accepted_at, run_id)`` in listing order."""
+    text = f"{_CURSOR_PREFIX}{float(accepted_at or 0.0)!r}|{run_id}"
+    return base64.urlsafe_b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """The ``(accepted_at, run_id)`` a cursor names; ``ValueError`` if it is not a cursor."""
+    try:
+        text = base64.urlsafe_b64decode(cursor.encode("ascii")).decode("utf-8")
+        if not text.startswith(_CURSOR_PREFIX):
+            raise ValueError("unknown cursor version")
+        at, run_id = text[len(_CURSOR_PREFIX) :].split("|", 1)
+        value = float(at)
+    except (UnicodeError, ValueError, binascii.Error, AttributeError):
+        raise ValueError(f"malformed cursor {cursor!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"malformed cursor {cursor!r}")
+    return value, run_id
+
+
+def _page(
+    candidates: Iterable[tuple[float, str, Callable[[], RunInfo | None]]], query: RunQuery
+) -> RunPage:
+    # The newest `limit` + 1 candidates older than the cursor: O(n log limit) for n
+    # candidates, and one RunInfo built per run shown.
+    if query.cursor is not None:
+        after = decode_cursor(query.cursor)
+        candidates = (c for c in candidates if (c[0], c[1]) < after)
+    newest = heapq.nlargest(query.limit + 1, candidates, key=operator.itemgetter(0, 1))
+    runs = [info for _, _, build in newest[: query.limit] if (info := build()) is not None]
+    more = len(newest) > query.limit
+    last = newest[query.limit - 1] if more else None
+    return RunPage(
+        runs=tuple(runs),
+        next_cursor=None if last is None else encode_cursor(last[0], last[1]),
+    )
 
 
 class _Waited:
@@ -400,7 +560,7 @@ class RunLedger:
         # Its `_Kept` form: a plain terminal whose result is atomic becomes the tuple of its
         # fields, which the collector stops tracking at its next pass; anything else (a
         # subclass, a result holding other objects) is kept as itself.
-        if type(rc) is RunComplete and type(rc.result) in _ATOMIC:
+        if type(rc) is RunComplete and type(rc.result) in _ATOMIC and not rc.labels:
             recent_order.append(_fields_of(rc))
         else:
             recent_order.append(rc)
