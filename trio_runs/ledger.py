@@ -234,12 +234,12 @@ def _check_limit(_: object, __: object, value: int) -> None:
         raise ValueError(f"limit must be an int from 1 to 1000, got {value!r}")
 
 
-def _check_state(_: object, __: object, value: object) -> None:
+def _check_state(_: object, __: object, value: str | None) -> None:
     if value not in (None, "pending", "terminal"):
         raise ValueError(f"state must be 'pending', 'terminal' or None, got {value!r}")
 
 
-def _check_label(_: object, __: object, value: object) -> None:
+def _check_label(_: object, __: object, value: tuple[str, str] | None) -> None:
     if value is None:
         return
     if not (
