@@ -47,6 +47,12 @@ END_REASONS: Final[frozenset[str]] = frozenset(get_args(EndReason))
 _NO_LABELS: Final[Mapping[str, str]] = MappingProxyType({})
 
 
+def _no_labels() -> Mapping[str, str]:
+    # A factory, not a default value: a schema generator (msgspec, for the OpenAPI document)
+    # would have to encode a default, and a mappingproxy is not JSON.
+    return _NO_LABELS
+
+
 def _to_labels(value: Mapping[str, str]) -> Mapping[str, str]:
     # A read-only copy: a frozen value must not change because the caller's dict did. The
     # empty case (nearly every run) shares one object and allocates nothing.
@@ -206,7 +212,7 @@ class RunComplete(_JSONValue):
     ended_at: float | None = attrs.field(default=None, kw_only=True)
     attempt: int = attrs.field(default=1, kw_only=True)
     labels: Mapping[str, str] = attrs.field(
-        default=_NO_LABELS, kw_only=True, converter=_to_labels, hash=False
+        factory=_no_labels, kw_only=True, converter=_to_labels, hash=False
     )
 
     def __attrs_post_init__(self) -> None:
@@ -466,7 +472,7 @@ class AgentMessage(_JSONValue):
     attachments: tuple[Attachment, ...] = attrs.field(default=(), converter=_to_attachments)
     deadline: float | None = attrs.field(default=None, validator=_validate_deadline)
     labels: Mapping[str, str] = attrs.field(
-        default=_NO_LABELS, kw_only=True, converter=_to_labels, hash=False
+        factory=_no_labels, kw_only=True, converter=_to_labels, hash=False
     )
 
     def has_input(self) -> bool:
@@ -522,7 +528,7 @@ class RunCall(_JSONValue):
     attempt: int = 1
     deadline: float | None = attrs.field(default=None, validator=_validate_deadline)
     labels: Mapping[str, str] = attrs.field(
-        default=_NO_LABELS, kw_only=True, converter=_to_labels, hash=False
+        factory=_no_labels, kw_only=True, converter=_to_labels, hash=False
     )
     accepted_at: float | None = attrs.field(default=None, kw_only=True)
     execution: int = attrs.field(default=1, kw_only=True)
