@@ -1,7 +1,8 @@
 """How to test your own agent with trio_runs.testing — run: python -m pytest examples/
 
 The ``trio_runs_backend`` fixture comes from trio-runs' pytest plugin (installed with the
-package): an open backend that fails the test if any run is left without a terminal. It needs
+package): an open backend that fails the test if a run has not ended by teardown (mark a test
+``@pytest.mark.trio_runs_allow_running`` to leave runs running on purpose). It needs
 pytest-trio, and works with ``trio_mode = true`` (as here) or in tests marked
 ``@pytest.mark.trio``. ``autojump_clock`` is pytest-trio's: sleeps run on virtual time.
 """
@@ -51,7 +52,7 @@ async def test_cancel_while_queued_is_cancelled_not_failed(
         first = backend.send_message(workspace.id, AgentMessage("chat-1", "slow"))
         queued = backend.send_message(workspace.id, AgentMessage("chat-1", "next"))
         await trio.testing.wait_all_tasks_blocked()
-        workspace.coordinator.clear_queue("chat-1")  # type: ignore[union-attr]
+        workspace.sessions.clear_queue("chat-1")  # the coordinator, typed
         release.set()
         with trio.fail_after(60):
             assert (await terminals.wait_for(first)).result == "done"

@@ -1,7 +1,7 @@
 """The seams: a coordinator and a store written outside the package, to the protocols alone.
 
-The seed's three dispatcher tests, written the way crush writes them (a fake coordinator
-with its own reservation, no ``SessionCoordinator`` inside), then a whole coordinator and a
+The seed's three dispatcher tests, written against a fake coordinator (one with its own
+reservation, no ``SessionCoordinator`` inside), then a whole coordinator and a
 whole store from ``tests/`` running under ``Backend`` with every promise intact.
 """
 

@@ -222,6 +222,7 @@ async def test_terminal_recorder_misuse_is_a_clear_error(autojump_clock):
 
 
 PLUGIN_TESTS = """
+    import pytest
     import trio
 
     from trio_runs import AgentMessage, SessionCoordinator
@@ -238,7 +239,22 @@ PLUGIN_TESTS = """
         assert trio.current_time() - start == 3600  # virtual time: pytest-trio's clock
 
     {mark}
-    async def test_leaves_a_run_pending(trio_runs_backend, autojump_clock):
+    async def test_leaves_runs_running(trio_runs_backend, autojump_clock):
+        agent = ScriptedAgent(sleep(3600), return_("ok"))
+        ws = await trio_runs_backend.create_workspace("/w", SessionCoordinator.factory(agent))
+        for run_id in ("left-active", "left-queued"):
+            trio_runs_backend.send_message(ws.id, AgentMessage("s", "go", run_id=run_id))
+
+    {mark}
+    @pytest.mark.trio_runs_allow_running
+    async def test_leaves_runs_running_on_purpose(trio_runs_backend, autojump_clock):
+        agent = ScriptedAgent(sleep(3600), return_("ok"))
+        ws = await trio_runs_backend.create_workspace("/w", SessionCoordinator.factory(agent))
+        trio_runs_backend.send_message(ws.id, AgentMessage("s", "go"))
+
+    {mark}
+    @pytest.mark.trio_runs_allow_running
+    async def test_leaves_a_run_no_closing_can_end(trio_runs_backend, autojump_clock):
         trio_runs_backend.ledger.accept("orphan", "s")  # accepted, never dispatched
 """
 
@@ -250,13 +266,28 @@ PLUGIN_TESTS = """
         pytest.param("[pytest]\n", "@pytest.mark.trio", id="marked-without-trio_mode"),
     ],
 )
-def test_plugin_backend_fixture_fails_a_test_that_leaves_a_run_pending(pytester, ini, mark):
-    pytester.makeini(ini)
-    header = "import pytest\n" if mark else ""
-    pytester.makepyfile(header + textwrap.dedent(PLUGIN_TESTS).format(mark=mark))
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*1 accepted run(s) were left without a terminal: *orphan*"])
+def test_plugin_backend_fixture_fails_a_test_that_leaves_a_run_running(pytester, ini, mark):
+    # The fixture's promise, read literally: a test that forgot a run fails, naming it,
+    # rather than passing on the cancelled terminal the backend's closing gives the run.
+    pytester.makeini(ini + "addopts = --strict-markers\n")
+    pytester.makepyfile(textwrap.dedent(PLUGIN_TESTS).format(mark=mark))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA")
+    result.assert_outcomes(passed=2, failed=2)
+    out = result.stdout.str()
+    assert (
+        "Failed: 2 run(s) had not ended at teardown (running or queued; the backend cancels "
+        "them now): ['left-active', 'left-queued']" in out
+    )
+    assert "mark the test @pytest.mark.trio_runs_allow_running" in out
+    assert "Failed: 1 accepted run(s) were left without a terminal: ['orphan']" in out
+    result.stdout.fnmatch_lines(
+        [
+            "PASSED *::test_clean",
+            "PASSED *::test_leaves_runs_running_on_purpose",
+            "FAILED *::test_leaves_runs_running",
+            "FAILED *::test_leaves_a_run_no_closing_can_end",
+        ]
+    )
 
 
 def test_plugin_adds_one_namespaced_fixture_and_leaves_the_clock_to_pytest_trio(pytester):

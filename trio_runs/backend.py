@@ -633,7 +633,7 @@ class Backend:
         return AsCompleted(self._ledger, run_ids)
 
     async def run(self, workspace_id: str, msg: AgentMessage) -> RunComplete:
-        """Submit ``msg`` and wait for its terminal (the in-process ``crush run``).
+        """Submit ``msg`` and wait for its terminal (the in-process ``trio-runs run``).
 
         Raises what :meth:`send_message` raises; a run that fails returns its failed
         terminal rather than raising.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Generic, TypeVar
 
@@ -151,6 +152,17 @@ class Subscription(Generic[T]):
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
 
+    def payloads(self) -> AsyncIterator[T]:
+        """The events' payloads alone, in order: ``async for progress in sub.payloads():``.
+
+        An :class:`Event` is an envelope (``type``, ``payload``); on ``workspace.events`` its
+        payload is a :class:`RunProgress`, whose own ``payload`` is what the agent emitted.
+        Iterating this skips the envelope, so ``progress.payload`` is the agent's value
+        (instead of ``event.payload.payload``). Same endings, and the same promise when
+        cancelled, as iterating the subscription itself.
+        """
+        return _Payloads(self)
+
     def close(self) -> None:
         """Unsubscribe now: queued events are discarded and receiving raises afterwards."""
         if self._state == _CLOSED:
@@ -178,6 +190,20 @@ class Subscription(Generic[T]):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class _Payloads(Generic[T]):
+    __slots__ = ("_subscription",)
+
+    def __init__(self, subscription: Subscription[T]) -> None:
+        self._subscription = subscription
+
+    def __aiter__(self) -> _Payloads[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        event = await self._subscription.__anext__()
+        return event.payload
 
 
 class Broker(Generic[T]):

@@ -635,6 +635,16 @@ def _sole_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+def _import_specs_from_cwd() -> None:
+    # `--agent mymodule:agent` and `--store mymodule:make` name modules the way `python -m`
+    # finds them: from the current directory first. An installed console script's
+    # sys.path[0] is its bin directory instead, so without this the module next to you
+    # would need PYTHONPATH=. to be found.
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def _serve(args: argparse.Namespace) -> int:
     http = _http()
     host = _flag_env_default(args.host, _ENV_HOST, _DEFAULT_HOST, str)
@@ -666,6 +676,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_deadline=args.max_deadline,
         )
         http.check_bind(options.host, options.token)
+        _import_specs_from_cwd()
         agents = importlib.import_module("trio_runs.agents")
         factory = agents.load_agent(options.agent)
         store = agents.load_store(options.store) if options.store is not None else None

@@ -9,7 +9,8 @@
 - :func:`autojump_clock` — the virtual clock the tests of this project run on.
 
 The pytest plugin (``trio_runs.pytest_plugin``, registered automatically on install) gives
-the fixtures ``autojump_clock`` and ``backend``.
+the fixture ``trio_runs_backend``; the virtual clock fixture, ``autojump_clock``, is
+pytest-trio's.
 """
 
 from __future__ import annotations
