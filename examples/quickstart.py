@@ -28,8 +28,7 @@ async def main() -> None:
     async with open_backend() as backend:
         factory = SessionCoordinator.factory(agent)
         workspace = await backend.create_workspace("./quickstart", factory)
-        coordinator = workspace.coordinator
-        assert isinstance(coordinator, SessionCoordinator)
+        coordinator = workspace.sessions  # the SessionCoordinator, typed
 
         async with workspace.run_completions.subscribe() as terminals:
             names = {

@@ -53,8 +53,7 @@ async def main(seed: int = 7) -> int:
                 for _ in range(WAITERS_PER_RUN):
                     # Before the run starts, while it runs, and well after it ended.
                     nursery.start_soon(waiter, run_id, rng.choice([0.0, 0.02, 0.5, 1.0]))
-            assert workspace.coordinator is not None
-            workspace.coordinator.cancel("session-3")  # its runs all end cancelled
+            workspace.sessions.cancel("session-3")  # its runs all end cancelled
 
     disagreements = 0
     outcomes: dict[str, int] = defaultdict(int)
