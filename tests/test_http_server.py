@@ -615,8 +615,8 @@ def test_events_stream_with_ids_and_heartbeats(tmp_path: Path):
 def test_a_disconnected_stream_leaves_no_subscriber_behind(tmp_path: Path):
     async def body(server: RunningServer, http: httpx.AsyncClient) -> None:
         ws = await workspace(http)
-        workspace_obj = server.service.workspace(ws)
-        brokers = (workspace_obj.run_completions, workspace_obj.notifications, workspace_obj.events)
+        # Streams read the workspace's event journal (which alone subscribes to its brokers).
+        journal = await server.service.journal(server.service.workspace(ws))
         for _ in range(3):
             async with (
                 httpx.AsyncClient(base_url=server.url) as other,
@@ -624,9 +624,9 @@ def test_a_disconnected_stream_leaves_no_subscriber_behind(tmp_path: Path):
             ):
                 lines = await read_lines(stream, lambda line: line == ": subscribed")
                 assert lines == [": subscribed"]
-                assert [b.subscriber_count for b in brokers] == [1, 1, 1]
+                assert journal.live.subscriber_count == 1
                 assert server.service.stream_connections == 1
-            await until(lambda: sum(b.subscriber_count for b in brokers) == 0)
+            await until(lambda: journal.live.subscriber_count == 0)
             await until(lambda: server.service.stream_connections == 0)
         assert "trio_runs_event_streams 0.0" in (await http.get("/metrics")).text
 

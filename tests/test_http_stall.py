@@ -33,6 +33,7 @@ from test_e2e import announced_url
 from trio_runs import Broker, EventType
 from trio_runs.http import RunningServer, RunsClient, ServeOptions, serve
 from trio_runs.http.client import SseEvent
+from trio_runs.http.journal import open_journal
 from trio_runs.http.sse import CLIENT_CONNECTION, EventStream
 
 CLI = [sys.executable, "-m", "trio_runs.cli"]
@@ -124,10 +125,10 @@ def sse_events(frames: list[bytes]) -> list[tuple[str, dict[str, Any]]]:
 async def test_a_stream_sends_every_queued_event_then_end_with_its_reason(autojump_clock):
     for reason in ("workspace_closed", "shutdown"):
         workspace = fake_workspace()
-        stream = EventStream(workspace)
         frames: list[bytes] = []
         with trio.fail_after(5):
-            async with trio.open_nursery() as nursery:
+            async with open_journal(workspace) as journal, trio.open_nursery() as nursery:
+                stream = EventStream(journal)
                 await nursery.start(partial(stream_into, stream, frames))
                 workspace.run_completions.publish_must_deliver(EventType.CREATED, "a terminal")
                 if reason == "shutdown":
@@ -142,13 +143,13 @@ async def test_a_stream_sends_every_queued_event_then_end_with_its_reason(autoju
 
 async def test_an_ending_stream_bounds_its_connection_writes(autojump_clock):
     workspace = fake_workspace()
-    stream = EventStream(workspace)
     connection = FakeConnection()
     CLIENT_CONNECTION.set(connection)  # as serve() does for each connection
     frames: list[bytes] = []
     blocked = trio.Event()
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
+        async with open_journal(workspace) as journal, trio.open_nursery() as nursery:
+            stream = EventStream(journal)
             await nursery.start(partial(stream_into, stream, frames, blocked=blocked))
             workspace.run_completions.publish_must_deliver(EventType.CREATED, "stuck")
             await trio.sleep(10)
@@ -165,21 +166,24 @@ async def test_an_ending_stream_bounds_its_connection_writes(autojump_clock):
 
 async def test_a_consumer_the_broker_disconnects_gets_error_then_end(autojump_clock):
     workspace = fake_workspace(max_backlog=1)
-    stream = EventStream(workspace)
     frames: list[bytes] = []
     blocked = trio.Event()
     with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(partial(stream_into, stream, frames, blocked=blocked))
-            for i in range(4):  # the stream is stuck on the first: the rest overflow
-                workspace.run_completions.publish_must_deliver(EventType.CREATED, i)
-                await trio.testing.wait_all_tasks_blocked()
-            blocked.set()
+        async with open_journal(workspace) as journal:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    partial(stream_into, EventStream(journal), frames, blocked=blocked)
+                )
+                for i in range(4):  # the stream is stuck on the first: the rest overflow
+                    workspace.run_completions.publish_must_deliver(EventType.CREATED, i)
+                    await trio.testing.wait_all_tasks_blocked()
+                blocked.set()
+            assert journal.live.subscriber_count == 0  # its backlog is released with it
+            close(workspace)
     events = sse_events(frames)
     assert events[-2][0] == "error"
     assert events[-2][1]["error"]["code"] == "subscriber_overflow"
     assert events[-1] == ("end", {"reason": "slow_consumer"})
-    assert workspace.run_completions.subscriber_count == 0
 
 
 # -- real sockets, in-process servers -----------------------------------------------------------
@@ -256,7 +260,7 @@ def test_a_reader_that_stops_is_disconnected_within_the_write_timeout(tmp_path: 
     async def body(server: RunningServer, http: httpx.AsyncClient) -> None:
         service = server.service
         ws = await new_workspace(http)
-        brokers = service.workspace(ws).run_completions
+        brokers = (await service.journal(service.workspace(ws))).live
         with await open_stalled(server.url, f"/v1/workspaces/{ws}/events") as sock:
             await wait_for(lambda: service.stream_connections == 1)
             await flood_runs(http, ws)

@@ -443,6 +443,15 @@ def _build_parser() -> argparse.ArgumentParser:
         help="on shutdown, how long to keep answering so that clients collect the "
         "terminals of the runs that were cancelled (default: 2)",
     )
+    serve.add_argument(
+        "--event-window",
+        type=_positive_int,
+        default=1024,
+        metavar="N",
+        help="how many of each workspace's newest events (progress, notifications, "
+        "terminals) are held for a client that resumes its event stream with Last-Event-ID "
+        "or follows a run late; also at most 32 MiB of them (default: 1024)",
+    )
 
     run = commands.add_parser(
         "run",
@@ -674,6 +683,7 @@ def _serve(args: argparse.Namespace) -> int:
             close_grace=args.close_grace,
             drain=args.drain,
             max_deadline=args.max_deadline,
+            event_window=args.event_window,
         )
         http.check_bind(options.host, options.token)
         _import_specs_from_cwd()

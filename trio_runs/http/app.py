@@ -38,7 +38,7 @@ from .schema import (
     parse_wait_timeout,
 )
 from .service import RunService
-from .sse import DEFAULT_HEARTBEAT, EventStream
+from .sse import DEFAULT_HEARTBEAT, parse_last_event_id
 
 __all__ = ["create_app", "json_response"]
 
@@ -220,20 +220,31 @@ def create_app(
         run_ids = [message.run_id for message in batch.messages]
         return BatchStream(service, results, run_ids, heartbeat=heartbeat, dumps=_dumps)
 
-    async def events(request: Request) -> Response:
-        unknown = sorted(set(request.query_params.keys()) - {"run_id", "session_id"})
+    def last_event_id(request: Request, allowed: set[str]) -> int | None:
+        # The resume point (header, else query): 422 before any stream opens.
+        unknown = sorted(set(request.query_params.keys()) - allowed - {"last_event_id"})
         if unknown:
             raise ApiError(
                 422, "invalid_query", f"unknown query parameter(s): {', '.join(unknown)}"
             )
-        workspace = service.workspace(path(request, "workspace_id"))
-        return EventStream(
-            workspace,
-            heartbeat=heartbeat,
+        return parse_last_event_id(
+            request.headers.get("last-event-id"), request.query_params.get("last_event_id")
+        )
+
+    async def events(request: Request) -> Response:
+        resume = last_event_id(request, {"run_id", "session_id"})
+        return await service.events(
+            path(request, "workspace_id"),
             run_id=request.query_params.get("run_id"),
             session_id=request.query_params.get("session_id"),
-            on_open=service.stream_opened,
-            on_close=service.stream_closed,
+            last_event_id=resume,
+            heartbeat=heartbeat,
+        )
+
+    async def run_events(request: Request) -> Response:
+        resume = last_event_id(request, set())
+        return await service.run_events(
+            path(request, "run_id"), last_event_id=resume, heartbeat=heartbeat
         )
 
     async def session(request: Request) -> Response:
@@ -277,6 +288,7 @@ def create_app(
         Route(f"{ws}/sessions/{{session_id}}/queue", clear_queue, methods=["DELETE"]),
         Route("/v1/runs/{run_id}", get_run, methods=["GET"]),
         Route("/v1/runs/{run_id}/wait", wait_run, methods=["GET"]),
+        Route("/v1/runs/{run_id}/events", run_events, methods=["GET"]),
         Route("/v1/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
     ]
 

@@ -71,22 +71,29 @@ class ServiceCollector(Collector):
             "Terminals forgotten to stay within the retention bound.",
             value=ledger.evicted_total,
         )
+        # Event streams read the workspaces' journals, which hold broker subscriptions of
+        # their own: count the streams as the subscribers, not the journals.
+        own, readers, reader_drops, reader_overflows = self._service.journal_statistics()
         yield CounterMetricFamily(
             "trio_runs_lossy_events_dropped",
             "Lossy progress events and notifications dropped for slow subscribers.",
-            value=stats.drops,
+            value=stats.drops + reader_drops,
         )
         yield CounterMetricFamily(
             "trio_runs_subscriber_overflows",
             "Subscribers disconnected for exceeding their backlog limit.",
-            value=stats.overflows,
+            value=stats.overflows + reader_overflows,
         )
         for name, documentation, value in (
             ("trio_runs_runs_pending", "Runs accepted and not ended.", ledger.pending),
             ("trio_runs_runs_active", "Runs running now.", stats.active),
             ("trio_runs_runs_queued", "Runs waiting in a queue.", stats.queued),
             ("trio_runs_terminals_retained", "Terminals held for late waiters.", ledger.retained),
-            ("trio_runs_subscribers", "Broker subscriptions open.", stats.subscribers),
+            (
+                "trio_runs_subscribers",
+                "Broker subscriptions open (event streams included).",
+                stats.subscribers - own + readers,
+            ),
             (
                 "trio_runs_event_streams",
                 "Server-Sent Events connections open.",

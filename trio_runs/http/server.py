@@ -41,8 +41,9 @@ from ..backend import CoordinatorFactory, open_backend
 from ..ledger import RunStore
 from ..sqlite import SqliteRetention, open_sqlite_ledger
 from .app import create_app
+from .journal import DEFAULT_EVENT_WINDOW, DEFAULT_WINDOW_BYTES
 from .schema import MAX_DEADLINE_SECONDS
-from .service import RunService
+from .service import RunService, open_run_service
 from .sse import CLIENT_CONNECTION, DEFAULT_HEARTBEAT, DEFAULT_WRITE_TIMEOUT
 
 __all__ = [
@@ -88,6 +89,11 @@ def _max_deadline(_: object, __: object, value: float | None) -> None:
         raise ValueError(
             f"max_deadline must be None or seconds in (0, {MAX_DEADLINE_SECONDS:g}], got {value!r}"
         )
+
+
+def _positive_int(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        raise ValueError(f"{attribute.name} must be a positive int, got {value!r}")
 
 
 def _port(_: object, __: object, value: int) -> None:
@@ -154,6 +160,11 @@ class ServeOptions:
     write_timeout: float = attrs.field(default=DEFAULT_WRITE_TIMEOUT, validator=_positive)
     """Seconds a client gets to take each write (64 KiB at most) before its connection is
     closed; an event stream whose workspace closed has this long to send its last events."""
+    event_window: int = attrs.field(default=DEFAULT_EVENT_WINDOW, validator=_positive_int)
+    """How many of each workspace's newest events are held for a client that resumes its
+    event stream (``Last-Event-ID``) or follows a run late."""
+    event_window_bytes: int = attrs.field(default=DEFAULT_WINDOW_BYTES, validator=_positive_int)
+    """The most bytes of event data each workspace holds for that (its newest event always)."""
 
 
 class BindRefused(ValueError):
@@ -259,17 +270,22 @@ async def _serve(
     config.graceful_timeout = options.graceful_timeout
     shutdown = trio.Event()
     stop_http = trio.Event()
-    async with open_backend(store, close_grace=options.close_grace) as backend:
-        # Runs a crash left to run again (D3) start before the first request is served.
-        for path in backend.rerunnable_paths():
-            await backend.create_workspace(path, factory)
-        service = RunService(
+    async with (
+        open_backend(store, close_grace=options.close_grace) as backend,
+        open_run_service(
             backend,
             factory,
             workspace_root=options.workspace_root,
             close_grace=options.close_grace,
             max_deadline=options.max_deadline,
-        )
+            event_window=options.event_window,
+            event_window_bytes=options.event_window_bytes,
+        ) as service,
+    ):
+        # Runs a crash left to run again (D3) start before the first request is served
+        # (their workspaces' event journals with them).
+        for path in backend.rerunnable_paths():
+            await service.journal(await backend.create_workspace(path, factory))
         app = cast(ASGIFramework, create_app(service, token=token, heartbeat=options.heartbeat))
         async with trio.open_nursery() as outer:
             if handle_signals:

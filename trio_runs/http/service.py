@@ -11,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import trio
 
@@ -30,7 +33,8 @@ from ..errors import (
     WorkspaceClosing,
     WorkspaceNotFound,
 )
-from ..events import AgentMessage
+from ..events import AgentMessage, RunComplete
+from .journal import DEFAULT_EVENT_WINDOW, DEFAULT_WINDOW_BYTES, Journal, open_journal
 from .schema import (
     ApiError,
     CreateWorkspace,
@@ -41,9 +45,9 @@ from .schema import (
     SubmitMessage,
     WorkspaceView,
 )
-from .sse import EventStream
+from .sse import EventStream, RunEventStream, check_resumable
 
-__all__ = ["RunService"]
+__all__ = ["RunService", "open_run_service"]
 
 logger = logging.getLogger("trio_runs.http")
 
@@ -67,6 +71,8 @@ class RunService:
         workspace_root: str | os.PathLike[str] = ".",
         close_grace: float = 10.0,
         max_deadline: float | None = None,
+        event_window: int = DEFAULT_EVENT_WINDOW,
+        event_window_bytes: int = DEFAULT_WINDOW_BYTES,
     ) -> None:
         self.backend = backend
         """The backend every workspace and run lives in."""
@@ -78,7 +84,16 @@ class RunService:
         self._draining = False
         self._awaiting_delivery: set[str] = set()
         self._delivered_all = trio.Event()
-        self._streams: set[EventStream] = set()
+        self._streams: set[EventStream | RunEventStream] = set()
+        # Each open workspace's event journal (events streams replay from it), kept by a
+        # task in the nursery open_run_service gives (None: a service that keeps none).
+        self._event_window = event_window
+        self._event_window_bytes = event_window_bytes
+        self._journals: dict[str, Journal] = {}
+        self._journals_starting: dict[str, trio.Event] = {}
+        self._journal_host: trio.Nursery | None = None
+        self._closed_journal_drops = 0
+        self._closed_journal_overflows = 0
 
     @property
     def max_deadline(self) -> float | None:
@@ -90,14 +105,14 @@ class RunService:
         """Event-stream (SSE) connections currently open."""
         return len(self._streams)
 
-    def stream_opened(self, stream: EventStream) -> None:
+    def stream_opened(self, stream: EventStream | RunEventStream) -> None:
         """Track an event stream while it is open (its ``on_open``), so that closing its
         workspace, or the server, ends it within its bound."""
         if self._draining:
             stream.end_reason = "shutdown"
         self._streams.add(stream)
 
-    def stream_closed(self, stream: EventStream) -> None:
+    def stream_closed(self, stream: EventStream | RunEventStream) -> None:
         """Stop tracking an event stream (its ``on_close``)."""
         self._streams.discard(stream)
 
@@ -105,7 +120,7 @@ class RunService:
         # Called once the workspace(s) closed: their streams send what is queued and a last
         # ``end`` event within the write timeout, or their connection is closed.
         for stream in list(self._streams):
-            if workspace_id is None or stream.workspace.id == workspace_id:
+            if workspace_id is None or stream.workspace_id == workspace_id:
                 stream.end(reason)
 
     @property
@@ -159,6 +174,9 @@ class RunService:
             raise ApiError(409, "workspace_closing", f"{exc}; retry once it has closed") from None
         except BackendClosed:
             raise _shutting_down() from None
+        if self._journal_host is not None:
+            # Before the workspace is handed out, so that its first run's events are kept.
+            await self.journal(workspace)
         return _view(workspace), workspace.id not in known
 
     async def close_workspace(self, workspace_id: str) -> WorkspaceView:
@@ -380,6 +398,144 @@ class RunService:
             raise ApiError(409, "agent_not_initialized", f"workspace {workspace_id!r} has no agent")
         return workspace.coordinator
 
+    # -- event journals and streams ---------------------------------------------------
+
+    async def journal(self, workspace: Workspace) -> Journal:
+        """The workspace's event journal, started (in the service's nursery) if need be.
+
+        Raises ``RuntimeError`` for a service not opened with :func:`open_run_service` (it
+        keeps no journals). The journal ends when its workspace closes.
+        """
+        while True:
+            journal = self._journals.get(workspace.id)
+            if journal is not None:
+                return journal
+            starting = self._journals_starting.get(workspace.id)
+            if starting is None:
+                break
+            await starting.wait()
+        host = self._journal_host
+        if host is None:
+            raise RuntimeError("this RunService keeps no event journals: open_run_service it")
+        starting = self._journals_starting[workspace.id] = trio.Event()
+        try:
+            return await host.start(self._keep_journal, workspace)  # type: ignore[no-any-return]
+        finally:
+            del self._journals_starting[workspace.id]
+            starting.set()
+
+    async def _keep_journal(
+        self, workspace: Workspace, *, task_status: trio.TaskStatus[Journal]
+    ) -> None:
+        journal: Journal | None = None
+        try:
+            async with open_journal(
+                workspace, window=self._event_window, window_bytes=self._event_window_bytes
+            ) as journal:
+                self._journals[workspace.id] = journal
+                task_status.started(journal)
+                # Leaving the block waits for the workspace's brokers to shut down.
+        finally:
+            if journal is not None and self._journals.get(workspace.id) is journal:
+                del self._journals[workspace.id]
+                self._closed_journal_drops += journal.live.drop_count
+                self._closed_journal_overflows += journal.live.overflow_count
+
+    def journal_statistics(self) -> tuple[int, int, int, int]:
+        """For ``/metrics``: ``(own, readers, drops, overflows)``: the broker subscriptions
+        the journals themselves hold (3 per open workspace), the event streams reading the
+        journals, and the lossy events dropped and readers disconnected, ever, by them."""
+        journals = list(self._journals.values())
+        return (
+            3 * len(journals),
+            sum(j.live.subscriber_count for j in journals),
+            self._closed_journal_drops + sum(j.live.drop_count for j in journals),
+            self._closed_journal_overflows + sum(j.live.overflow_count for j in journals),
+        )
+
+    async def events(
+        self,
+        workspace_id: str,
+        *,
+        run_id: str | None = None,
+        session_id: str | None = None,
+        last_event_id: int | None = None,
+        heartbeat: float,
+    ) -> EventStream:
+        """The workspace's event stream, resuming after ``last_event_id`` if given.
+
+        404 ``workspace_not_found``; 422 ``invalid_last_event_id`` for an id the workspace
+        never sent; 501 ``not_supported`` for a service that keeps no journals.
+        """
+        journal = await self._journal_or_refuse(self.workspace(workspace_id))
+        check_resumable(journal, last_event_id)
+        return EventStream(
+            journal,
+            heartbeat=heartbeat,
+            run_id=run_id,
+            session_id=session_id,
+            last_event_id=last_event_id,
+            on_open=self.stream_opened,
+            on_close=self.stream_closed,
+        )
+
+    async def run_events(
+        self, run_id: str, *, last_event_id: int | None = None, heartbeat: float
+    ) -> RunEventStream:
+        """One run's events: its progress still in its workspace's journal, then live, then
+        its terminal (from the store if need be), then ``end``; late or live.
+
+        404 ``run_not_found``; 422 ``invalid_last_event_id`` as :meth:`events`.
+        """
+        self.run(run_id)
+        journal: Journal | None = None
+        workspace = self.backend.workspace_of(run_id)
+        if workspace is not None and self._journal_host is not None:
+            journal = await self.journal(workspace)
+        else:
+            # Its dispatch is over: its events may still be in its workspace's window.
+            journal = next((j for j in self._journals.values() if j.holds_run(run_id)), None)
+        if journal is not None:
+            check_resumable(journal, last_event_id)
+        return RunEventStream(
+            run_id,
+            journal,
+            ended=self._ended,
+            wait_ended=self._wait_ended,
+            heartbeat=heartbeat,
+            last_event_id=last_event_id,
+            on_open=self.stream_opened,
+            on_close=self.stream_closed,
+        )
+
+    async def _journal_or_refuse(self, workspace: Workspace) -> Journal:
+        try:
+            return await self.journal(workspace)
+        except RuntimeError:
+            raise ApiError(501, "not_supported", "this server keeps no event journals") from None
+
+    def _ended(self, run_id: str) -> RunComplete | None:
+        # The visible terminal, counted as collected (as GET /v1/runs/{id} counts it).
+        terminal = self.backend.ledger.get(run_id)
+        if terminal is not None:
+            self._delivered(run_id)
+        return terminal
+
+    async def _wait_ended(self, run_id: str) -> RunComplete:
+        # Waits for the run's visible terminal: every accepted run gets one.
+        ledger = self.backend.ledger
+        if ledger.state(run_id) == "ending":
+            await ledger.flush()
+        terminal = self._ended(run_id)
+        if terminal is not None:
+            return terminal
+        await self.backend.wait_run(run_id)
+        if ledger.state(run_id) == "ending":
+            await ledger.flush()
+        terminal = self._ended(run_id)
+        assert terminal is not None
+        return terminal
+
     # -- shutdown ----------------------------------------------------------------------
 
     async def shutdown(self, drain: float) -> None:
@@ -427,6 +583,28 @@ _REFUSALS: tuple[type[Exception], ...] = (
     StoreError,
     *(kind for kind, _, _ in _REFUSAL_CODES),
 )
+
+
+@asynccontextmanager
+async def open_run_service(
+    backend: Backend,
+    coordinator_factory: CoordinatorFactory,
+    **options: Any,
+) -> AsyncIterator[RunService]:
+    """A :class:`RunService` (``options`` as its constructor's) that keeps each workspace's
+    event journal, in a nursery that lives in this block.
+
+    Each journal ends when its workspace closes; leaving the block stops the ones left (their
+    streams end). No task outlives the block.
+    """
+    service = RunService(backend, coordinator_factory, **options)
+    async with trio.open_nursery() as nursery:
+        service._journal_host = nursery
+        try:
+            yield service
+        finally:
+            service._journal_host = None
+            nursery.cancel_scope.cancel()
 
 
 def _view(workspace: Workspace) -> WorkspaceView:
