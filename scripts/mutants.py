@@ -153,6 +153,16 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
             )
         ],
     ),
+    "non-json-result-passes": (
+        "_encoding.py",
+        [
+            (
+                "    result, error = rc.result, rc.error\n",
+                "    return rc  # a non-JSON result passes silently\n"
+                "    result, error = rc.result, rc.error\n",
+            )
+        ],
+    ),
 }
 
 

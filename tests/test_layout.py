@@ -19,6 +19,7 @@ ORDER = [
     "_histogram",
     "events",
     "errors",
+    "_encoding",
     "_validation",
     "context",
     "broker",

@@ -17,21 +17,26 @@ blank, no control characters and no lone surrogates.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Final
 
-from .errors import EmptyPrompt, InvalidRunId, InvalidSessionId, SessionMissing
+from .errors import EmptyPrompt, InvalidLabels, InvalidRunId, InvalidSessionId, SessionMissing
 from .events import Attachment
 
 __all__ = [
     "ID_PATTERN",
+    "LABEL_KEY_PATTERN",
     "MAX_ID_LENGTH",
+    "MAX_LABELS",
+    "MAX_LABEL_VALUE_LENGTH",
     "MAX_RUN_ID_LENGTH",
     "PATH_PATTERN",
     "PROMPT_PATTERN",
     "id_problem",
     "is_valid_id",
+    "labels_problem",
     "prompt_problem",
+    "validate_labels",
     "validate_prompt",
     "validate_run_id",
     "validate_session_id",
@@ -61,6 +66,14 @@ PATH_PATTERN: Final = rf"^(?![{_SPACE}]*$)[^{_CONTROL}]*$"
 """A workspace path: not blank, no control characters."""
 
 _ID: Final = re.compile(ID_PATTERN)
+
+MAX_LABELS: Final = 16
+"""The most labels a run may carry."""
+MAX_LABEL_VALUE_LENGTH: Final = 256
+"""The longest label value, in characters."""
+LABEL_KEY_PATTERN: Final = r"^[A-Za-z0-9_.\-]{1,64}$"
+"""A label key: 1 to 64 characters of ``[A-Za-z0-9_.-]`` (the same in Python and ECMA-262)."""
+_LABEL_KEY: Final = re.compile(LABEL_KEY_PATTERN)
 
 
 def _has_lone_surrogate(text: str) -> bool:
@@ -169,3 +182,35 @@ def validate_submission(
         raise EmptyPrompt()
     if run_id != "":
         validate_run_id(run_id)
+
+
+def labels_problem(labels: object) -> str | None:
+    """What is wrong with ``labels`` under the label rule, or ``None`` when they keep it.
+
+    At most :data:`MAX_LABELS`; each key matches :data:`LABEL_KEY_PATTERN`; each value is a
+    str of at most :data:`MAX_LABEL_VALUE_LENGTH` characters without NUL or lone surrogates.
+    """
+    if not isinstance(labels, Mapping):
+        return f"labels must be a mapping of str to str, got {type(labels).__name__}"
+    if len(labels) > MAX_LABELS:
+        return f"at most {MAX_LABELS} labels, got {len(labels)}"
+    for key, value in labels.items():
+        # fullmatch: `$` would also match before a trailing newline.
+        if not isinstance(key, str) or _LABEL_KEY.fullmatch(key) is None:
+            return f"label key {key!r} must be 1 to 64 characters of [A-Za-z0-9_.-]"
+        if not isinstance(value, str):
+            return f"label {key!r}: the value must be a str, got {type(value).__name__}"
+        if len(value) > MAX_LABEL_VALUE_LENGTH:
+            return f"label {key!r}: the value is longer than {MAX_LABEL_VALUE_LENGTH} characters"
+        if "\x00" in value or _has_lone_surrogate(value):
+            return f"label {key!r}: the value must not contain NUL or lone surrogates"
+    return None
+
+
+def validate_labels(labels: object) -> None:
+    """Raise ``InvalidLabels`` if ``labels`` break the label rule (see :func:`labels_problem`)."""
+    if not labels:
+        return
+    problem = labels_problem(labels)
+    if problem is not None:
+        raise InvalidLabels(problem)

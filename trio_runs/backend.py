@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -25,8 +26,9 @@ from ._terminals import (
     is_cancellation,
     non_cancelled_leaves,
     record_terminal,
+    stamped_terminal,
 )
-from ._validation import validate_submission, validate_workspace_path
+from ._validation import validate_labels, validate_submission, validate_workspace_path
 from .broker import Broker
 from .context import run_complete_published, with_run_complete_marker, with_run_id
 from .coordinator import (
@@ -57,7 +59,7 @@ from .events import (
     RunComplete,
     RunProgress,
 )
-from .ledger import LedgerStatistics, RunLedger, RunStore, SupportsRerun
+from .ledger import LedgerStatistics, RunLedger, RunStore, SupportsRerun, SupportsRunMetadata
 
 __all__ = [
     "AsCompleted",
@@ -249,6 +251,9 @@ class Backend:
     def __init__(self, nursery: trio.Nursery, ledger: RunStore) -> None:
         self._nursery = nursery
         self._ledger = ledger
+        # A store that lists runs is given each run's metadata at acceptance (checked once:
+        # a runtime protocol check costs microseconds, too much for every send).
+        self._metadata_store = ledger if isinstance(ledger, SupportsRunMetadata) else None
         self._workspaces: dict[str, Workspace] = {}
         self._by_path: dict[str, Workspace] = {}
         self._closing = False
@@ -413,8 +418,10 @@ class Backend:
         Raises, synchronously and with nothing reserved, registered or started:
         ``WorkspaceNotFound``, ``WorkspaceClosing``, ``AgentNotInitialized``,
         ``SessionMissing``, ``InvalidSessionId``, ``EmptyPrompt``, ``InvalidRunId``,
-        ``DuplicateRun``, ``ValueError`` for a prompt holding NUL or lone surrogates, or
-        ``TypeError`` for a ``msg`` that is not an ``AgentMessage``.
+        ``DuplicateRun``, ``InvalidLabels``, ``ValueError`` for a prompt holding NUL or lone
+        surrogates, or ``TypeError`` for a ``msg`` that is not an ``AgentMessage``.
+
+        The run's terminal carries its labels and its acceptance time (now, wall clock).
         """
         if not isinstance(msg, AgentMessage):
             raise TypeError(f"msg must be an AgentMessage, got {type(msg).__name__}")
@@ -427,6 +434,9 @@ class Backend:
         if coordinator is None:
             raise AgentNotInitialized(workspace_id)
         validate_submission(msg.session_id, msg.prompt, msg.run_id, msg.attachments)
+        labels = msg.labels
+        if labels:
+            validate_labels(labels)
         run_id = msg.run_id or new_run_id()
         # Only a caller's id can already be known: checking a freshly minted UUID4 would cost
         # two lookups in a table of up to `retain` terminals, cold in cache, on every send
@@ -435,7 +445,15 @@ class Backend:
             raise DuplicateRun(run_id)
         nursery = workspace._nursery
         assert nursery is not None
-        call = RunCall(msg.session_id, msg.prompt, run_id, msg.attachments, deadline=msg.deadline)
+        call = RunCall(
+            msg.session_id,
+            msg.prompt,
+            run_id,
+            msg.attachments,
+            deadline=msg.deadline,
+            labels=labels,
+            accepted_at=time.time(),
+        )
         # The call goes with the reservation so the run is listed as queued (and clear_queue
         # can drop it) before its task gets to run.
         accept = coordinator.begin_accepted(msg.session_id, call)
@@ -444,6 +462,8 @@ class Backend:
                 store = self._ledger
                 assert isinstance(store, SupportsRerun)
                 store.accept_rerunnable(run_id, msg.session_id, workspace.path, call)
+            elif self._metadata_store is not None:
+                self._metadata_store.accept_call(call, workspace.path)
             else:
                 self._ledger.accept(run_id, msg.session_id)
             try:
@@ -466,7 +486,11 @@ class Backend:
     ) -> None:
         # The seed's runAgent: owns the reservation, attaches the run id and a fresh marker,
         # and makes sure the run has a terminal however run_accepted ends.
-        run_id, session_id = call.run_id, call.session_id
+        run_id = call.run_id
+        # When the run was handed to its coordinator: the `started_at` of a terminal the
+        # backend records itself, for a coordinator that published none (it cannot say when
+        # its agent started, nor whether it did).
+        handed_at = time.time()
         failure: BaseException | None = None
         returned: object = None
         try:
@@ -475,7 +499,7 @@ class Backend:
                     returned = await coordinator.run_accepted(accept, call)
                 except BaseException as exc:
                     failure = exc
-                    self._after_failure(workspace, session_id, run_id, exc)
+                    self._after_failure(workspace, call, handed_at, exc)
                     if isinstance(exc, Exception) and not is_cancellation(exc):
                         # One run's failure must not take down its workspace's other runs.
                         return
@@ -486,22 +510,36 @@ class Backend:
             if self._ledger.state(run_id) == "pending":
                 # Last resort, for a coordinator that flagged the marker (or returned)
                 # without publishing: the ledger, not the marker, says the run is not over.
-                self._publish_missing_terminal(workspace, session_id, run_id, failure, returned)
+                self._publish_missing_terminal(workspace, call, handed_at, failure, returned)
 
     def _publish_missing_terminal(
         self,
         workspace: Workspace,
-        session_id: str,
-        run_id: str,
+        call: RunCall,
+        handed_at: float,
         failure: BaseException | None,
         returned: object,
     ) -> None:
+        session_id, run_id = call.session_id, call.run_id
         if failure is not None:
-            rc = fallback_terminal(session_id, run_id, failure)
+            rc = fallback_terminal(
+                session_id,
+                run_id,
+                failure,
+                call=call,
+                started_at=handed_at,
+                cancel_reason="shutdown",
+            )
         elif isinstance(returned, RunComplete) and returned.run_id == run_id:
             rc = returned
         else:
-            rc = RunComplete(session_id, run_id, error="the coordinator published no terminal")
+            rc = stamped_terminal(
+                call,
+                session_id,
+                run_id,
+                started_at=handed_at,
+                error="the coordinator published no terminal",
+            )
         # Only a coordinator that misbehaves, or a store that failed to record, gets here.
         logger.error(
             "run %s has no recorded terminal after its dispatch (coordinator %r); recording %s",
@@ -520,15 +558,27 @@ class Backend:
             logger.exception("could not record the terminal of run %s", rc.run_id)
 
     def _after_failure(
-        self, workspace: Workspace, session_id: str, run_id: str, exc: BaseException
+        self, workspace: Workspace, call: RunCall, handed_at: float, exc: BaseException
     ) -> None:
         # Synchronous: may run while cancelled.
+        session_id, run_id = call.session_id, call.run_id
         if is_cancellation(exc):
             # The coordinator owns the cancelled terminal; cancellation is never an error.
             # Only if it published none (a coordinator that is not a SessionCoordinator) is
-            # a cancelled terminal recorded here, so no run is left without one.
+            # a cancelled terminal recorded here, so no run is left without one: its dispatch
+            # task was cancelled, which only the workspace's hard stop at close does.
             if not run_complete_published():
-                self._record(workspace, fallback_terminal(session_id, run_id, exc))
+                self._record(
+                    workspace,
+                    fallback_terminal(
+                        session_id,
+                        run_id,
+                        exc,
+                        call=call,
+                        started_at=handed_at,
+                        cancel_reason="shutdown",
+                    ),
+                )
             return
         message = str(exc) or type(exc).__name__
         workspace.notifications.publish(
@@ -539,7 +589,10 @@ class Backend:
         if not run_complete_published():
             # A pre-run failure (prepare, or anything before the coordinator published):
             # the lossy notification alone could be dropped and leave a waiter hanging.
-            self._record(workspace, fallback_terminal(session_id, run_id, exc))
+            self._record(
+                workspace,
+                fallback_terminal(session_id, run_id, exc, call=call, started_at=handed_at),
+            )
 
     def rerunnable_paths(self) -> list[str]:
         """Workspace paths whose runs a crash left to run again (open them to run them)."""
@@ -568,6 +621,10 @@ class Backend:
                         call.run_id,
                         error="abandoned: the workspace has no agent to run it again",
                         abandoned=True,
+                        reason="abandoned",
+                        accepted_at=call.accepted_at,
+                        attempt=call.execution,
+                        labels=call.labels,
                     ),
                 )
                 continue

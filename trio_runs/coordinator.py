@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
@@ -25,8 +26,9 @@ from typing import Final, Literal, Protocol, runtime_checkable
 import attrs
 import trio
 
+from ._encoding import check_progress, checked_terminal
 from ._histogram import Histogram, HistogramRecorder
-from ._terminals import announcer, fallback_terminal, record_terminal
+from ._terminals import announcer, fallback_terminal, record_terminal, stamped_terminal
 from ._validation import validate_submission
 from .broker import Broker
 from .context import (
@@ -37,8 +39,16 @@ from .context import (
     with_run_id,
 )
 from .errors import SessionMissing
-from .events import Attachment, EventType, RunCall, RunComplete, RunProgress, check_deadline
-from .ledger import RunStore
+from .events import (
+    Attachment,
+    EndReason,
+    EventType,
+    RunCall,
+    RunComplete,
+    RunProgress,
+    check_deadline,
+)
+from .ledger import RunStore, SupportsRunMetadata
 
 __all__ = [
     "AcceptedRun",
@@ -83,7 +93,13 @@ class RunContext:
         self._events = events
 
     def emit(self, payload: object) -> None:
-        """Publish ``payload`` as lossy progress of this run (dropped for full subscribers)."""
+        """Publish ``payload`` as lossy progress of this run (dropped for full subscribers).
+
+        ``payload`` must be a JSON value (dicts with str keys, lists, str, int, finite float,
+        bool, None): anything else raises :class:`~trio_runs.UnencodableValue` before
+        anything is published, and the run goes on (the agent may catch it).
+        """
+        check_progress(payload)
         events = self._events
         if events is not None:
             events.publish(
@@ -162,6 +178,7 @@ class AcceptedRun:
 
     __slots__ = (
         "_call",
+        "_cancel_reason",
         "_cancel_requested",
         "_closed",
         "_coordinator",
@@ -173,6 +190,7 @@ class AcceptedRun:
         "_ready",
         "_scope",
         "_started_at",
+        "_started_wall",
         "_terminal",
         "sequence",
         "session_id",
@@ -193,11 +211,15 @@ class AcceptedRun:
         self._entered = False
         self._entered_at = 0.0
         self._started_at: float | None = None
+        # Wall clock of the same moment, for the terminal (``started_at``).
+        self._started_wall: float | None = None
         self._closed = False
         self._ready: trio.Event | None = None
         self._scope: trio.CancelScope | None = None
         # Set by cancel()/cancel_run(): the scope was cancelled on request, not by its deadline.
         self._cancel_requested = False
+        # Why it was cancelled on request (cancel_run, cancel, clear_queue, cancel_all).
+        self._cancel_reason: EndReason | None = None
         self._deadline: float | None = None
         self._marker: RunCompleteMarker | None = None
         self._terminal: RunComplete | None = None
@@ -435,13 +457,15 @@ class WorkspaceResources(Protocol):
 
 
 class _Session:
-    __slots__ = ("cancel_mark", "lane", "open")
+    __slots__ = ("cancel_mark", "cancel_reason", "lane", "open")
 
     def __init__(self) -> None:
         # Every run of the session that is reserved, queued or active, in acceptance order.
         # The head is the active run, or a reserved one the lane waits for.
         self.lane: deque[AcceptedRun] = deque()
         self.cancel_mark = 0
+        # What raised the cancel mark: the reason of a run that enters under it.
+        self.cancel_reason: EndReason = "session_cancel"
         # Reservations not yet closed. The session's state (and so its cancel mark) must
         # outlive every one of them, even those cancel() already took out of the lane.
         self.open = 0
@@ -537,6 +561,10 @@ class SessionCoordinator:
         self._sessions: dict[str, _Session] = {}
         self._queue_wait = HistogramRecorder()
         self._run_duration = HistogramRecorder()
+        # A store that lists runs learns when each one started (decided once, not per run).
+        self._mark_started = (
+            ledger.mark_started if isinstance(ledger, SupportsRunMetadata) else None
+        )
 
     @classmethod
     def factory(
@@ -723,10 +751,13 @@ class SessionCoordinator:
         # Only entered runs are activated, so this runs inside Trio: the clock is there.
         now = trio.current_time()
         accept._started_at = now
+        accept._started_wall = wall = time.time()
         self._queue_wait.observe(now - accept._entered_at)
         accept._phase = _ACTIVE
         # The deadline counts from here, the run's start: queued time does not count.
         assert accept.call is not None
+        if self._mark_started is not None:
+            self._mark_started(accept.call.run_id, wall)
         accept._deadline = self.deadline_for(accept.call)
         accept._scope = trio.CancelScope(
             deadline=math.inf if accept._deadline is None else now + accept._deadline
@@ -763,15 +794,21 @@ class SessionCoordinator:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("run %s (session %s) ended: %s", rc.run_id, rc.session_id, rc.outcome)
 
-    def _drop(self, session: _Session, accept: AcceptedRun) -> None:
+    def _drop(self, session: _Session, accept: AcceptedRun, reason: EndReason) -> None:
         # A queued run (entered, or reserved with its call attached) leaves without running:
         # it ends cancelled, now. A reserved one finds its terminal when its task enters.
         accept._phase = _DONE
         session.lane.remove(accept)
         if accept._ready is not None:
             accept._ready.set()
-        assert accept.call is not None
-        self._publish(accept, RunComplete(accept.session_id, accept.call.run_id, cancelled=True))
+        call = accept.call
+        assert call is not None
+        self._publish(
+            accept,
+            stamped_terminal(
+                call, accept.session_id, call.run_id, started_at=None, reason=reason, cancelled=True
+            ),
+        )
 
     # -- control -----------------------------------------------------------------------
 
@@ -782,19 +819,24 @@ class SessionCoordinator:
         soon as its agent reaches a checkpoint, queued ones now (also those whose task has not
         started yet but whose call is known), and any other accepted one when it enters (the
         session's cancel mark is raised to the newest accepted sequence). Runs accepted after
-        this call are untouched. Never blocks.
+        this call are untouched. Never blocks. Their terminals say ``reason="session_cancel"``.
         """
+        self._cancel(session_id, "session_cancel")
+
+    def _cancel(self, session_id: str, reason: EndReason) -> None:
         session = self._sessions.get(session_id)
         if session is None:
             return
         session.cancel_mark = self._sequence
+        session.cancel_reason = reason
         for accept in list(session.lane):
             if accept._phase is _ACTIVE:
                 assert accept._scope is not None
                 accept._cancel_requested = True
+                accept._cancel_reason = reason
                 accept._scope.cancel()
             elif accept._phase is _QUEUED or accept.call is not None:
-                self._drop(session, accept)
+                self._drop(session, accept, reason)
             else:
                 # Reserved, call unknown: its task will find itself under the mark on entry.
                 session.lane.remove(accept)
@@ -806,7 +848,8 @@ class SessionCoordinator:
         An active run ends cancelled as soon as its agent reaches a checkpoint; a queued one
         (also one whose task has not started yet but whose call is known) ends cancelled now.
         The session's other runs are untouched. ``False`` for a run that already ended, is
-        unknown, or whose call is not known yet. Never blocks.
+        unknown, or whose call is not known yet. Never blocks. Its terminal says
+        ``reason="user"``.
         """
         session = self._sessions.get(session_id)
         if session is None:
@@ -817,25 +860,28 @@ class SessionCoordinator:
             if accept._phase is _ACTIVE:
                 assert accept._scope is not None
                 accept._cancel_requested = True
+                accept._cancel_reason = "user"
                 accept._scope.cancel()
             else:
-                self._drop(session, accept)
+                self._drop(session, accept, "user")
                 self._advance(session)
             return True
         return False
 
     def cancel_all(self) -> None:
-        """:meth:`cancel` every session the coordinator knows."""
+        """:meth:`cancel` every session the coordinator knows: how its workspace shuts down,
+        so the terminals say ``reason="shutdown"``."""
         for session_id in list(self._sessions):
-            self.cancel(session_id)
+            self._cancel(session_id, "shutdown")
 
     def clear_queue(self, session_id: str) -> None:
-        """Drop the session's queued runs (each ends cancelled); its active run goes on."""
+        """Drop the session's queued runs (each ends cancelled, ``reason="clear_queue"``);
+        its active run goes on."""
         session = self._sessions.get(session_id)
         if session is None:
             return
         for accept in self._queued(session_id):
-            self._drop(session, accept)
+            self._drop(session, accept, "clear_queue")
         self._advance(session)
 
     # -- running -----------------------------------------------------------------------
@@ -871,7 +917,9 @@ class SessionCoordinator:
             except BaseException as exc:
                 if not marker.published:
                     record_terminal(
-                        self._ledger, self._announce, fallback_terminal(session_id, run_id, exc)
+                        self._ledger,
+                        self._announce,
+                        fallback_terminal(session_id, run_id, exc, call=call),
                     )
                 raise
 
@@ -920,7 +968,14 @@ class SessionCoordinator:
     async def _enter(self, accept: AcceptedRun, call: RunCall) -> RunComplete:
         session = self._sessions[accept.session_id]
         if accept.sequence <= session.cancel_mark:
-            rc = RunComplete(accept.session_id, call.run_id, cancelled=True)
+            rc = stamped_terminal(
+                call,
+                accept.session_id,
+                call.run_id,
+                started_at=None,
+                reason=session.cancel_reason,
+                cancelled=True,
+            )
             self._publish(accept, rc)
             await trio.lowlevel.checkpoint()
             return rc
@@ -938,7 +993,17 @@ class SessionCoordinator:
                 if accept._phase is _QUEUED:
                     accept._phase = _DONE
                     lane.remove(accept)
-                self._publish(accept, fallback_terminal(accept.session_id, call.run_id, exc))
+                self._publish(
+                    accept,
+                    fallback_terminal(
+                        accept.session_id,
+                        call.run_id,
+                        exc,
+                        call=call,
+                        started_at=accept._started_wall,
+                        cancel_reason="shutdown",
+                    ),
+                )
                 raise
             if accept._phase is _DONE:
                 # Dropped by cancel() or clear_queue(), which published our terminal.
@@ -982,12 +1047,33 @@ class SessionCoordinator:
         except BaseException as exc:
             if not isinstance(exc, Exception):
                 # Cancelled by an enclosing scope (shutdown), or KeyboardInterrupt & co.
-                self._publish(accept, fallback_terminal(session_id, run_id, exc))
+                self._publish(
+                    accept,
+                    fallback_terminal(
+                        session_id,
+                        run_id,
+                        exc,
+                        call=call,
+                        started_at=accept._started_wall,
+                        cancel_reason="shutdown",
+                    ),
+                )
             raise
+        started_at = accept._started_wall
         if completed:
-            rc = RunComplete(session_id, run_id, result=result)
+            # Checked here too (record_terminal checks every terminal), so that what this
+            # returns is what the store records: a result that is not JSON fails the run.
+            rc = checked_terminal(
+                stamped_terminal(call, session_id, run_id, started_at=started_at, result=result)
+            )
         elif failure is not None and not _cancelling(scope):
-            rc = RunComplete(session_id, run_id, error=str(failure) or type(failure).__name__)
+            rc = stamped_terminal(
+                call,
+                session_id,
+                run_id,
+                started_at=started_at,
+                error=str(failure) or type(failure).__name__,
+            )
             self._publish(accept, rc)
             raise failure
         elif _timed_out(accept, scope):
@@ -999,7 +1085,15 @@ class SessionCoordinator:
                     exc_info=failure,
                 )
             error = f"timed out: the run did not end within its deadline of {accept._deadline:g} s"
-            rc = RunComplete(session_id, run_id, error=error, timed_out=True)
+            rc = stamped_terminal(
+                call,
+                session_id,
+                run_id,
+                started_at=started_at,
+                reason="deadline",
+                error=error,
+                timed_out=True,
+            )
         else:
             if failure is not None:
                 # Cancellation is never reported as an error, even when the agent (or
@@ -1010,7 +1104,12 @@ class SessionCoordinator:
                     session_id,
                     exc_info=failure,
                 )
-            rc = RunComplete(session_id, run_id, cancelled=True)
+            reason = accept._cancel_reason
+            if reason is None and trio.current_effective_deadline() == -math.inf:
+                reason = "shutdown"  # an enclosing scope: the workspace or backend closing
+            rc = stamped_terminal(
+                call, session_id, run_id, started_at=started_at, reason=reason, cancelled=True
+            )
         self._publish(accept, rc)
         # If an enclosing scope is what cancelled the run, its Cancelled was turned into the
         # failure above: raise a Cancelled again rather than swallow the cancellation.

@@ -13,6 +13,7 @@ __all__ = [
     "BackendClosed",
     "DuplicateRun",
     "EmptyPrompt",
+    "InvalidLabels",
     "InvalidRunId",
     "InvalidSessionId",
     "NotSupported",
@@ -21,6 +22,7 @@ __all__ = [
     "StoreError",
     "SubscriberOverflow",
     "TrioRunsError",
+    "UnencodableValue",
     "UnknownRun",
     "WorkspaceClosing",
     "WorkspaceNotFound",
@@ -102,6 +104,33 @@ class DuplicateRun(TrioRunsError, ValueError):
     def __init__(self, run_id: str) -> None:
         super().__init__(f"run id {run_id!r} was already accepted")
         self.run_id = run_id
+
+
+class InvalidLabels(TrioRunsError, ValueError):
+    """A run's labels break the label rule: at most 16; keys 1 to 64 characters of
+    ``[A-Za-z0-9_.-]``; str values of at most 256 characters, without NUL or lone
+    surrogates. Raised with nothing reserved or registered."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"invalid labels: {problem}")
+        self.problem = problem
+
+
+class UnencodableValue(TrioRunsError, TypeError):
+    """A result or progress payload is not a JSON value, so it could not cross the store or
+    the wire unchanged: only ``dict`` with ``str`` keys, ``list``, ``str``, ``int``, finite
+    ``float``, ``bool`` and ``None`` (nested) are. Tuples, sets, bytes, datetimes, other
+    objects, non-``str`` keys, NaN and the infinities are refused, never converted.
+
+    ``RunContext.emit`` raises it before anything is published (the run goes on). A result
+    breaking the rule is not raised to anyone: the run fails, its ``error`` carrying this
+    message. ``problem`` says what was refused and where (``"set at $.items[2]"``).
+    """
+
+    def __init__(self, what: str, problem: str) -> None:
+        super().__init__(f"{what} is not a JSON value: {problem}")
+        self.what = what
+        self.problem = problem
 
 
 class UnknownRun(TrioRunsError, LookupError):

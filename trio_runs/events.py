@@ -196,7 +196,9 @@ class RunComplete(_JSONValue):
     clock UNIX seconds (``time.time()``) of its acceptance, of its agent starting to execute
     (after any queue wait; ``None`` if it never started) and of its terminal being decided;
     ``attempt``, which execution of the run this is (``2`` for its first rerun after a
-    crash); ``labels``, the read-only labels it was submitted with.
+    crash); ``labels``, the read-only labels it was submitted with. Equality (and the hash)
+    compares the ending only, the seven fields above: compare metadata field by field (or
+    by ``to_dict()``).
     """
 
     session_id: str
@@ -206,13 +208,15 @@ class RunComplete(_JSONValue):
     cancelled: bool = False
     abandoned: bool = False
     timed_out: bool = False
-    reason: EndReason | None = attrs.field(default=None, kw_only=True)
-    accepted_at: float | None = attrs.field(default=None, kw_only=True)
-    started_at: float | None = attrs.field(default=None, kw_only=True)
-    ended_at: float | None = attrs.field(default=None, kw_only=True)
-    attempt: int = attrs.field(default=1, kw_only=True)
+    # The metadata is not part of equality (nor of the hash): two terminals are equal when
+    # they tell the same ending of the same run, whenever it was recorded.
+    reason: EndReason | None = attrs.field(default=None, kw_only=True, eq=False)
+    accepted_at: float | None = attrs.field(default=None, kw_only=True, eq=False)
+    started_at: float | None = attrs.field(default=None, kw_only=True, eq=False)
+    ended_at: float | None = attrs.field(default=None, kw_only=True, eq=False)
+    attempt: int = attrs.field(default=1, kw_only=True, eq=False)
     labels: Mapping[str, str] = attrs.field(
-        factory=_no_labels, kw_only=True, converter=_to_labels, hash=False
+        factory=_no_labels, kw_only=True, converter=_to_labels, eq=False
     )
 
     def __attrs_post_init__(self) -> None:
@@ -530,7 +534,8 @@ class RunCall(_JSONValue):
     labels: Mapping[str, str] = attrs.field(
         factory=_no_labels, kw_only=True, converter=_to_labels, hash=False
     )
-    accepted_at: float | None = attrs.field(default=None, kw_only=True)
+    # When is not what: two calls for the same work are equal whenever they were accepted.
+    accepted_at: float | None = attrs.field(default=None, kw_only=True, eq=False)
     execution: int = attrs.field(default=1, kw_only=True)
 
     def to_dict(self) -> dict[str, Any]:

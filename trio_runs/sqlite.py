@@ -45,6 +45,7 @@ from typing import Final, Literal, cast
 import attrs
 import trio
 
+from ._encoding import checked_terminal
 from ._histogram import HistogramRecorder
 from .errors import DuplicateRun, StoreError, UnknownRun
 from .events import RunCall, RunComplete
@@ -265,23 +266,19 @@ class SqliteLedger:
         """Decide ``rc`` as its run's terminal now; make it visible after its commit.
 
         ``True`` for the first terminal of a run id; a later one is refused at once
-        (``False``, counted). A terminal whose result cannot be encoded as JSON is recorded
-        as a *failed* terminal saying so: what is stored is what everybody is shown. Never
-        blocks, never raises for a failing disk (the writer retries; see the class).
+        (``False``, counted). A terminal whose result is not a JSON value (a set, a tuple,
+        NaN...: see ``UnencodableValue``) is recorded as a *failed* terminal saying so, never
+        converted: what is stored is what everybody is shown. Never blocks, never raises for
+        a failing disk (the writer retries; see the class).
         """
         run_id = rc.run_id
         if run_id in self._ending or run_id in self._retained:
             self._duplicates += 1
             return False
-        try:
-            encoded = rc.to_json()
-        except (TypeError, ValueError) as exc:
-            rc = RunComplete(
-                rc.session_id,
-                run_id,
-                error=f"the run's result could not be stored as JSON: {exc}",
-            )
-            encoded = rc.to_json()
+        # record_terminal checked it already; checked again for a direct caller, so that
+        # json.dumps (which would turn a tuple into a list, or write NaN) never decides.
+        rc = checked_terminal(rc)
+        encoded = rc.to_json()
         waiting = self._pending.pop(run_id, None) or _Waiting(rc.session_id)
         waiting.terminal = rc
         self._ending[run_id] = (waiting, rc, on_visible)

@@ -211,7 +211,8 @@ for _, node in ipairs(redis.call('SMEMBERS', P .. 'dead')) do
     local session = redis.call('HGET', run, 's')
     if session and redis.call('HEXISTS', run, 'rc') == 0 then
       local rc = cjson.encode({session_id = session, run_id = id, error = req.error,
-                               cancelled = false, abandoned = true})
+                               cancelled = false, abandoned = true, reason = 'abandoned',
+                               ended_at = now / 1000})
       finish(P, req.limits, id, session, 'failed', rc, node, now)
       redis.call('HINCRBY', P .. 'stats', 'abandoned', 1)
       done[#done + 1] = id
