@@ -450,7 +450,7 @@ def test_an_unexpected_failure_is_a_logged_json_500(
     assert any("metrics exploded" in str(r.exc_info) for r in caplog.records)
 
 
-def test_results_that_are_not_json_still_reach_the_waiter(tmp_path: Path):
+def test_results_that_are_not_json_fail_their_run_and_reach_the_waiter(tmp_path: Path):
     async def agent(call: RunCall, ctx: RunContext) -> object:
         await trio.lowlevel.checkpoint()
         if call.prompt == "object":
@@ -459,16 +459,14 @@ def test_results_that_are_not_json_still_reach_the_waiter(tmp_path: Path):
 
     async def body(server: RunningServer, http: httpx.AsyncClient) -> None:
         ws = await workspace(http)
-        nan = await submit(http, ws, "s", "nan")
-        done = await http.get(f"/v1/runs/{nan}/wait")
-        assert done.status_code == 200
-        assert done.json()["terminal"]["result"] == {"ratio": "nan"}
-        # What the durable store cannot record is a failure everybody sees, not a repr.
-        unstorable = await submit(http, ws, "s", "object")
-        done = await http.get(f"/v1/runs/{unstorable}/wait")
-        terminal = done.json()["terminal"]
-        assert (done.json()["state"], terminal["result"]) == ("failed", None)
-        assert "could not be stored as JSON" in terminal["error"]
+        # Never a repr (or "nan"): a failure everybody sees, saying what and where.
+        for prompt, problem in [("nan", "float nan at $.ratio"), ("object", "object at $.value")]:
+            run_id = await submit(http, ws, "s", prompt)
+            done = await http.get(f"/v1/runs/{run_id}/wait")
+            assert done.status_code == 200
+            terminal = done.json()["terminal"]
+            assert (done.json()["state"], terminal["result"]) == ("failed", None)
+            assert terminal["error"] == f"result is not a JSON value: {problem}"
 
     serving(tmp_path, body, factory=SessionCoordinator.factory(agent))
 

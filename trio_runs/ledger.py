@@ -24,6 +24,8 @@ from ._histogram import Histogram, HistogramRecorder
 from .errors import DuplicateRun, UnknownRun
 from .events import RunCall, RunComplete
 
+_NO_LABELS: Mapping[str, str] = MappingProxyType({})
+
 __all__ = [
     "LedgerStatistics",
     "OnVisible",
@@ -68,19 +70,47 @@ _fields_of: Callable[[RunComplete], tuple[Any, ...]] = operator.attrgetter(*_FIE
 _RUN_ID_AT = _FIELD_NAMES.index("run_id")
 _SESSION_ID_AT = _FIELD_NAMES.index("session_id")
 
-_Kept: TypeAlias = "tuple[Any, ...] | RunComplete"
-"""An older terminal: the tuple of its fields' values, or the ``RunComplete`` itself when it
-cannot be kept that way (a subclass, or a result holding other objects)."""
+_ACCEPTED_AT_AT = _FIELD_NAMES.index("accepted_at")
+_STARTED_AT_AT = _FIELD_NAMES.index("started_at")
+_ATTEMPT_AT = _FIELD_NAMES.index("attempt")
+_WORKSPACE_AT = len(_FIELD_NAMES)
+_LABELS_AT = _WORKSPACE_AT + 1
+_WHOLE = 2
+
+_Kept: TypeAlias = "tuple[Any, ...]"
+"""A retained terminal with its run's workspace path. Compact: its fields' values (labels
+aside), the path, and its labels as a tuple of ``(key, value)`` pairs (``()`` for none), all
+atoms or tuples of atoms, which the collector untracks. Whole (``len == _WHOLE``): the
+``RunComplete`` itself and the path, for a terminal that cannot be kept compactly (a
+subclass, or a result holding other objects)."""
+
+_PendingMeta: TypeAlias = "tuple[RunCall, str | None, float | None]"
+"""A pending run accepted with its metadata: its call, workspace path, and start time."""
+
+
+def _kept_form(rc: RunComplete, workspace: str | None) -> _Kept:
+    if type(rc) is RunComplete and type(rc.result) in _ATOMIC:
+        labels = rc.labels
+        return (*_fields_of(rc), workspace, tuple(labels.items()) if labels else ())
+    return (rc, workspace)
 
 
 def _expanded(kept: _Kept) -> RunComplete:
-    if isinstance(kept, tuple):
-        return RunComplete(**dict(zip(_INIT_NAMES, kept, strict=True)))
-    return kept
+    if len(kept) == _WHOLE:
+        return cast(RunComplete, kept[0])
+    fields = dict(zip(_INIT_NAMES, kept[:_WORKSPACE_AT], strict=True))
+    labels = kept[_LABELS_AT]
+    if labels:
+        fields["labels"] = dict(labels)
+    return RunComplete(**fields)
 
 
 def _run_id_of(kept: _Kept) -> str:
-    return cast(str, kept[_RUN_ID_AT]) if isinstance(kept, tuple) else kept.run_id
+    return cast(RunComplete, kept[0]).run_id if len(kept) == _WHOLE else kept[_RUN_ID_AT]
+
+
+def _session_of(kept: _Kept) -> str:
+    return cast(RunComplete, kept[0]).session_id if len(kept) == _WHOLE else kept[_SESSION_ID_AT]
 
 
 @attrs.frozen(kw_only=True)
@@ -340,20 +370,27 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
     return value, run_id
 
 
-def _page(
-    candidates: Iterable[tuple[float, str, Callable[[], RunInfo | None]]], query: RunQuery
+_Candidate: TypeAlias = "tuple[float, str, Any]"
+"""A run a listing may show: its sort key (acceptance time, run id) and what it is built from."""
+
+
+def page_of(
+    candidates: Iterable[_Candidate], query: RunQuery, build: Callable[[Any], RunInfo]
 ) -> RunPage:
-    # The newest `limit` + 1 candidates older than the cursor: O(n log limit) for n
-    # candidates, and one RunInfo built per run shown.
+    """The page ``query`` asks for out of ``candidates`` (already filtered), newest first.
+
+    The newest ``limit + 1`` candidates ordered before the cursor: O(n log limit) for n
+    candidates, and ``build`` is called once per run shown, never for the others.
+    Raises ``ValueError`` for a malformed cursor.
+    """
     if query.cursor is not None:
         after = decode_cursor(query.cursor)
         candidates = (c for c in candidates if (c[0], c[1]) < after)
     newest = heapq.nlargest(query.limit + 1, candidates, key=operator.itemgetter(0, 1))
-    runs = [info for _, _, build in newest[: query.limit] if (info := build()) is not None]
-    more = len(newest) > query.limit
-    last = newest[query.limit - 1] if more else None
+    shown = newest[: query.limit]
+    last = shown[-1] if len(newest) > query.limit else None
     return RunPage(
-        runs=tuple(runs),
+        runs=tuple(build(payload) for _, _, payload in shown),
         next_cursor=None if last is None else encode_cursor(last[0], last[1]),
     )
 
@@ -362,14 +399,98 @@ class _Waited:
     # A pending run somebody waits on. Most runs are never waited on while pending, so a
     # pending run is just its session id until the first waiter comes: one object less to
     # allocate (and for the garbage collector to track) per run.
-    __slots__ = ("completed_at", "done", "session_id", "terminal", "withdrawn")
+    __slots__ = ("completed_at", "done", "meta", "session_id", "terminal", "withdrawn")
 
-    def __init__(self, session_id: str) -> None:
+    def __init__(self, session_id: str, meta: _PendingMeta | None = None) -> None:
         self.session_id = session_id
+        self.meta = meta
         self.withdrawn = False
         self.completed_at = 0.0
         self.done = trio.Event()
         self.terminal: RunComplete | None = None
+
+
+def _pending_session(pending: str | _PendingMeta | _Waited) -> str:
+    if type(pending) is str:
+        return pending
+    if type(pending) is tuple:
+        return pending[0].session_id
+    return cast(_Waited, pending).session_id
+
+
+def _pending_meta(pending: str | _PendingMeta | _Waited) -> _PendingMeta | None:
+    if type(pending) is tuple:
+        return pending
+    return pending.meta if isinstance(pending, _Waited) else None
+
+
+def _pending_info(run_id: str, pending: str | _PendingMeta | _Waited) -> RunInfo:
+    meta = _pending_meta(pending)
+    if meta is None:
+        return RunInfo(
+            run_id=run_id,
+            session_id=_pending_session(pending),
+            workspace_path=None,
+            state="pending",
+            accepted_at=None,
+            started_at=None,
+            attempt=1,
+            labels=_NO_LABELS,
+            terminal=None,
+        )
+    call, workspace, started_at = meta
+    return RunInfo(
+        run_id=run_id,
+        session_id=call.session_id,
+        workspace_path=workspace,
+        state="pending",
+        accepted_at=call.accepted_at,
+        started_at=started_at,
+        attempt=call.execution,
+        labels=call.labels,
+        terminal=None,
+    )
+
+
+def terminal_info(rc: RunComplete, workspace_path: str | None) -> RunInfo:
+    """The :class:`RunInfo` of a run whose terminal ``rc`` is visible."""
+    return RunInfo(
+        run_id=rc.run_id,
+        session_id=rc.session_id,
+        workspace_path=workspace_path,
+        state="terminal",
+        accepted_at=rc.accepted_at,
+        started_at=rc.started_at,
+        attempt=rc.attempt,
+        labels=rc.labels,
+        terminal=rc,
+    )
+
+
+def _kept_info(kept: _Kept) -> RunInfo:
+    return terminal_info(_expanded(kept), kept[1] if len(kept) == _WHOLE else kept[_WORKSPACE_AT])
+
+
+def _kept_matches(kept: _Kept, query: RunQuery) -> bool:
+    if len(kept) == _WHOLE:
+        rc: RunComplete = kept[0]
+        if query.label is not None and rc.labels.get(query.label[0]) != query.label[1]:
+            return False
+        session, workspace = rc.session_id, kept[1]
+    else:
+        if query.label is not None and query.label not in kept[_LABELS_AT]:
+            return False
+        session, workspace = kept[_SESSION_ID_AT], kept[_WORKSPACE_AT]
+    return (query.session_id is None or session == query.session_id) and (
+        query.workspace_path is None or workspace == query.workspace_path
+    )
+
+
+def _kept_key(kept: _Kept) -> tuple[float, str]:
+    if len(kept) == _WHOLE:
+        rc: RunComplete = kept[0]
+        return rc.accepted_at or 0.0, rc.run_id
+    return kept[_ACCEPTED_AT_AT] or 0.0, kept[_RUN_ID_AT]
 
 
 class RunLedger:
@@ -383,15 +504,24 @@ class RunLedger:
 
     Held terminals cost the garbage collector nothing past the newest thousand or so: older
     ones are kept as plain values, and ``get`` and ``wait`` read one back as an equal
-    ``RunComplete`` (not the very object recorded, unless its result holds other objects).
+    ``RunComplete`` (not the very object recorded, unless its result holds other objects),
+    metadata included.
+
+    It lists its runs (:class:`SupportsRunListing`) with the metadata the backend gives it
+    (:class:`SupportsRunMetadata`). In memory there is no index: ``list_runs`` scans every
+    pending and retained run once per page, O(pending + retained) plus O(log limit) per
+    match (about 10 ms per 100,000 runs held), and builds a :class:`RunInfo` only for the
+    runs it returns; ``run_info`` is O(1), but for a run among the newest thousand or so
+    terminals, which it finds by a scan of those.
     """
 
     def __init__(self, retain: int = 100_000) -> None:
         if not isinstance(retain, int) or isinstance(retain, bool) or retain < 1:
             raise ValueError(f"retain must be a positive int, got {retain!r}")
         self._retain = retain
-        # Pending runs: the session id, or a `_Waited` once somebody waits on the run.
-        self._pending: dict[str, str | _Waited] = {}
+        # Pending runs: the session id (`accept`), the call, workspace path and start time
+        # (`accept_call`), or a `_Waited` once somebody waits on the run.
+        self._pending: dict[str, str | _PendingMeta | _Waited] = {}
         # Retained terminals live in two tiers, so that the cyclic garbage collector, whose
         # every full collection walks every tracked object, does not walk them: with a
         # thousand runs in flight a full collection comes every few thousand runs, and
@@ -500,18 +630,74 @@ class RunLedger:
         """The session a known run belongs to, or ``None``."""
         pending = self._pending.get(run_id)
         if pending is not None:
-            return pending.session_id if isinstance(pending, _Waited) else pending
+            return _pending_session(pending)
         rc = self._recent.get(run_id)
         if rc is not None:
             return rc.session_id
         kept = self._older[hash(run_id) & _SHARD_MASK].get(run_id)
-        if kept is None:
-            return None
-        return cast(str, kept[_SESSION_ID_AT]) if isinstance(kept, tuple) else kept.session_id
+        return None if kept is None else _session_of(kept)
 
     def pending_run_ids(self) -> list[str]:
         """The ids of every run accepted and not yet ended, oldest first."""
         return list(self._pending)
+
+    def run_info(self, run_id: str) -> RunInfo | None:
+        """The run as the ledger knows it, or ``None`` for an unknown (or evicted) id."""
+        pending = self._pending.get(run_id)
+        if pending is not None:
+            return _pending_info(run_id, pending)
+        if run_id in self._recent:
+            # The newest terminals are keyed to the objects recorded; their workspace path
+            # is beside them in recording order.
+            for kept in self._recent_order:
+                if _run_id_of(kept) == run_id:
+                    return terminal_info(
+                        self._recent[run_id],
+                        kept[1] if len(kept) == _WHOLE else kept[_WORKSPACE_AT],
+                    )
+        older = self._older[hash(run_id) & _SHARD_MASK].get(run_id)
+        return None if older is None else _kept_info(older)
+
+    def list_runs(self, query: RunQuery) -> RunPage:
+        """One page of the runs matching ``query``, newest accepted first (see the class for
+        the cost); ``ValueError`` for a malformed cursor."""
+        if query.cursor is not None:
+            decode_cursor(query.cursor)  # refused before any work
+        candidates: list[_Candidate] = []
+        if query.state != "terminal":
+            for run_id, pending in self._pending.items():
+                if self._pending_matches(pending, query):
+                    meta = _pending_meta(pending)
+                    at = meta[0].accepted_at if meta is not None else None
+                    candidates.append((at or 0.0, run_id, (run_id, pending)))
+        if query.state != "pending":
+            for kept in self._recent_order:
+                if _kept_matches(kept, query):
+                    candidates.append((*_kept_key(kept), kept))
+            for shard in self._older:
+                for kept in shard.values():
+                    if _kept_matches(kept, query):
+                        candidates.append((*_kept_key(kept), kept))
+        return page_of(candidates, query, self._info_of)
+
+    def _info_of(self, payload: Any) -> RunInfo:
+        if type(payload) is tuple and len(payload) == _WHOLE and type(payload[0]) is str:
+            # (run id, pending entry)
+            return _pending_info(payload[0], payload[1])
+        return _kept_info(payload)
+
+    @staticmethod
+    def _pending_matches(pending: str | _PendingMeta | _Waited, query: RunQuery) -> bool:
+        meta = _pending_meta(pending)
+        if query.session_id is not None and _pending_session(pending) != query.session_id:
+            return False
+        if query.workspace_path is not None and (meta is None or meta[1] != query.workspace_path):
+            return False
+        if query.label is not None:
+            key, value = query.label
+            if meta is None or meta[0].labels.get(key) != value:
+                return False
+        return True
 
     def accept(self, run_id: str, session_id: str) -> None:
         """Register ``run_id`` (of ``session_id``) as pending.
@@ -522,6 +708,23 @@ class RunLedger:
             raise DuplicateRun(run_id)
         self._pending[run_id] = session_id
         self._accepted_total += 1
+
+    def accept_call(self, call: RunCall, workspace_path: str | None) -> None:
+        """:meth:`accept` of ``call.run_id``, keeping the call's metadata and the workspace
+        path for :meth:`run_info` and :meth:`list_runs`. Raises ``DuplicateRun`` like it."""
+        run_id = call.run_id
+        if run_id in self._pending or self._has_terminal(run_id):
+            raise DuplicateRun(run_id)
+        self._pending[run_id] = (call, workspace_path, None)
+        self._accepted_total += 1
+
+    def mark_started(self, run_id: str, started_at: float) -> None:
+        """Note when the pending run's agent began executing; a no-op for any other id."""
+        pending = self._pending.get(run_id)
+        if type(pending) is tuple:
+            self._pending[run_id] = (pending[0], pending[1], started_at)
+        elif isinstance(pending, _Waited) and pending.meta is not None:
+            pending.meta = (pending.meta[0], pending.meta[1], started_at)
 
     def withdraw(self, run_id: str) -> None:
         """Undo the ``accept`` of a run that was never started; a no-op unless it is pending.
@@ -557,13 +760,16 @@ class RunLedger:
             return False
         recent[run_id] = rc
         recent_order = self._recent_order
-        # Its `_Kept` form: a plain terminal whose result is atomic becomes the tuple of its
-        # fields, which the collector stops tracking at its next pass; anything else (a
-        # subclass, a result holding other objects) is kept as itself.
-        if type(rc) is RunComplete and type(rc.result) in _ATOMIC and not rc.labels:
-            recent_order.append(_fields_of(rc))
+        # Its `_Kept` form, with its workspace path (known from `accept_call`): a plain
+        # terminal whose result is atomic becomes a tuple of atoms, which the collector stops
+        # tracking at its next pass; anything else is kept as itself.
+        if type(pending) is tuple:
+            workspace: str | None = pending[1]
+        elif isinstance(pending, _Waited) and pending.meta is not None:
+            workspace = pending.meta[1]
         else:
-            recent_order.append(rc)
+            workspace = None
+        recent_order.append(_kept_form(rc, workspace))
         self._outcomes[rc.outcome] += 1
         if len(recent_order) >= _RECENT + _CHUNK and self._retain >= _RECENT + _CHUNK:
             self._age_oldest_recent()
@@ -631,8 +837,11 @@ class RunLedger:
                 raise UnknownRun(run_id)
             await trio.lowlevel.checkpoint()
             return _expanded(kept)
-        if not isinstance(pending, _Waited):
+        if type(pending) is str:
             pending = self._pending[run_id] = _Waited(pending)
+        elif type(pending) is tuple:
+            pending = self._pending[run_id] = _Waited(pending[0].session_id, pending)
+        assert isinstance(pending, _Waited)
         await pending.done.wait()
         if pending.withdrawn:
             raise UnknownRun(run_id)

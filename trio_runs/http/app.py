@@ -11,9 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import math
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import trio
 from starlette.applications import Starlette
@@ -45,32 +43,19 @@ __all__ = ["create_app", "json_response"]
 logger = logging.getLogger("trio_runs.http")
 
 
-def _finite(value: Any) -> Any:
-    # Only used when a value is not plain JSON (an agent returned something odd): make it
-    # JSON rather than failing the response, so a terminal can always be delivered.
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    return repr(value)
-
-
 def _dumps(body: object) -> bytes:
-    try:
-        text = json.dumps(body, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError):
-        text = json.dumps(_finite(body), allow_nan=False, separators=(",", ":"))
-    return text.encode()
+    # Strict: never a fallback that turns a value into something else (repr, str). Results
+    # and progress payloads are JSON values by the time they get here (UnencodableValue's
+    # rule, applied where they enter), so a body that is not JSON is a bug to surface as a
+    # 500, not a value to change silently.
+    return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
 
 
 def json_response(
     body: object, status: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
-    """A JSON response; values that are not JSON (from agents) are shown by their repr."""
+    """A JSON response of ``body``; raises ``TypeError`` / ``ValueError`` (and converts
+    nothing) if ``body`` is not JSON."""
     return Response(
         _dumps(body), status_code=status, headers=headers, media_type="application/json"
     )
