@@ -32,6 +32,7 @@ from .schema import (
     decode_batch,
     decode_create_workspace,
     decode_submit,
+    parse_run_list_query,
     parse_submit_wait,
     parse_wait_timeout,
 )
@@ -244,6 +245,10 @@ def create_app(
         view = service.clear_queue(path(request, "workspace_id"), path(request, "session_id"))
         return json_response(view.to_dict())
 
+    async def list_runs(request: Request) -> Response:
+        query = parse_run_list_query(request.query_params.multi_items())
+        return json_response((await service.list_runs(query)).to_dict())
+
     async def get_run(request: Request) -> Response:
         _no_query(request)
         return json_response((await service.view(path(request, "run_id"))).to_dict())
@@ -271,6 +276,7 @@ def create_app(
         Route(f"{ws}/sessions/{{session_id}}", session, methods=["GET"]),
         Route(f"{ws}/sessions/{{session_id}}/cancel", cancel_session, methods=["POST"]),
         Route(f"{ws}/sessions/{{session_id}}/queue", clear_queue, methods=["DELETE"]),
+        Route("/v1/runs", list_runs, methods=["GET"]),
         Route("/v1/runs/{run_id}", get_run, methods=["GET"]),
         Route("/v1/runs/{run_id}/wait", wait_run, methods=["GET"]),
         Route("/v1/runs/{run_id}/events", run_events, methods=["GET"]),

@@ -15,8 +15,10 @@ import msgspec
 
 from .. import __version__
 from .schema import (
+    LIST_STATES,
     MAX_BATCH_ITEMS,
     MAX_BODY_BYTES,
+    MAX_LIST_LIMIT,
     Accepted,
     BatchAccepted,
     BatchEnded,
@@ -26,6 +28,7 @@ from .schema import (
     ErrorBody,
     Health,
     Id,
+    RunList,
     RunView,
     SessionView,
     SubmitBatch,
@@ -33,6 +36,7 @@ from .schema import (
     WaitSeconds,
     WorkspaceId,
     WorkspaceList,
+    WorkspacePath,
     WorkspaceView,
 )
 
@@ -155,6 +159,33 @@ _SSE_EVENT: Final = {
 }
 _SHUTTING_DOWN = {"503": _error("the server is shutting down")}
 _AGENTLESS = {"409": _error("the workspace has no agent")}
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "description": description, "schema": schema}
+
+
+_LIST_PARAMETERS: Final = [
+    _query("workspace", _schema(WorkspaceId), "an open workspace's id (not with path)"),
+    _query("path", _schema(WorkspacePath), "a workspace path, open or not (not with workspace)"),
+    _query("session", _schema(Id), "only this session's runs"),
+    _query(
+        "state",
+        {"type": "string", "enum": list(LIST_STATES)},
+        "running: no terminal yet (pending, queued or active); ended: it has its terminal",
+    ),
+    _query(
+        "label",
+        {"type": "string", "pattern": "^[^=]+=.*$"},
+        "key=value: only runs submitted with this label",
+    ),
+    _query("cursor", {"type": "string", "minLength": 1}, "next_cursor of the previous page"),
+    _query(
+        "limit",
+        {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT},
+        f"runs per page, 1 to {MAX_LIST_LIMIT} (default 100)",
+    ),
+]
 
 
 def _paths() -> dict[str, Any]:
@@ -387,6 +418,26 @@ def _paths() -> dict[str, Any]:
                 },
             },
         },
+        "/v1/runs": {
+            "get": {
+                "operationId": "listRuns",
+                "summary": (
+                    "The runs the store knows, newest accepted first, a page at a time: "
+                    "follow next_cursor (with the same filters) until it is null"
+                ),
+                "parameters": _LIST_PARAMETERS,
+                "responses": {
+                    "200": _json(RunList, "one page of runs"),
+                    "404": _error("workspace names no open workspace"),
+                    "422": _error(
+                        "a bad or unknown query parameter (invalid_query), or a cursor this "
+                        "server did not make (invalid_cursor)"
+                    ),
+                    "501": _error("the server's run store cannot list runs"),
+                    "503": _error("the run store cannot be read (store_unavailable)"),
+                },
+            },
+        },
         "/v1/runs/{run_id}": {
             "parameters": [_RUN_ID],
             "get": {
@@ -461,6 +512,7 @@ def openapi_document(*, secured: bool = False, max_deadline: float | None = None
             WorkspaceView,
             WorkspaceList,
             RunView,
+            RunList,
             SessionView,
         ],
         schema_hook=_schema_hook,

@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any, Final, TypeVar
 
+import attrs
 import msgspec
 from msgspec import Meta
 
@@ -57,6 +58,8 @@ __all__ = [
     "Id",
     "Prompt",
     "QueuedRun",
+    "RunList",
+    "RunListQuery",
     "RunView",
     "SessionView",
     "SubmitBatch",
@@ -71,6 +74,7 @@ __all__ = [
     "decode_create_workspace",
     "decode_json_object",
     "decode_submit",
+    "parse_run_list_query",
     "parse_submit_wait",
     "parse_wait_timeout",
 ]
@@ -94,6 +98,15 @@ MAX_DEADLINE_SECONDS: Final = 1e9
 
 RUN_STATES: Final = ("pending", "queued", "active", "completed", "failed", "cancelled")
 """What ``RunView.state`` can say."""
+
+LIST_STATES: Final = ("running", "ended")
+"""What ``GET /v1/runs?state=`` can ask for: runs without a terminal yet (pending, queued or
+active), or runs that ended (completed, failed or cancelled)."""
+
+MAX_LIST_LIMIT: Final = 1000
+"""The most runs one page of ``GET /v1/runs`` holds."""
+
+DEFAULT_LIST_LIMIT: Final = 100
 
 # -- the constrained values ---------------------------------------------------------------
 
@@ -129,6 +142,33 @@ Deadline = Annotated[
     ),
 ]
 """A run's deadline in seconds: > 0 (and finite: at most :data:`MAX_DEADLINE_SECONDS`)."""
+
+MAX_LABELS: Final = 16
+"""The most labels one run may carry."""
+
+LabelKey = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=64,
+        pattern="^[A-Za-z0-9_.-]+$",
+        description="1 to 64 characters of A-Z, a-z, 0-9, '_', '.', '-'",
+    ),
+]
+LabelValue = Annotated[
+    str, Meta(max_length=256, pattern="^[^\\x00]*$", description="up to 256 characters, no NUL")
+]
+Labels = Annotated[
+    dict[LabelKey, LabelValue],
+    Meta(
+        max_length=MAX_LABELS,
+        description=(
+            f"up to {MAX_LABELS} key/value pairs kept with the run: shown in its view and "
+            "terminal, and usable as a filter of GET /v1/runs"
+        ),
+    ),
+]
+"""A run's labels: small, typed key/value strings supplied at submit."""
 
 WorkspacePath = Annotated[
     str,
@@ -212,6 +252,7 @@ class SubmitMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prompt: Prompt
     run_id: Id | None = None
     deadline: Deadline | None = None
+    labels: Labels | None = None
 
 
 class SubmitBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -501,13 +542,22 @@ class RunView(msgspec.Struct, frozen=True):
 
     ``state`` is ``pending`` (accepted, not yet queued or started), ``queued``, ``active``,
     or the terminal's outcome: ``completed``, ``failed`` or ``cancelled``. ``terminal`` is
-    present only once the run ended.
+    present only once the run ended (it carries ``ended_at`` and the ``reason``).
+
+    The run's metadata is present where the server's store keeps it: ``accepted_at`` and
+    ``started_at`` (wall-clock UNIX seconds; ``started_at`` once its agent began, after any
+    queue wait), ``attempt`` (2 and up for a run rerun after a crash) and the ``labels`` it
+    was submitted with.
     """
 
     run_id: str
     session_id: str
     state: _State
     terminal: RunComplete | None = None
+    accepted_at: float | None = None
+    started_at: float | None = None
+    attempt: Annotated[int, Meta(ge=1)] = 1
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
 
     @property
     def is_terminal(self) -> bool:
@@ -523,6 +573,15 @@ class RunView(msgspec.Struct, frozen=True):
         }
         if self.terminal is not None:
             body["terminal"] = self.terminal.to_dict()
+        # Only what the store knows: a store without metadata shows the shape it always had.
+        if self.accepted_at is not None:
+            body["accepted_at"] = self.accepted_at
+        if self.started_at is not None:
+            body["started_at"] = self.started_at
+        if self.attempt != 1:
+            body["attempt"] = self.attempt
+        if self.labels:
+            body["labels"] = dict(self.labels)
         return body
 
     @classmethod
@@ -534,6 +593,122 @@ class RunView(msgspec.Struct, frozen=True):
         terminal = RunComplete.from_dict(raw) if raw is not None else None
         view = _from_dict(cls, {k: v for k, v in data.items() if k != "terminal"})
         return msgspec.structs.replace(view, terminal=terminal)
+
+
+class RunList(msgspec.Struct, frozen=True):
+    """``GET /v1/runs``: one page of runs, newest accepted first.
+
+    ``next_cursor`` is ``null`` on the last page; otherwise pass it as ``cursor`` (with the
+    same filters) for the next one. Runs accepted after the first page was read do not
+    appear on later pages, and no run appears twice.
+    """
+
+    runs: list[RunView]
+    next_cursor: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON body."""
+        return {"runs": [run.to_dict() for run in self.runs], "next_cursor": self.next_cursor}
+
+    @classmethod
+    def from_dict(cls, data: object) -> RunList:
+        """Decode :meth:`to_dict`'s output; raises ``ValueError`` on a malformed body."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"RunList: expected a JSON object, got {type(data).__name__}")
+        runs = data.get("runs")
+        if not isinstance(runs, list):
+            raise ValueError("RunList: field 'runs' must be a list")
+        cursor = data.get("next_cursor")
+        if cursor is not None and not isinstance(cursor, str):
+            raise ValueError("RunList: field 'next_cursor' must be a string or null")
+        return cls([RunView.from_dict(run) for run in runs], cursor)
+
+
+@attrs.frozen(kw_only=True)
+class RunListQuery:
+    """The decoded query of ``GET /v1/runs`` (see :func:`parse_run_list_query`)."""
+
+    workspace: str | None = None
+    path: str | None = None
+    session_id: str | None = None
+    state: str | None = None
+    label: tuple[str, str] | None = None
+    cursor: str | None = None
+    limit: int = DEFAULT_LIST_LIMIT
+
+
+_LIST_PARAMETERS: Final = ("workspace", "path", "session", "state", "label", "cursor", "limit")
+
+
+def parse_run_list_query(pairs: Iterable[tuple[str, str]]) -> RunListQuery:
+    """The query of ``GET /v1/runs``; 422 ``invalid_query`` for anything it cannot be.
+
+    ``workspace`` (an open workspace's id) or ``path`` (a workspace path, open or not),
+    ``session``, ``state`` (``running`` or ``ended``), ``label`` (``key=value``, exact),
+    ``cursor`` (from a previous page) and ``limit`` (1 to 1000, default 100). Each at most
+    once (``pairs`` is the query in order, repeats included); an unknown parameter is
+    refused, never ignored.
+    """
+    query: dict[str, str] = {}
+    repeated: set[str] = set()
+    for key, value in pairs:
+        if key in query:
+            repeated.add(key)
+        query[key] = value
+    unknown = sorted(key for key in query if key not in _LIST_PARAMETERS)
+    if unknown:
+        raise ApiError(422, "invalid_query", f"unknown query parameter(s): {', '.join(unknown)}")
+    if repeated:
+        raise ApiError(
+            422, "invalid_query", f"query parameter(s) given twice: {', '.join(sorted(repeated))}"
+        )
+    if "workspace" in query and "path" in query:
+        raise ApiError(422, "invalid_query", "give workspace or path, not both")
+    session_id = query.get("session")
+    if session_id is not None:
+        problem = id_problem(session_id)
+        if problem is not None:
+            raise ApiError(422, "invalid_query", f"invalid session {session_id!r}: {problem}")
+    path = query.get("path")
+    if path is not None:
+        problem = workspace_path_problem(path)
+        if problem is not None:
+            raise ApiError(422, "invalid_query", f"invalid path {path!r}: {problem}")
+    state = query.get("state")
+    if state is not None and state not in LIST_STATES:
+        raise ApiError(
+            422, "invalid_query", f"state must be one of {', '.join(LIST_STATES)}, got {state!r}"
+        )
+    label: tuple[str, str] | None = None
+    raw_label = query.get("label")
+    if raw_label is not None:
+        key, equals, value = raw_label.partition("=")
+        if not equals or not key:
+            raise ApiError(422, "invalid_query", f"label must be key=value, got {raw_label!r}")
+        label = (key, value)
+    raw_limit = query.get("limit", str(DEFAULT_LIST_LIMIT))
+    if (
+        not raw_limit.isascii()
+        or not raw_limit.isdigit()
+        or not (1 <= int(raw_limit) <= MAX_LIST_LIMIT)
+    ):
+        raise ApiError(
+            422,
+            "invalid_query",
+            f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}, got {raw_limit!r}",
+        )
+    cursor = query.get("cursor")
+    if cursor is not None and not cursor:
+        raise ApiError(422, "invalid_cursor", "cursor is empty")
+    return RunListQuery(
+        workspace=query.get("workspace"),
+        path=path,
+        session_id=session_id,
+        state=state,
+        label=label,
+        cursor=cursor,
+        limit=int(raw_limit),
+    )
 
 
 class QueuedRun(msgspec.Struct, frozen=True):

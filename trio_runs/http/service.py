@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import trio
 
@@ -34,11 +34,14 @@ from ..errors import (
     WorkspaceNotFound,
 )
 from ..events import AgentMessage, RunComplete
+from ..ledger import RunInfo, RunQuery, SupportsRunListing
 from .journal import DEFAULT_EVENT_WINDOW, DEFAULT_WINDOW_BYTES, Journal, open_journal
 from .schema import (
     ApiError,
     CreateWorkspace,
     QueuedRun,
+    RunList,
+    RunListQuery,
     RunView,
     SessionView,
     SubmitBatch,
@@ -267,7 +270,14 @@ class RunService:
             if isinstance(coordinator, SupportsDeadlines):
                 default = coordinator.default_deadline
             deadline = cap if default is None else min(default, cap)
-        return AgentMessage(request.session_id, request.prompt, request.run_id or "", (), deadline)
+        return AgentMessage(
+            request.session_id,
+            request.prompt,
+            request.run_id or "",
+            (),
+            deadline,
+            labels=request.labels or {},
+        )
 
     def _refusal(self, workspace_id: str, exc: Exception) -> ApiError:
         # The backend's typed refusal of a submission as its HTTP status and code.
@@ -291,14 +301,15 @@ class RunService:
         terminal = ledger.get(run_id)
         if terminal is not None:
             self._delivered(run_id)
-            return RunView(run_id, terminal.session_id, terminal.outcome, terminal)
+            return _ended_view(terminal)
         session_id = ledger.session_of(run_id)
         if session_id is None or ledger.state(run_id) not in ("pending", "ending"):
             raise ApiError(404, "run_not_found", f"no run with id {run_id!r} is known")
         return RunView(run_id, session_id, self._live_state(run_id, session_id))
 
     async def view(self, run_id: str) -> RunView:
-        """:meth:`run`, after waiting for the store to commit a terminal it already decided.
+        """:meth:`run`, after waiting for the store to commit a terminal it already decided,
+        with the metadata (accepted and started times, attempt, labels) the store keeps.
 
         A run whose terminal is decided but not yet durable is never shown ended (nothing is
         visible before it is on disk), nor as still running: the answer waits for the commit,
@@ -306,7 +317,71 @@ class RunService:
         """
         if self.backend.ledger.state(run_id) == "ending":
             await self.backend.ledger.flush()
-        return self.run(run_id)
+        return await self._detailed(self.run(run_id))
+
+    async def _detailed(self, view: RunView) -> RunView:
+        # An ended run's terminal carries its metadata; a running one's is in the store.
+        store = self.backend.ledger
+        if view.terminal is not None or not isinstance(store, SupportsRunListing):
+            return view
+        info = self._store_call(store.run_info, view.run_id)
+        if info is None or info.terminal is not None:
+            return view
+        return self._info_view(info)
+
+    async def list_runs(self, query: RunListQuery) -> RunList:
+        """One page of the runs the store knows, newest accepted first, filtered.
+
+        ``workspace`` names an open workspace (404 ``workspace_not_found`` otherwise);
+        ``path`` a workspace path, open or not (so runs of a closed workspace, or of one
+        before a restart, can be found). 422 ``invalid_cursor`` for a cursor the store did
+        not make; 501 ``not_supported`` when the store cannot list; 503 ``store_unavailable``
+        when it cannot be read.
+        """
+        store = self.backend.ledger
+        if not isinstance(store, SupportsRunListing):
+            raise ApiError(
+                501,
+                "not_supported",
+                f"this server's run store ({type(store).__name__}) cannot list runs",
+            )
+        workspace_path: str | None = None
+        if query.workspace is not None:
+            workspace_path = self.workspace(query.workspace).path
+        elif query.path is not None:
+            workspace_path = self._resolve(query.path)
+        store_query = RunQuery(
+            workspace_path=workspace_path,
+            session_id=query.session_id,
+            state=None if query.state is None else _STORE_STATES[query.state],
+            label=query.label,
+            cursor=query.cursor,
+            limit=query.limit,
+        )
+        try:
+            page = self._store_call(store.list_runs, store_query)
+        except ValueError as exc:
+            raise ApiError(422, "invalid_cursor", str(exc)) from None
+        return RunList([self._info_view(info) for info in page.runs], page.next_cursor)
+
+    def _store_call(self, read: Callable[[_A], _R], argument: _A) -> _R:
+        try:
+            return read(argument)
+        except StoreError as exc:
+            raise ApiError(503, "store_unavailable", str(exc)) from None
+
+    def _info_view(self, info: RunInfo) -> RunView:
+        if info.terminal is not None:
+            return _ended_view(info.terminal)
+        return RunView(
+            info.run_id,
+            info.session_id,
+            self._live_state(info.run_id, info.session_id),
+            accepted_at=info.accepted_at,
+            started_at=info.started_at,
+            attempt=info.attempt,
+            labels=dict(info.labels),
+        )
 
     async def cancel_run(self, run_id: str) -> RunView:
         """Cancel this one run and return its view; the other runs of its session go on.
@@ -349,7 +424,7 @@ class RunService:
             with trio.move_on_after(seconds), contextlib.suppress(UnknownRun):
                 await self.backend.wait_run(run_id)
             view = self.run(run_id)
-        return view
+        return await self._detailed(view)
 
     def _delivered(self, run_id: str) -> None:
         if run_id in self._awaiting_delivery:
@@ -583,6 +658,28 @@ _REFUSALS: tuple[type[Exception], ...] = (
     StoreError,
     *(kind for kind, _, _ in _REFUSAL_CODES),
 )
+
+
+_STORE_STATES: dict[str, Literal["pending", "terminal"]] = {
+    "running": "pending",
+    "ended": "terminal",
+}
+
+_A = TypeVar("_A")
+_R = TypeVar("_R")
+
+
+def _ended_view(terminal: RunComplete) -> RunView:
+    return RunView(
+        terminal.run_id,
+        terminal.session_id,
+        terminal.outcome,
+        terminal,
+        accepted_at=terminal.accepted_at,
+        started_at=terminal.started_at,
+        attempt=terminal.attempt,
+        labels=dict(terminal.labels),
+    )
 
 
 @asynccontextmanager
