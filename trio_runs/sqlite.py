@@ -13,6 +13,10 @@ What it promises (DESIGN "Durability"):
 - **D5** retention is bounded by count, bytes and age; terminals live on disk, with a
   bounded in-memory cache.
 
+It lists its runs (``SupportsRunListing``) with their metadata: labels, acceptance time and
+workspace path are written with the acceptance, so they survive a restart and recovery;
+a run rerun after a crash counts its execution (``attempt``) on disk.
+
 Blocking I/O never runs on the event loop: one writer thread takes every write from a
 queue and commits them in batches (group commit: one fsync for all the acceptances and
 terminals that arrived while the previous batch was being written), then hands the batch
@@ -38,8 +42,9 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from types import MappingProxyType
 from typing import Final, Literal, cast
 
 import attrs
@@ -49,13 +54,23 @@ from ._encoding import checked_terminal
 from ._histogram import HistogramRecorder
 from .errors import DuplicateRun, StoreError, UnknownRun
 from .events import RunCall, RunComplete
-from .ledger import LedgerStatistics, OnVisible, RunState
+from .ledger import (
+    LedgerStatistics,
+    OnVisible,
+    RunInfo,
+    RunPage,
+    RunQuery,
+    RunState,
+    decode_cursor,
+    page_of,
+    terminal_info,
+)
 
 __all__ = ["SCHEMA_VERSION", "SqliteLedger", "SqliteRetention", "open_sqlite_ledger"]
 
 logger = logging.getLogger("trio_runs.sqlite")
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 """The database's ``PRAGMA user_version``; a newer file is refused, an older one migrated."""
 
 ABANDONED_ERROR: Final = "abandoned: the server stopped before the run ended"
@@ -70,13 +85,33 @@ CREATE TABLE IF NOT EXISTS runs (
     terminal    TEXT,
     size        INTEGER NOT NULL DEFAULT 0,
     workspace   TEXT,
-    call        TEXT
+    call        TEXT,
+    labels      TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_pending ON runs(accepted_at) WHERE ended_at IS NULL;
 """
-# Version 1 -> 2: a run accepted to be run again after a crash keeps its workspace and call.
+# The listing's tables and indexes (version 3), for a new file and for a migrated one alike.
+# Labels are rows of their own, so that a label filter is an index lookup; they go when
+# their run's row goes (withdrawn or evicted), by the trigger, without a statement per run.
+_LISTING: Final = """
+CREATE TABLE IF NOT EXISTS run_labels (
+    run_id TEXT NOT NULL,
+    key    TEXT NOT NULL,
+    value  TEXT NOT NULL,
+    PRIMARY KEY (run_id, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS run_labels_match ON run_labels(key, value);
+CREATE TRIGGER IF NOT EXISTS runs_labels_go AFTER DELETE ON runs
+    BEGIN DELETE FROM run_labels WHERE run_id = old.run_id; END;
+CREATE INDEX IF NOT EXISTS runs_newest ON runs(accepted_at, run_id);
+CREATE INDEX IF NOT EXISTS runs_workspace ON runs(workspace, accepted_at, run_id);
+CREATE INDEX IF NOT EXISTS runs_session ON runs(session_id, accepted_at, run_id);
+"""
 _MIGRATIONS: Final = {
+    # 1 -> 2: a run accepted to be run again after a crash keeps its workspace and call.
     1: "ALTER TABLE runs ADD COLUMN workspace TEXT; ALTER TABLE runs ADD COLUMN call TEXT;",
+    # 2 -> 3: every run keeps its labels (and its workspace, from now on) for the listing.
+    2: "ALTER TABLE runs ADD COLUMN labels TEXT;",
 }
 
 
@@ -96,16 +131,63 @@ class SqliteRetention:
     """No terminal older than this (by the wall clock of when it was recorded)."""
 
 
-class _Waiting:
-    # A run not yet visible: pending, or ending (decided, not yet committed).
-    __slots__ = ("completed_at", "done", "session_id", "terminal", "withdrawn")
+def _waiting_matches(waiting: _Waiting, query: RunQuery) -> bool:
+    if query.session_id is not None and waiting.session_id != query.session_id:
+        return False
+    if query.workspace_path is not None and waiting.workspace != query.workspace_path:
+        return False
+    if query.label is not None:
+        call = waiting.call
+        if call is None or call.labels.get(query.label[0]) != query.label[1]:
+            return False
+    return True
 
-    def __init__(self, session_id: str) -> None:
+
+class _Waiting:
+    # A run not yet visible: pending, or ending (decided, not yet committed), with what the
+    # listing shows of it.
+    __slots__ = (
+        "accepted_at",
+        "call",
+        "completed_at",
+        "done",
+        "session_id",
+        "started_at",
+        "terminal",
+        "withdrawn",
+        "workspace",
+    )
+
+    def __init__(
+        self,
+        session_id: str,
+        accepted_at: float | None = None,
+        call: RunCall | None = None,
+        workspace: str | None = None,
+    ) -> None:
         self.session_id = session_id
+        self.accepted_at = accepted_at
+        self.call = call
+        self.workspace = workspace
+        self.started_at: float | None = None
         self.done: trio.Event | None = None
         self.terminal: RunComplete | None = None
         self.completed_at = 0.0
         self.withdrawn = False
+
+    def info(self, run_id: str, state: RunState) -> RunInfo:
+        call = self.call
+        return RunInfo(
+            run_id=run_id,
+            session_id=self.session_id,
+            workspace_path=self.workspace,
+            state=state,
+            accepted_at=self.accepted_at,
+            started_at=self.started_at,
+            attempt=1 if call is None else call.execution,
+            labels=_NO_LABELS if call is None else call.labels,
+            terminal=None,
+        )
 
 
 _Retained = tuple[str, int, float]
@@ -117,13 +199,14 @@ _ENDED_AT: Final = 2
 
 
 # Writes, in the order the Trio thread made them.
-_Accept = tuple[Literal["accept"], str, str, float, str | None, str | None]
+_Accept = tuple[Literal["accept"], str, str, float, str | None, str | None, str | None]
 _End = tuple[Literal["end"], str, str, float, str, int]
 _Withdraw = tuple[Literal["withdraw"], str]
 _Evict = tuple[Literal["evict"], tuple[str, ...]]
 _Write = _Accept | _End | _Withdraw | _Evict
 
 _STOP: Final = object()
+_NO_LABELS: Final[Mapping[str, str]] = MappingProxyType({})
 _BATCH_MAX: Final = 4096
 
 
@@ -222,9 +305,31 @@ class SqliteLedger:
         if run_id in self._pending or run_id in self._ending or run_id in self._retained:
             raise DuplicateRun(run_id)
         self._check_usable()
-        self._pending[run_id] = _Waiting(session_id)
+        now = time.time()
+        self._pending[run_id] = _Waiting(session_id, now)
         self._accepted_total += 1
-        self._write(("accept", run_id, session_id, time.time(), None, None))
+        self._write(("accept", run_id, session_id, now, None, None, None))
+
+    def accept_call(self, call: RunCall, workspace_path: str | None) -> None:
+        """:meth:`accept` of ``call.run_id``, writing its labels, acceptance time and
+        workspace path with it (for the listing, across restarts). Raises what ``accept``
+        raises."""
+        run_id = call.run_id
+        if run_id in self._pending or run_id in self._ending or run_id in self._retained:
+            raise DuplicateRun(run_id)
+        self._check_usable()
+        at = call.accepted_at if call.accepted_at is not None else time.time()
+        labels = json.dumps(dict(call.labels)) if call.labels else None
+        self._pending[run_id] = _Waiting(call.session_id, at, call, workspace_path)
+        self._accepted_total += 1
+        self._write(("accept", run_id, call.session_id, at, workspace_path, None, labels))
+
+    def mark_started(self, run_id: str, started_at: float) -> None:
+        """Note when the pending run's agent began executing (in memory: its terminal
+        carries it to disk); a no-op for any other id."""
+        waiting = self._pending.get(run_id)
+        if waiting is not None:
+            waiting.started_at = started_at
 
     def accept_rerunnable(
         self, run_id: str, session_id: str, workspace_path: str, call: RunCall
@@ -238,9 +343,11 @@ class SqliteLedger:
             raise DuplicateRun(run_id)
         self._check_usable()
         encoded = json.dumps(call.to_dict())
-        self._pending[run_id] = _Waiting(session_id)
+        at = call.accepted_at if call.accepted_at is not None else time.time()
+        labels = json.dumps(dict(call.labels)) if call.labels else None
+        self._pending[run_id] = _Waiting(session_id, at, call, workspace_path)
         self._accepted_total += 1
-        self._write(("accept", run_id, session_id, time.time(), workspace_path, encoded))
+        self._write(("accept", run_id, session_id, at, workspace_path, encoded, labels))
 
     def rerunnable_paths(self) -> list[str]:
         """The workspace paths with recovered runs still to be run again."""
@@ -279,7 +386,7 @@ class SqliteLedger:
         # json.dumps (which would turn a tuple into a list, or write NaN) never decides.
         rc = checked_terminal(rc)
         encoded = rc.to_json()
-        waiting = self._pending.pop(run_id, None) or _Waiting(rc.session_id)
+        waiting = self._pending.pop(run_id, None) or _Waiting(rc.session_id, rc.accepted_at)
         waiting.terminal = rc
         self._ending[run_id] = (waiting, rc, on_visible)
         self._outcomes[rc.outcome] += 1
@@ -370,6 +477,91 @@ class SqliteLedger:
     def pending_run_ids(self) -> list[str]:
         """Runs accepted whose terminal is not visible yet, oldest first."""
         return [*self._pending, *self._ending]
+
+    def run_info(self, run_id: str) -> RunInfo | None:
+        """The run as the store knows it, or ``None`` for an unknown (or evicted) id.
+
+        A retained terminal is read like ``get`` reads it: one primary-key lookup, inline.
+        """
+        waiting = self._pending.get(run_id)
+        if waiting is not None:
+            return waiting.info(run_id, "pending")
+        ending = self._ending.get(run_id)
+        if ending is not None:
+            return ending[0].info(run_id, "ending")
+        if run_id not in self._retained:
+            return None
+        with self._reader_lock:
+            row = self._reader.execute(
+                "SELECT terminal, workspace FROM runs WHERE run_id = ? AND ended_at IS NOT NULL",
+                (run_id,),
+            ).fetchone()
+        if row is None:
+            return None  # evicted meanwhile
+        return terminal_info(RunComplete.from_json(row[0]), row[1])
+
+    def list_runs(self, query: RunQuery) -> RunPage:
+        """One page of the runs matching ``query``, newest accepted first.
+
+        Runs not yet visible come from memory; retained terminals from one indexed range
+        read of the file (``accepted_at, run_id`` order, narrowed by the workspace, session
+        or label index), stopping after ``limit + 1`` rows, inline like ``get``. A row the
+        Trio side does not show yet (committed, not yet handed over) or no longer (evicted)
+        is skipped. ``ValueError`` for a malformed cursor.
+        """
+        after = decode_cursor(query.cursor) if query.cursor is not None else None
+        candidates: list[tuple[float, str, object]] = []
+        if query.state != "terminal":
+            # Copied first (each copy is one step under the GIL): the Trio thread may change
+            # these tables while a worker thread lists.
+            unseen: list[tuple[str, _Waiting, RunState]] = [
+                (r, w, "pending") for r, w in list(self._pending.items())
+            ]
+            unseen += [(r, e[0], "ending") for r, e in list(self._ending.items())]
+            for run_id, waiting, state in unseen:
+                if _waiting_matches(waiting, query):
+                    at = waiting.accepted_at or 0.0
+                    candidates.append((at, run_id, waiting.info(run_id, state)))
+        if query.state != "pending":
+            candidates.extend(self._retained_candidates(query, after))
+        return page_of(candidates, query, lambda info: info)
+
+    def _retained_candidates(
+        self, query: RunQuery, after: tuple[float, str] | None
+    ) -> list[tuple[float, str, object]]:
+        where = ["ended_at IS NOT NULL"]
+        params: list[object] = []
+        if query.workspace_path is not None:
+            where.append("workspace = ?")
+            params.append(query.workspace_path)
+        if query.session_id is not None:
+            where.append("session_id = ?")
+            params.append(query.session_id)
+        if query.label is not None:
+            where.append("run_id IN (SELECT run_id FROM run_labels WHERE key = ? AND value = ?)")
+            params.extend(query.label)
+        if after is not None:
+            where.append("(accepted_at, run_id) < (?, ?)")
+            params.extend(after)
+        sql = (
+            "SELECT accepted_at, run_id, workspace, terminal FROM runs WHERE "
+            + " AND ".join(where)
+            + " ORDER BY accepted_at DESC, run_id DESC"
+        )
+        found: list[tuple[float, str, object]] = []
+        want = query.limit + 1
+        with self._reader_lock:
+            rows = self._reader.execute(sql, params)
+            while len(found) < want:
+                batch = rows.fetchmany(want)
+                if not batch:
+                    break
+                for at, run_id, workspace, terminal in batch:
+                    if run_id in self._retained:
+                        rc = RunComplete.from_json(terminal)
+                        found.append((float(at), run_id, terminal_info(rc, workspace)))
+            rows.close()
+        return found
 
     def __contains__(self, run_id: object) -> bool:
         return run_id in self._pending or run_id in self._ending or run_id in self._retained
@@ -542,8 +734,10 @@ class SqliteLedger:
 
 
 _ACCEPT_SQL: Final = (
-    "INSERT INTO runs (run_id, session_id, accepted_at, workspace, call) VALUES (?, ?, ?, ?, ?)"
+    "INSERT INTO runs (run_id, session_id, accepted_at, workspace, call, labels)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
 )
+_LABEL_SQL: Final = "INSERT INTO run_labels (run_id, key, value) VALUES (?, ?, ?)"
 _END_SQL: Final = (
     "INSERT INTO runs (run_id, session_id, accepted_at, ended_at, terminal, size)"
     " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET"
@@ -561,7 +755,16 @@ def _apply(connection: sqlite3.Connection, batch: list[_Write]) -> list[tuple[st
     with connection:
         for kind, group in itertools.groupby(batch, key=operator.itemgetter(0)):
             if kind == "accept":
-                connection.executemany(_ACCEPT_SQL, [cast(_Accept, write)[1:] for write in group])
+                accepts = [cast(_Accept, write)[1:] for write in group]
+                connection.executemany(_ACCEPT_SQL, accepts)
+                labelled = [
+                    (row[0], key, value)
+                    for row in accepts
+                    if row[5] is not None
+                    for key, value in json.loads(row[5]).items()
+                ]
+                if labelled:
+                    connection.executemany(_LABEL_SQL, labelled)
             elif kind == "end":
                 rows = []
                 for write in group:
@@ -611,7 +814,7 @@ def _connect(
     return connection
 
 
-_Unended = tuple[str, str, "str | None", "str | None"]
+_Unended = tuple[str, str, "str | None", "str | None", float, "str | None"]
 
 
 def _prepare(
@@ -619,7 +822,8 @@ def _prepare(
 ) -> tuple[sqlite3.Connection, list[_Unended]]:
     # Blocking: runs in a worker thread. Opens (or creates) the file, checks (and migrates)
     # its schema, and returns the writer's connection and the runs accepted and never ended:
-    # (run id, session id, workspace path and call JSON when it is to be run again).
+    # (run id, session id, workspace path and call JSON when it is to be run again,
+    # acceptance time, labels JSON).
     try:
         connection = _connect(path, synchronous, busy_timeout, check_same_thread=False)
         version = connection.execute("PRAGMA user_version").fetchone()[0]
@@ -635,14 +839,16 @@ def _prepare(
             else:
                 for step in range(version, SCHEMA_VERSION):
                     connection.executescript(_MIGRATIONS[step])
+            if version < SCHEMA_VERSION:
+                connection.executescript(_LISTING)
             connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         unended = connection.execute(
-            "SELECT run_id, session_id, workspace, call FROM runs WHERE ended_at IS NULL"
-            " ORDER BY accepted_at, rowid"
+            "SELECT run_id, session_id, workspace, call, accepted_at, labels FROM runs"
+            " WHERE ended_at IS NULL ORDER BY accepted_at, rowid"
         ).fetchall()
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{path} cannot be used as a run database: {exc}") from None
-    return connection, [(str(r), str(s), w, c) for r, s, w, c in unended]
+    return connection, [(str(r), str(s), w, c, float(a), lb) for r, s, w, c, a, lb in unended]
 
 
 def _load_retained(
@@ -693,21 +899,27 @@ async def open_sqlite_ledger(
             ledger = SqliteLedger(
                 path, retention, cache_bytes, trio.lowlevel.current_trio_token(), reader
             )
-            abandoned = [(r, sid) for r, sid, _, call in unended if call is None]
-            await trio.to_thread.run_sync(_recover, writer, abandoned)
+            abandoned = [(r, sid, at, lb) for r, sid, _, call, at, lb in unended if call is None]
+            # A run to be run again is its next execution: counted on disk before it runs,
+            # so a crash during the rerun makes the one after it the third, and so on.
+            reruns = [
+                (r, workspace, _next_execution(RunCall.from_dict(json.loads(call))))
+                for r, _, workspace, call, _, _ in unended
+                if call is not None and workspace is not None
+            ]
+            await trio.to_thread.run_sync(_recover, writer, abandoned, reruns)
             for run_id, session_id, size, ended_at in await trio.to_thread.run_sync(
                 _load_retained, writer
             ):
                 ledger._retained[run_id] = (session_id, size, ended_at)
                 ledger._order.append(run_id)
                 ledger._retained_bytes += size
-            for run_id, session_id, workspace, call in unended:
-                if call is not None and workspace is not None:
-                    # Run again from the start: pending until its new terminal.
-                    ledger._pending[run_id] = _Waiting(session_id)
-                    ledger._rerun.setdefault(workspace, []).append(
-                        RunCall.from_dict(json.loads(call))
-                    )
+            for run_id, workspace, rerun in reruns:
+                # Run again from the start: pending until its new terminal.
+                ledger._pending[run_id] = _Waiting(
+                    rerun.session_id, rerun.accepted_at, rerun, workspace
+                )
+                ledger._rerun.setdefault(workspace, []).append(rerun)
             ledger._recovered = len(unended)
             if abandoned:
                 logger.warning(
@@ -750,17 +962,37 @@ async def open_sqlite_ledger(
         os.close(lock_fd)
 
 
-def _recover(connection: sqlite3.Connection, unended: list[tuple[str, str]]) -> None:
-    # Blocking. Ends each run abandoned, durably, before the store is handed out.
-    if not unended:
+def _next_execution(call: RunCall) -> RunCall:
+    return attrs.evolve(call, execution=call.execution + 1)
+
+
+def _recover(
+    connection: sqlite3.Connection,
+    unended: list[tuple[str, str, float, str | None]],
+    reruns: list[tuple[str, str, RunCall]],
+) -> None:
+    # Blocking. Ends each run abandoned (with the metadata its row holds), and counts the
+    # next execution of each run to be run again, durably, before the store is handed out.
+    if not unended and not reruns:
         return
     now = time.time()
     with connection:
-        for run_id, session_id in unended:
+        for run_id, session_id, accepted_at, labels in unended:
             encoded = RunComplete(
-                session_id, run_id, error=ABANDONED_ERROR, abandoned=True
+                session_id,
+                run_id,
+                error=ABANDONED_ERROR,
+                abandoned=True,
+                reason="abandoned",
+                accepted_at=accepted_at,
+                ended_at=now,
+                labels=json.loads(labels) if labels is not None else {},
             ).to_json()
             connection.execute(
                 "UPDATE runs SET ended_at = ?, terminal = ?, size = ? WHERE run_id = ?",
                 (now, encoded, len(encoded), run_id),
             )
+        connection.executemany(
+            "UPDATE runs SET call = ? WHERE run_id = ?",
+            [(json.dumps(call.to_dict()), run_id) for run_id, _, call in reruns],
+        )
