@@ -9,6 +9,7 @@ converted (a tuple into a list, a set or bytes into their repr).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import decimal
 import enum
@@ -28,6 +29,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from outside_coordinator import LockLaneCoordinator
 from test_e2e import START_BOUND, Server, serve, spawn
 
 from trio_runs import (
@@ -38,13 +40,16 @@ from trio_runs import (
     RunComplete,
     RunContext,
     RunLedger,
+    RunStore,
     SessionCoordinator,
     TrioRunsError,
     UnencodableValue,
+    Workspace,
     open_backend,
 )
 from trio_runs._encoding import MAX_DEPTH, check_progress, checked_terminal, json_problem
 from trio_runs.http.app import json_response
+from trio_runs.redis import open_redis_store
 from trio_runs.sqlite import open_sqlite_ledger
 
 __all__ = ["spawn"]  # the fixture, used by name
@@ -336,6 +341,52 @@ async def test_the_backend_fallback_terminal_is_checked_too(backend, tmp_path, a
     with trio.fail_after(TIMEOUT):
         rc = await backend.wait_run("r")
     assert rc.error == "result is not a JSON value: datetime.date at $.when"
+
+
+async def tuple_agent(call: RunCall) -> object:
+    await trio.lowlevel.checkpoint()
+    return (1, 2)
+
+
+async def test_a_coordinator_recording_terminals_itself_gets_the_same_failure(
+    tmp_path: Path, real_clock
+):
+    """Promise: the package's stores apply the rule themselves, so a coordinator that
+    records its terminals directly (``outside_coordinator``) fails the run the same way, in
+    memory and on SQLite."""
+    for kind in ("memory", "sqlite"):
+        async with contextlib.AsyncExitStack() as stack:
+            store: RunStore = (
+                RunLedger()
+                if kind == "memory"
+                else await stack.enter_async_context(open_sqlite_ledger(tmp_path / "runs.db"))
+            )
+            backend = await stack.enter_async_context(open_backend(store))
+
+            def factory(workspace: Workspace) -> LockLaneCoordinator:
+                return LockLaneCoordinator(tuple_agent, workspace.ledger, workspace.run_completions)
+
+            ws = await backend.create_workspace(tmp_path / kind, factory)
+            backend.send_message(ws.id, AgentMessage("s", "tuple", "r"))
+            with trio.fail_after(BOUND):
+                rc = await backend.wait_run("r")
+                await backend.aclose()
+            assert rc == RunComplete("s", "r", error="result is not a JSON value: tuple at $")
+
+
+async def test_the_redis_store_fails_the_run_rather_than_its_writer(
+    redis_url: str, namespace: str, real_clock
+):
+    """Promise: a terminal handed to the Redis store with a result that is not JSON is
+    recorded failed (its writer would otherwise choke on it)."""
+    with trio.fail_after(BOUND):
+        async with open_redis_store(redis_url, namespace=namespace) as store:
+            store.accept("r", "s")
+            seen: list[RunComplete] = []
+            assert store.complete(RunComplete("s", "r", result={"at": {1.5}}), seen.append)
+            rc = await store.wait("r")
+    assert rc == RunComplete("s", "r", error="result is not a JSON value: set at $.at")
+    assert seen == [rc]
 
 
 # -- progress ---------------------------------------------------------------------------------

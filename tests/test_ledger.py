@@ -338,7 +338,7 @@ def assorted(i: int) -> RunComplete:
         {"result": True},
         {"result": i / 2},
         {"result": f"text {i}"},
-        {"result": b"bytes"},
+        {"result": ""},
         {"result": {"n": [i]}},
         {"error": f"boom {i}"},
         {"cancelled": True},

@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol, TypeAlias, cast, runtime_checkable
 import attrs
 import trio
 
+from ._encoding import checked_terminal
 from ._histogram import Histogram, HistogramRecorder
 from .errors import DuplicateRun, UnknownRun
 from .events import RunCall, RunComplete
@@ -452,14 +453,17 @@ def _pending_info(run_id: str, pending: str | _PendingMeta | _Waited) -> RunInfo
     )
 
 
-def terminal_info(rc: RunComplete, workspace_path: str | None) -> RunInfo:
-    """The :class:`RunInfo` of a run whose terminal ``rc`` is visible."""
+def terminal_info(
+    rc: RunComplete, workspace_path: str | None, accepted_at: float | None = None
+) -> RunInfo:
+    """The :class:`RunInfo` of a run whose terminal ``rc`` is visible; ``accepted_at`` is
+    the store's own record of the acceptance, for a terminal that does not carry one."""
     return RunInfo(
         run_id=rc.run_id,
         session_id=rc.session_id,
         workspace_path=workspace_path,
         state="terminal",
-        accepted_at=rc.accepted_at,
+        accepted_at=rc.accepted_at if rc.accepted_at is not None else accepted_at,
         started_at=rc.started_at,
         attempt=rc.attempt,
         labels=rc.labels,
@@ -746,8 +750,11 @@ class RunLedger:
         In memory, a terminal is visible as soon as it is recorded: ``on_visible(rc)`` is
         called before this returns. A later terminal for the same id returns ``False`` and
         increments :attr:`duplicates_suppressed`. A terminal for an id that was never
-        accepted is recorded too: a terminal is never refused for being unexpected.
+        accepted is recorded too: a terminal is never refused for being unexpected. One whose
+        result is not a JSON value is recorded as a failed terminal saying so (as every store
+        of the package does, for a coordinator that records terminals itself).
         """
+        rc = checked_terminal(rc)
         run_id = rc.run_id
         pending = self._pending.pop(run_id, None)
         recent = self._recent

@@ -48,6 +48,7 @@ import attrs
 import coredis
 import trio
 
+from .._encoding import checked_terminal
 from .._histogram import HistogramRecorder
 from .._terminals import non_cancelled_leaves
 from ..errors import DuplicateRun, RedisUnavailable, UnknownRun
@@ -340,8 +341,10 @@ class RedisStore:
 
         It is shown (and ``on_visible`` called) once Redis recorded it. If Redis refuses it
         (another node's terminal won, or this node was fenced), ``on_visible`` is called with
-        the terminal that did win, once this node is shown it. Never blocks.
+        the terminal that did win, once this node is shown it. Never blocks. A result that is
+        not a JSON value is recorded as a failed terminal saying so, never converted.
         """
+        rc = checked_terminal(rc)
         run_id = rc.run_id
         run = self._runs.get(run_id)
         if run_id in self._terminals or (run is not None and run.decided is not None):
