@@ -514,6 +514,24 @@ def _build_parser() -> argparse.ArgumentParser:
     status.add_argument("run_id", metavar="RUN_ID")
     status.add_argument("--wait", action="store_true", help="block until the run has ended")
 
+    follow = commands.add_parser(
+        "follow",
+        help="print a run's progress, then its outcome (any run, running or ended)",
+        description="Follow a run, whoever submitted it: its progress the server still holds "
+        "(its --event-window) and then live goes to stderr, its result to stdout (or, with "
+        "--output json, the run), and the exit status is the run's, as for 'run'. A run that "
+        "already ended prints at once. A dropped connection is resumed where it broke; "
+        "Ctrl-C stops following and leaves the run as it is.",
+        epilog=_EXIT_CODES,
+        formatter_class=formatter,
+        parents=common,
+    )
+    _add_client_options(follow)
+    follow.add_argument("run_id", metavar="RUN_ID")
+    follow.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress on stderr, only the outcome"
+    )
+
     cancel = commands.add_parser(
         "cancel",
         help="cancel one run, or a session's active run and its queue",
@@ -604,6 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": _serve,
         "run": _run,
         "status": _status,
+        "follow": _follow,
         "cancel": _cancel,
         "demo": _demo,
     }
@@ -1024,6 +1043,38 @@ def _status(args: argparse.Namespace) -> int:
     if args.wait and view.terminal is not None:
         return _outcome_status(view.terminal)
     return EXIT_OK
+
+
+def _follow(args: argparse.Namespace) -> int:
+    http = _http()
+    from contextlib import aclosing
+
+    from . import events
+
+    async def follow_main() -> RunComplete:
+        terminal: RunComplete | None = None
+        async with (
+            http.RunsClient(args.server, token=args.token, timeout=args.timeout) as client,
+            aclosing(client.follow(args.run_id)) as items,
+        ):
+            # To the end of the iteration (just after the terminal): the stream is then
+            # closed in order.
+            async for item in items:
+                if isinstance(item, http.EventGap):
+                    _err(f"(progress before event {item.first_id} is no longer held)")
+                elif isinstance(item, events.RunProgress) and not args.quiet:
+                    print(_show(item.payload), file=sys.stderr, flush=True)
+                elif isinstance(item, events.RunComplete):
+                    terminal = item
+        if terminal is None:
+            raise http.ServerLost(f"the stream of run {args.run_id} ended without its terminal")
+        return terminal
+
+    try:
+        terminal = trio.run(follow_main)
+    except (http.ServerLost, http.ClientError) as exc:
+        return _client_error_status(exc, args, args.run_id)
+    return _report_terminal(terminal, args.output)
 
 
 def _cancel(args: argparse.Namespace) -> int:

@@ -16,16 +16,19 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .app import create_app
-    from .client import ClientError, RunsClient, ServerLost
+    from .client import ClientError, EventGap, RunsClient, ServerLost, SseEvent, StreamItem
     from .schema import MAX_BODY_BYTES, ApiError, RunView, SessionView, WorkspaceView
     from .server import BindRefused, RunningServer, ServeOptions, check_bind, serve
-    from .service import RunService
+    from .service import RunService, open_run_service
 
 _EXPORTS = {
     "create_app": "app",
     "ClientError": "client",
+    "EventGap": "client",
     "RunsClient": "client",
     "ServerLost": "client",
+    "SseEvent": "client",
+    "StreamItem": "client",
     "MAX_BODY_BYTES": "schema",
     "ApiError": "schema",
     "RunView": "schema",
@@ -37,6 +40,7 @@ _EXPORTS = {
     "check_bind": "server",
     "serve": "server",
     "RunService": "service",
+    "open_run_service": "service",
 }
 
 __all__ = [
@@ -44,6 +48,7 @@ __all__ = [
     "ApiError",
     "BindRefused",
     "ClientError",
+    "EventGap",
     "RunService",
     "RunView",
     "RunningServer",
@@ -51,9 +56,12 @@ __all__ = [
     "ServeOptions",
     "ServerLost",
     "SessionView",
+    "SseEvent",
+    "StreamItem",
     "WorkspaceView",
     "check_bind",
     "create_app",
+    "open_run_service",
     "serve",
 ]
 

@@ -28,10 +28,19 @@ import attrs
 import httpx
 import trio
 
-from ..events import RunComplete
+from ..coordinator import new_run_id
+from ..events import Notification, RunComplete, RunProgress
 from .schema import MAX_WAIT_SECONDS, RunView, SessionView, WorkspaceView
 
-__all__ = ["DEFAULT_SERVER", "ClientError", "RunsClient", "ServerLost", "SseEvent"]
+__all__ = [
+    "DEFAULT_SERVER",
+    "ClientError",
+    "EventGap",
+    "RunsClient",
+    "ServerLost",
+    "SseEvent",
+    "StreamItem",
+]
 
 logger = logging.getLogger("trio_runs.http")
 
@@ -70,6 +79,60 @@ class SseEvent:
             return json.loads(self.data)
         except ValueError:
             return None
+
+
+@attrs.frozen(slots=True)
+class EventGap:
+    """Events were missed: the server no longer holds the ones after ``last_event_id`` (they
+    left its window); ``first_id`` is the first it still held. Reconcile what matters from
+    :meth:`RunsClient.run` or :meth:`RunsClient.wait_terminal`."""
+
+    last_event_id: int
+    first_id: int
+
+
+StreamItem = RunProgress | Notification | RunComplete | EventGap
+"""What :meth:`RunsClient.events` and :meth:`RunsClient.follow` yield."""
+
+
+def _stream_item(event: SseEvent) -> StreamItem | None:
+    # The typed value of an event frame; None for a kind this client does not know.
+    data = event.json()
+    if event.event == "progress":
+        return RunProgress.from_dict(data)
+    if event.event == "run_complete":
+        return RunComplete.from_dict(data)
+    if event.event == "notification":
+        return Notification.from_dict(data)
+    if event.event == "gap":
+        return EventGap(int(data["last_event_id"]), int(data["first_id"]))
+    return None
+
+
+class _SseParser:
+    # Server-Sent Events framing, a line at a time (the server sends one data line per event).
+    def __init__(self) -> None:
+        self.fields: dict[str, str] = {}
+        self.data: list[str] = []
+
+    def feed(self, line: str) -> SseEvent | None:
+        if line.startswith(":"):
+            return None
+        if line:
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "data":
+                self.data.append(value)
+            else:
+                self.fields[name] = value
+            return None
+        event = None
+        if self.data or self.fields:
+            event = SseEvent(
+                self.fields.get("id", ""), self.fields.get("event", "message"), "\n".join(self.data)
+            )
+        self.fields, self.data = {}, []
+        return event
 
 
 def _submit_body(
@@ -236,12 +299,13 @@ class RunsClient:
         workspace_id: str,
         session_id: str,
         prompt: str,
-        run_id: str,
+        run_id: str | None = None,
         *,
         resubmitting: bool = False,
         deadline: float | None = None,
     ) -> str:
-        """Submit a prompt under a client-minted ``run_id``; returns it once accepted.
+        """Submit a prompt under ``run_id``; returns it once accepted. Without one, the id
+        is minted here (a UUID4), before the request: a retry reuses it, so is never run twice.
 
         ``deadline``: seconds the run may take from its start (``None``: the workspace's
         default, within the server's maximum); past it the run ends failed, ``timed_out``.
@@ -251,6 +315,7 @@ class RunsClient:
         ``resubmitting=True`` when an earlier call may have been accepted (its answer lost
         to a server restart), for the same recognition.
         """
+        run_id = run_id or new_run_id()
         body = _submit_body(session_id, prompt, run_id, deadline)
         response = await self._post_message(
             workspace_id, session_id, run_id, body, None, None, resubmitting
@@ -265,7 +330,7 @@ class RunsClient:
         workspace_id: str,
         session_id: str,
         prompt: str,
-        run_id: str,
+        run_id: str | None = None,
         *,
         resubmitting: bool = False,
         deadline: float | None = None,
@@ -278,6 +343,7 @@ class RunsClient:
         lost (the connection broke during the wait, say) is recognised, and the run is
         re-attached to instead of run twice. Bounded by ``poll_seconds + timeout``.
         """
+        run_id = run_id or new_run_id()  # minted here, as submit() does
         seconds = self.poll_seconds
         body = _submit_body(session_id, prompt, run_id, deadline)
         params = {"wait": f"{seconds:g}"}
@@ -318,7 +384,7 @@ class RunsClient:
         workspace_id: str,
         session_id: str,
         prompt: str,
-        run_id: str,
+        run_id: str | None = None,
         *,
         resubmitting: bool = False,
         deadline: float | None = None,
@@ -326,6 +392,7 @@ class RunsClient:
         """Submit a prompt and return its terminal: one request for a run that ends within
         :attr:`poll_seconds` (:meth:`submit_and_wait`), then ``/wait`` polls as
         :meth:`wait_terminal`. Raises as those do. ``deadline`` as :meth:`submit`."""
+        run_id = run_id or new_run_id()  # minted here, as submit() does
         view = await self.submit_and_wait(
             workspace_id, session_id, prompt, run_id, resubmitting=resubmitting, deadline=deadline
         )
@@ -519,6 +586,109 @@ class RunsClient:
         path = f"/v1/workspaces/{_quote(workspace_id)}/sessions/{_quote(session_id)}/queue"
         return SessionView.from_dict((await self.request("DELETE", path)).json())
 
+    def events(
+        self,
+        workspace_id: str,
+        *,
+        run_id: str | None = None,
+        session_id: str | None = None,
+        last_event_id: int | None = None,
+    ) -> AsyncGenerator[StreamItem, None]:
+        """The workspace's events as typed values: ``RunProgress``, ``Notification``,
+        ``RunComplete``, and an :class:`EventGap` when the server no longer held some.
+
+        ``run_id`` / ``session_id`` keep only that run's / session's. ``last_event_id``
+        resumes after that event id (``0``: from the oldest event the server still holds).
+        A dropped connection (or one the server ended because this reader fell behind) is
+        resumed with ``Last-Event-ID``: nothing the server still held is missed, nothing is
+        yielded twice. Ends when the workspace closes or the server shuts down. Raises
+        ``ServerLost`` when no connection could be made again within the liveness bound,
+        ``ClientError`` when the server refuses the stream (404: the workspace is gone).
+        Use as ``async with contextlib.aclosing(client.events(ws)) as events:``; leaving
+        early (or cancelled) closes the connection.
+        """
+        params = {k: v for k, v in (("run_id", run_id), ("session_id", session_id)) if v}
+        path = f"/v1/workspaces/{_quote(workspace_id)}/events"
+        return self._typed_events(path, params, last_event_id, until_terminal=False)
+
+    def follow(
+        self, run_id: str, *, last_event_id: int | None = None
+    ) -> AsyncGenerator[StreamItem, None]:
+        """One run's events as typed values: its progress the server still holds, then live,
+        and last its ``RunComplete`` (then the iteration ends), whether the run is running,
+        queued, or ended long ago (its terminal then comes from the store).
+
+        Resumed after a dropped connection as :meth:`events` is. Raises ``ClientError``
+        404 ``run_not_found`` for a run the server does not know, ``ServerLost`` as
+        :meth:`events`.
+        """
+        path = f"/v1/runs/{_quote(run_id)}/events"
+        return self._typed_events(path, {}, last_event_id, until_terminal=True)
+
+    async def _typed_events(
+        self,
+        path: str,
+        params: Mapping[str, str],
+        last_event_id: int | None,
+        *,
+        until_terminal: bool,
+    ) -> AsyncGenerator[StreamItem, None]:
+        # One connection after another, each resuming after the last id seen, until the
+        # stream ends on purpose. Never yields from inside a cancel scope (an async
+        # generator must not): the liveness bounds are httpx's timeouts and a deadline.
+        timeout = httpx.Timeout(self.timeout, read=30.0 + self.timeout)
+        last = last_event_id
+        lost_since: float | None = None
+        attempt = 0
+        while True:
+            headers = {} if last is None else {"last-event-id": str(last)}
+            failure: BaseException | None = None
+            try:
+                async with self._http.stream(
+                    "GET", path, params=params, headers=headers, timeout=timeout
+                ) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        raise _error_of(response)
+                    lost_since, attempt = None, 0
+                    parser = _SseParser()
+                    # aclosing: a cancelled reader must not leave the generator to the GC.
+                    lines_iter = cast("AsyncGenerator[str, None]", response.aiter_lines())
+                    ended = False
+                    async with contextlib.aclosing(lines_iter) as lines:
+                        # Read to the body's end (it follows the end event at once): httpx's
+                        # generators underneath are then exhausted, not left to the GC.
+                        async for line in lines:
+                            event = parser.feed(line)
+                            if event is None or ended:
+                                continue
+                            if event.id:
+                                last = int(event.id)
+                            if event.event == "end":
+                                ended = event.json() != {"reason": "slow_consumer"}
+                                # slow_consumer: not ended, resumed after the last event.
+                                continue
+                            item = _stream_item(event)
+                            if item is not None:
+                                yield item
+                                ended = until_terminal and isinstance(item, RunComplete)
+                    if ended:
+                        return
+            except httpx.TransportError as exc:
+                failure = exc
+            # The connection dropped: connect again, for as long as the liveness bound.
+            now = trio.current_time()
+            lost_since = now if lost_since is None else lost_since
+            if now - lost_since >= self.timeout * _BOUND_SHARE:
+                reason = f": {type(failure).__name__}: {failure}" if failure else ""
+                raise ServerLost(
+                    f"the event stream from {self.base_url} broke and could not be resumed "
+                    f"within {self.timeout:g}s{reason}"
+                )
+            attempt += 1
+            logger.debug("event stream %s dropped (%r); resuming after %s", path, failure, last)
+            await trio.sleep(min(0.05 * 2**attempt, 1.0) * random.uniform(0.5, 1.0))
+
     async def stream_events(
         self,
         workspace_id: str,
@@ -530,6 +700,9 @@ class RunsClient:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Follow the workspace's event stream, calling ``on_event`` for each event.
+
+        Prefer :meth:`events` (typed values, resumed after a dropped connection); this one
+        hands over the raw frames and ends with the connection.
 
         Reports started (for ``nursery.start``) once the server confirmed the subscription,
         so nothing published afterwards is missed. Returns when the stream ends (the

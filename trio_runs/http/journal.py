@@ -264,7 +264,16 @@ def _drain(journal: Journal, subscription: Subscription[Any], kind: EntryKind) -
 
 
 async def _pump_lossy(journal: Journal, subscription: Subscription[Any], kind: EntryKind) -> None:
-    async for event in subscription:
+    # Never holds an event across a checkpoint (``async for`` would: it yields after taking
+    # one), so that a terminal's task, draining this queue, numbers every event published
+    # before the terminal ahead of it. receive() is only called on an empty queue: it parks,
+    # and hands over what woke it without yielding again.
+    while True:
+        _drain(journal, subscription, kind)
+        try:
+            event = await subscription.receive()
+        except trio.EndOfChannel:
+            return
         journal.append(kind, event.payload)
 
 

@@ -1,0 +1,67 @@
+"""``RunsClient``'s typed, documented surface: run ids minted by the client, typed events.
+
+An in-process server on a free loopback port (``test_http_server.serving``), bounded in time.
+"""
+
+from __future__ import annotations
+
+import uuid
+from contextlib import aclosing
+from pathlib import Path
+
+import httpx
+import pytest
+from test_http_server import LoseFirstAnswer, serving
+
+from trio_runs import RunComplete, RunProgress
+from trio_runs.http import ClientError, RunningServer, RunsClient, StreamItem
+
+
+def test_submit_mints_the_run_id_so_a_retry_is_recognised_not_run_twice(tmp_path: Path):
+    """Promise: without a run id, ``submit`` mints one (a UUID4) before the request, so the
+    retry after a lost answer carries the same id and is recognised as ours."""
+
+    async def body(server: RunningServer, http: httpx.AsyncClient) -> None:
+        transport = LoseFirstAnswer()
+        async with RunsClient(server.url, transport=transport) as client:
+            ws = (await client.create_workspace("w")).id
+            run_id = await client.submit(ws, "s", "once")
+            assert transport.lost == 1
+            assert uuid.UUID(run_id).version == 4
+            assert (await client.wait_terminal(run_id)).result == "once"
+            view = await client.submit_and_wait(ws, "s", "twice")
+            assert view.terminal is not None
+            assert view.terminal.result == "twice"
+            terminal = await client.run_prompt(ws, "s", "thrice")
+            assert terminal.result == "thrice"
+            assert len({run_id, view.run_id, terminal.run_id}) == 3
+        assert server.service.backend.ledger.statistics().accepted_total == 3
+
+    serving(tmp_path, body)
+
+
+def test_follow_yields_typed_progress_then_the_terminal_late_or_live(tmp_path: Path):
+    """Promise: ``follow`` yields the run's ``RunProgress`` values and ends with its
+    ``RunComplete``, for a run that ended before it was called; an unknown run is a
+    ``ClientError`` 404."""
+
+    async def body(server: RunningServer, http: httpx.AsyncClient) -> None:
+        async with RunsClient(server.url) as client:
+            ws = (await client.create_workspace("w")).id
+            terminal = await client.run_prompt(ws, "s", "one two")
+            seen: list[StreamItem] = []
+            async with aclosing(client.follow(terminal.run_id)) as items:
+                async for item in items:
+                    seen.append(item)
+            assert seen == [
+                RunProgress("s", terminal.run_id, "one"),
+                RunProgress("s", terminal.run_id, "two"),
+                terminal,
+            ]
+            assert isinstance(seen[-1], RunComplete)
+            async with aclosing(client.follow("no-such-run")) as items:
+                with pytest.raises(ClientError) as info:
+                    await items.__anext__()
+            assert (info.value.status, info.value.code) == (404, "run_not_found")
+
+    serving(tmp_path, body)
