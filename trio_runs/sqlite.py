@@ -493,12 +493,13 @@ class SqliteLedger:
             return None
         with self._reader_lock:
             row = self._reader.execute(
-                "SELECT terminal, workspace FROM runs WHERE run_id = ? AND ended_at IS NOT NULL",
+                "SELECT terminal, workspace, accepted_at FROM runs"
+                " WHERE run_id = ? AND ended_at IS NOT NULL",
                 (run_id,),
             ).fetchone()
         if row is None:
             return None  # evicted meanwhile
-        return terminal_info(RunComplete.from_json(row[0]), row[1])
+        return terminal_info(RunComplete.from_json(row[0]), row[1], row[2])
 
     def list_runs(self, query: RunQuery) -> RunPage:
         """One page of the runs matching ``query``, newest accepted first.
@@ -559,7 +560,8 @@ class SqliteLedger:
                 for at, run_id, workspace, terminal in batch:
                     if run_id in self._retained:
                         rc = RunComplete.from_json(terminal)
-                        found.append((float(at), run_id, terminal_info(rc, workspace)))
+                        info = terminal_info(rc, workspace, at)
+                        found.append((float(at), run_id, info))
             rows.close()
         return found
 
