@@ -42,10 +42,10 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         "coordinator.py",
         [
             (
-                "            rc = RunComplete(session_id, run_id, cancelled=True)\n"
-                "        self._publish(accept, rc)\n",
-                "            rc = RunComplete(session_id, run_id, error='cancelled')\n"
-                "        self._publish(accept, rc)\n",
+                "                call, session_id, run_id, started_at=started_at, reason=reason, "
+                "cancelled=True\n",
+                "                call, session_id, run_id, started_at=started_at, reason=reason, "
+                "error='cancelled'\n",
             )
         ],
     ),
@@ -53,9 +53,14 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         "coordinator.py",
         [
             (
-                "        self._publish(accept, RunComplete(accept.session_id, accept.call.run_id, "
-                "cancelled=True))",
-                "        pass",
+                "        self._publish(\n"
+                "            accept,\n"
+                "            stamped_terminal(\n"
+                "                call, accept.session_id, call.run_id, started_at=None, "
+                "reason=reason, cancelled=True\n"
+                "            ),\n"
+                "        )\n",
+                "        pass\n",
             )
         ],
     ),
@@ -125,7 +130,7 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
     ),
     "sqlite-no-recovery": (
         "sqlite.py",
-        [("            await trio.to_thread.run_sync(_recover, writer, abandoned)\n", "")],
+        [("            await trio.to_thread.run_sync(_recover, writer, abandoned, reruns)\n", "")],
     ),
     "deadline-never-fires": (
         "coordinator.py",
@@ -160,6 +165,19 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
                 "    result, error = rc.result, rc.error\n",
                 "    return rc  # a non-JSON result passes silently\n"
                 "    result, error = rc.result, rc.error\n",
+            )
+        ],
+    ),
+    "cancel-reason-lost": (
+        "coordinator.py",
+        [('                accept._cancel_reason = "user"\n', "")],
+    ),
+    "listing-skips-page-boundary": (
+        "ledger.py",
+        [
+            (
+                "    last = shown[-1] if len(newest) > query.limit else None\n",
+                "    last = newest[query.limit] if len(newest) > query.limit else None\n",
             )
         ],
     ),
