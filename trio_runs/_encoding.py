@@ -161,6 +161,12 @@ def check_progress(payload: object) -> None:
         raise UnencodableValue("progress payload", problem)
 
 
+# The last terminal whose (container) result passed: a terminal is checked up to three times
+# on its way (by the coordinator, by record_terminal, by the store), all in one synchronous
+# step, so a large result is walked once, not three times.
+_passed: list[RunComplete | None] = [None]
+
+
 def checked_terminal(rc: _RC) -> _RC:
     """``rc`` itself if its result is a JSON value and its error a ``str`` (or ``None``);
     otherwise ``rc`` turned into a *failed* terminal saying what was refused and where.
@@ -170,9 +176,13 @@ def checked_terminal(rc: _RC) -> _RC:
     value: set at $.items"`` (followed by the run's own error, if it had one). Never raises
     for a bad result: the terminal must still be recorded, exactly once.
     """
+    if rc is _passed[0]:
+        return rc
     result, error = rc.result, rc.error
     if type(result) in _SCALARS or (problem := json_problem(result)) is None:
         if error is None or type(error) is str:
+            if type(result) not in _SCALARS:
+                _passed[0] = rc
             return rc
         return attrs.evolve(rc, error=f"error is not a str: {_kind(error)}", cancelled=False)
     message = str(UnencodableValue("result", problem))
