@@ -387,7 +387,8 @@ def page_of(
     if query.cursor is not None:
         after = decode_cursor(query.cursor)
         candidates = (c for c in candidates if (c[0], c[1]) < after)
-    newest = heapq.nlargest(query.limit + 1, candidates, key=operator.itemgetter(0, 1))
+    # Compared as tuples: run ids are unique, so the payloads are never compared.
+    newest = heapq.nlargest(query.limit + 1, candidates)
     shown = newest[: query.limit]
     last = shown[-1] if len(newest) > query.limit else None
     return RunPage(
@@ -514,7 +515,7 @@ class RunLedger:
     It lists its runs (:class:`SupportsRunListing`) with the metadata the backend gives it
     (:class:`SupportsRunMetadata`). In memory there is no index: ``list_runs`` scans every
     pending and retained run once per page, O(pending + retained) plus O(log limit) per
-    match (about 10 ms per 100,000 runs held), and builds a :class:`RunInfo` only for the
+    match (about 1 us per run held: 0.1 s for 100,000), and builds a :class:`RunInfo` only for the
     runs it returns; ``run_info`` is O(1), but for a run among the newest thousand or so
     terminals, which it finds by a scan of those.
     """
@@ -675,13 +676,32 @@ class RunLedger:
                     at = meta[0].accepted_at if meta is not None else None
                     candidates.append((at or 0.0, run_id, (run_id, pending)))
         if query.state != "pending":
-            for kept in self._recent_order:
-                if _kept_matches(kept, query):
-                    candidates.append((*_kept_key(kept), kept))
-            for shard in self._older:
-                for kept in shard.values():
-                    if _kept_matches(kept, query):
-                        candidates.append((*_kept_key(kept), kept))
+            session, workspace, label = query.session_id, query.workspace_path, query.label
+            # Locals, not globals, in the loops below: they run once per retained terminal.
+            at_i, id_i, session_i, workspace_i, labels_i, whole = (
+                _ACCEPTED_AT_AT,
+                _RUN_ID_AT,
+                _SESSION_ID_AT,
+                _WORKSPACE_AT,
+                _LABELS_AT,
+                _WHOLE,
+            )
+            for held in (self._recent_order, *(shard.values() for shard in self._older)):
+                # The compact ones (nearly all) filtered and keyed inline: a function call per
+                # retained terminal would be most of a page's cost.
+                candidates.extend(
+                    (kept[at_i] or 0.0, kept[id_i], kept)
+                    for kept in held
+                    if len(kept) != whole
+                    and (session is None or kept[session_i] == session)
+                    and (workspace is None or kept[workspace_i] == workspace)
+                    and (label is None or label in kept[labels_i])
+                )
+                candidates.extend(
+                    (*_kept_key(kept), kept)
+                    for kept in held
+                    if len(kept) == _WHOLE and _kept_matches(kept, query)
+                )
         return page_of(candidates, query, self._info_of)
 
     def _info_of(self, payload: Any) -> RunInfo:
