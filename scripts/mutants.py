@@ -181,6 +181,15 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
             )
         ],
     ),
+    "replay-skips-the-event-after-last-event-id": (
+        "http/journal.py",
+        [
+            (
+                "entries = tuple(entry for entry in held if entry.id > last_event_id)",
+                "entries = tuple(entry for entry in held if entry.id > last_event_id + 1)",
+            )
+        ],
+    ),
 }
 
 

@@ -5,9 +5,11 @@ An in-process server on a free loopback port (``test_http_server.serving``), bou
 
 from __future__ import annotations
 
+import re
 import uuid
 from contextlib import aclosing
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -15,6 +17,8 @@ from test_http_server import LoseFirstAnswer, serving
 
 from trio_runs import RunComplete, RunProgress
 from trio_runs.http import ClientError, RunningServer, RunsClient, StreamItem
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_submit_mints_the_run_id_so_a_retry_is_recognised_not_run_twice(tmp_path: Path):
@@ -65,3 +69,23 @@ def test_follow_yields_typed_progress_then_the_terminal_late_or_live(tmp_path: P
             assert (info.value.status, info.value.code) == (404, "run_not_found")
 
     serving(tmp_path, body)
+
+
+def python_client_example() -> tuple[str, list[str]]:
+    text = README.read_text(encoding="utf-8")
+    match = re.search(r"## Python client\n.*?```python\n(.*?)```\n\n```text\n(.*?)```", text, re.S)
+    assert match, "the README lost its Python client example"
+    return match.group(1), match.group(2).splitlines()
+
+
+def test_the_readmes_python_client_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """The README's "Python client" example, against a live server, prints what it shows."""
+    code, shown = python_client_example()
+    namespace: dict[str, Any] = {}
+    exec(compile(code.replace("trio.run(main)", ""), str(README), "exec"), namespace)
+
+    async def body(server: RunningServer, http: httpx.AsyncClient) -> None:
+        await namespace["main"](server.url)
+
+    serving(tmp_path, body)
+    assert capsys.readouterr().out.splitlines() == shown

@@ -22,7 +22,7 @@ import trio.testing
 from test_http_stall import sse_events, stream_into
 
 from trio_runs import Broker, EventType, RunComplete, RunProgress
-from trio_runs.http.journal import Journal, open_journal
+from trio_runs.http.journal import Journal, Replay, open_journal
 from trio_runs.http.schema import ApiError
 from trio_runs.http.sse import EventStream, RunEventStream, parse_last_event_id
 
@@ -86,13 +86,15 @@ def test_a_resume_replays_exactly_what_is_held_after_its_id():
     assert journal.replay(0).first_id == 3
 
 
-def test_an_id_the_workspace_never_sent_is_refused():
+def test_an_id_the_workspace_never_sent_is_a_gap_with_everything_held():
+    """A client's id from elsewhere never makes the stream skip the events that will get
+    those ids: it is told of a gap and given everything held."""
     journal = Journal("ws")
-    assert journal.replay(0).entries == ()
-    assert journal.replay(0).first_id is None  # nothing sent, nothing missed
+    assert journal.replay(0) == Replay((), None, 0)  # nothing sent, nothing missed
+    assert journal.replay(3) == Replay((), 1, 0)
     journal.append("progress", progress("r", 1))
-    with pytest.raises(ValueError, match="no event with id 2"):
-        journal.replay(2)
+    replay = journal.replay(7)
+    assert ([e.id for e in replay.entries], replay.first_id, replay.after) == ([1], 1, 1)
 
 
 def test_the_byte_bound_lets_old_events_go_but_always_holds_the_newest():
@@ -116,10 +118,11 @@ def test_last_event_id_comes_from_the_header_first(header, query, expected):
 
 
 @pytest.mark.parametrize("bad", ["", "-1", "x", "1.5", "٣", "1" * 19])
-def test_a_malformed_last_event_id_is_a_422(bad: str):
-    with pytest.raises(ApiError) as info:
-        parse_last_event_id(bad, None)
-    assert (info.value.status, info.value.code) == (422, "invalid_last_event_id")
+def test_a_malformed_last_event_id_is_a_422_even_beside_a_good_one(bad: str):
+    for header, query in ((bad, None), (None, bad), ("1", bad), (bad, "1")):
+        with pytest.raises(ApiError) as info:
+            parse_last_event_id(header, query)
+        assert (info.value.status, info.value.code) == (422, "invalid_last_event_id")
 
 
 # -- the journal fed by a workspace's brokers -----------------------------------------------

@@ -92,6 +92,8 @@ class Replay:
 
     entries: tuple[JournalEntry, ...]
     first_id: int | None
+    after: int
+    """The id live events continue after (a live entry up to it was replayed, or is older)."""
 
 
 @attrs.frozen(slots=True)
@@ -227,18 +229,16 @@ class Journal:
     def replay(self, last_event_id: int) -> Replay:
         """The held entries with an id above ``last_event_id``, and whether some are missing.
 
-        Raises ``ValueError`` for an id this workspace never gave (above :attr:`last_id`).
+        An id above :attr:`last_id` was never sent on this workspace (the client got it
+        elsewhere): it is answered as one from before the window, with everything held and
+        a gap, never by skipping the events that will get those ids.
         """
-        if last_event_id > self._last_id:
-            raise ValueError(
-                f"no event with id {last_event_id} was sent on this workspace "
-                f"(the newest is {self._last_id})"
-            )
         held = self._held
-        first = held[0].id if held else self._last_id + 1
-        first = max(first, self._horizon)
+        first = max(held[0].id if held else self._last_id + 1, self._horizon)
+        if last_event_id > self._last_id:
+            return Replay(tuple(held), first, self._last_id)
         entries = tuple(entry for entry in held if entry.id > last_event_id)
-        return Replay(entries, first if last_event_id + 1 < first else None)
+        return Replay(entries, first if last_event_id + 1 < first else None, last_event_id)
 
     def _fell_behind(self, error: SubscriberOverflow) -> None:
         # The journal's own subscription to the terminals overflowed: terminals were lost

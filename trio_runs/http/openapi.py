@@ -150,13 +150,43 @@ _BODY_ERRORS = {
 # Before OpenAPI 3.2 (itemSchema), a text/event-stream schema describes one event.
 _SSE_EVENT: Final = {
     "type": "object",
-    "required": ["id", "event", "data"],
+    "required": ["event", "data"],
     "properties": {
-        "id": {"type": "string", "description": "resume from here with Last-Event-ID"},
-        "event": {"type": "string", "examples": ["progress", "run_complete", "end"]},
+        "id": {
+            "type": "string",
+            "description": (
+                "the workspace's event id (1, 2, 3, ... for the workspace's life; absent on "
+                "gap, error, end and on a terminal read from the store): resume after it "
+                "with Last-Event-ID"
+            ),
+        },
+        "event": {
+            "type": "string",
+            "examples": ["progress", "notification", "run_complete", "gap", "error", "end"],
+        },
         "data": {"type": "string", "contentMediaType": "application/json"},
     },
 }
+_EVENT_ID: Final = {"type": "string", "pattern": "^ *[0-9]{1,18} *$"}
+_RESUME: Final = [
+    {
+        "name": "Last-Event-ID",
+        "in": "header",
+        "description": (
+            "resume after this event id: what the server still holds after it is sent first "
+            "(an event: gap first if some of it is gone, or if the id was never sent), then "
+            "the live events; wins over last_event_id"
+        ),
+        "schema": _EVENT_ID,
+    },
+    {
+        "name": "last_event_id",
+        "in": "query",
+        "description": "as the Last-Event-ID header (0: from the oldest event still held)",
+        "schema": _EVENT_ID,
+    },
+]
+_BAD_RESUME = "a malformed Last-Event-ID or last_event_id"
 _SHUTTING_DOWN = {"503": _error("the server is shutting down")}
 _AGENTLESS = {"409": _error("the workspace has no agent")}
 
@@ -365,6 +395,7 @@ def _paths() -> dict[str, Any]:
                         "description": "only this session's events",
                         "schema": {"type": "string"},
                     },
+                    *_RESUME,
                 ],
                 "responses": {
                     "200": {
@@ -375,7 +406,7 @@ def _paths() -> dict[str, Any]:
                         ),
                         "content": {"text/event-stream": {"schema": _SSE_EVENT}},
                     },
-                    "422": _error("an unknown query parameter"),
+                    "422": _error(f"an unknown query parameter, or {_BAD_RESUME}"),
                     **_NOT_FOUND,
                 },
             },
@@ -484,6 +515,33 @@ def _paths() -> dict[str, Any]:
                     "200": _json(RunView, "ended: terminal included"),
                     "202": _json(RunView, "still not ended after timeout seconds"),
                     "422": _error("the run id breaks the identifier rule, or a bad timeout"),
+                    **_NOT_FOUND,
+                },
+            },
+        },
+        # -- one run's event stream (resumable) --
+        "/v1/runs/{run_id}/events": {
+            "parameters": [_RUN_ID],
+            "get": {
+                "operationId": "followRun",
+                "summary": (
+                    "Server-Sent Events of one run, late or live: its progress still held, "
+                    "then live, then its run_complete (from the store if need be), then end"
+                ),
+                "parameters": _RESUME,
+                "responses": {
+                    "200": {
+                        "description": (
+                            "the run's progress and notifications (lossy), its run_complete "
+                            "(always), then a last end (reason run_ended) or error; a "
+                            "': heartbeat' comment every 15 s while it runs"
+                        ),
+                        "content": {"text/event-stream": {"schema": _SSE_EVENT}},
+                    },
+                    "422": _error(
+                        "the run id breaks the identifier rule, an unknown query parameter, "
+                        f"or {_BAD_RESUME}"
+                    ),
                     **_NOT_FOUND,
                 },
             },

@@ -48,7 +48,7 @@ from .schema import (
     SubmitMessage,
     WorkspaceView,
 )
-from .sse import EventStream, RunEventStream, check_resumable
+from .sse import EventStream, RunEventStream
 
 __all__ = ["RunService", "open_run_service"]
 
@@ -539,11 +539,10 @@ class RunService:
     ) -> EventStream:
         """The workspace's event stream, resuming after ``last_event_id`` if given.
 
-        404 ``workspace_not_found``; 422 ``invalid_last_event_id`` for an id the workspace
-        never sent; 501 ``not_supported`` for a service that keeps no journals.
+        404 ``workspace_not_found``; 501 ``not_supported`` for a service that keeps no
+        journals. An id the workspace never sent is answered with a gap (see the journal).
         """
         journal = await self._journal_or_refuse(self.workspace(workspace_id))
-        check_resumable(journal, last_event_id)
         return EventStream(
             journal,
             heartbeat=heartbeat,
@@ -560,7 +559,7 @@ class RunService:
         """One run's events: its progress still in its workspace's journal, then live, then
         its terminal (from the store if need be), then ``end``; late or live.
 
-        404 ``run_not_found``; 422 ``invalid_last_event_id`` as :meth:`events`.
+        404 ``run_not_found``.
         """
         self.run(run_id)
         journal: Journal | None = None
@@ -570,8 +569,6 @@ class RunService:
         else:
             # Its dispatch is over: its events may still be in its workspace's window.
             journal = next((j for j in self._journals.values() if j.holds_run(run_id)), None)
-        if journal is not None:
-            check_resumable(journal, last_event_id)
         return RunEventStream(
             run_id,
             journal,

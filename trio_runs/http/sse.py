@@ -121,28 +121,20 @@ def parse_last_event_id(header: str | None, query: str | None) -> int | None:
     with the id it last saw in the header. ``None`` when neither is given. Raises
     :class:`ApiError` 422 ``invalid_last_event_id`` for anything but a decimal event id.
     """
-    given = header if header is not None else query
-    if given is None:
-        return None
-    text = given.strip()
-    if not _LAST_EVENT_ID.fullmatch(text):
-        raise ApiError(
-            422,
-            "invalid_last_event_id",
-            f"Last-Event-ID must be an event id this server sent (decimal digits), got {given!r}",
-        )
-    return int(text)
-
-
-def check_resumable(journal: Journal, last_event_id: int | None) -> None:
-    """422 ``invalid_last_event_id`` for an id the workspace never sent (a newer one)."""
-    if last_event_id is not None and last_event_id > journal.last_id:
-        raise ApiError(
-            422,
-            "invalid_last_event_id",
-            f"no event with id {last_event_id} was sent on this workspace "
-            f"(the newest is {journal.last_id})",
-        )
+    resume: int | None = None
+    for given in (query, header):  # both checked, even when the header wins
+        if given is None:
+            continue
+        text = given.strip()
+        if not _LAST_EVENT_ID.fullmatch(text):
+            raise ApiError(
+                422,
+                "invalid_last_event_id",
+                f"Last-Event-ID must be an event id this server sent (decimal digits), "
+                f"got {given!r}",
+            )
+        resume = int(text)
+    return resume
 
 
 class _SseResponse(Response):
@@ -299,16 +291,16 @@ class EventStream(_SseResponse):
 
     def _replay(self) -> Replay:
         if self.last_event_id is None:
-            return Replay((), None)
+            return Replay((), None, self.journal.last_id)
         return self.journal.replay(self.last_event_id)
 
     async def _body(
         self, send: Send, live: Subscription[JournalEntry] | None, replay: Replay
     ) -> str:
         assert live is not None
-        sent = 0 if self.last_event_id is None else self.last_event_id
-        if replay.first_id is not None:
-            await self._send(send, _gap_frame(sent, replay.first_id))
+        sent = replay.after
+        if replay.first_id is not None and self.last_event_id is not None:
+            await self._send(send, _gap_frame(self.last_event_id, replay.first_id))
         for held in replay.entries:
             if self._wanted(held):
                 await self._send(send, _entry_frame(held))
@@ -372,16 +364,16 @@ class RunEventStream(_SseResponse):
 
     def _replay(self) -> Replay:
         if self.journal is None:
-            return Replay((), None)
+            return Replay((), None, 0)
         return self.journal.replay(0 if self.last_event_id is None else self.last_event_id)
 
     async def _body(
         self, send: Send, live: Subscription[JournalEntry] | None, replay: Replay
     ) -> str:
         run_id = self.run_id
-        sent = 0 if self.last_event_id is None else self.last_event_id
+        sent = replay.after
         if replay.first_id is not None and self.last_event_id is not None:
-            await self._send(send, _gap_frame(sent, replay.first_id))
+            await self._send(send, _gap_frame(self.last_event_id, replay.first_id))
         for held in replay.entries:
             sent = held.id
             if held.run_id == run_id:
