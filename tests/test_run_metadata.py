@@ -497,3 +497,31 @@ async def test_a_v2_file_is_migrated_in_place(tmp_path: Path, real_clock):
         assert json.loads(stored) == {"x": "y"}
     finally:
         check.close()
+
+
+# -- RedisStore: recovery says abandoned ---------------------------------------------------
+
+
+async def test_redis_recovery_says_abandoned_and_when(redis_url, namespace, real_clock):
+    from trio_runs.redis import open_redis_store
+
+    options = {"lease_ttl": 0.5, "unavailable_after": 1.0, "call_timeout": 1.0}
+    with trio.fail_after(BOUND):
+        async with (
+            open_redis_store(redis_url, namespace=namespace, **options) as a,  # type: ignore[arg-type]
+            open_redis_store(redis_url, namespace=namespace, **options) as b,  # type: ignore[arg-type]
+        ):
+            a.accept("r", "s")
+            await a.flush()
+            before = time.time()
+            # As if node a had died: its lease gone, declared dead (what a sweep does).
+            await a._client.eval(
+                "redis.call('DEL', KEYS[1]); redis.call('SREM', KEYS[2], ARGV[1]);"
+                " redis.call('SADD', KEYS[3], ARGV[1])",
+                keys=[a._prefix + "lease:" + a.node_id, a._prefix + "nodes", a._prefix + "dead"],
+                args=[a.node_id],
+            )
+            rc = await b.wait("r")
+    assert (rc.abandoned, rc.reason) == (True, "abandoned")
+    assert rc.ended_at is not None
+    assert before - 1 <= rc.ended_at <= time.time() + 1
