@@ -22,6 +22,7 @@ import trio.testing
 from trio_runs import (
     AgentMessage,
     Backend,
+    Broker,
     InvalidLabels,
     RunCall,
     RunComplete,
@@ -525,3 +526,20 @@ async def test_redis_recovery_says_abandoned_and_when(redis_url, namespace, real
     assert (rc.abandoned, rc.reason) == (True, "abandoned")
     assert rc.ended_at is not None
     assert before - 1 <= rc.ended_at <= time.time() + 1
+
+
+async def test_a_coordinators_own_run_carries_metadata_too(autojump_clock):
+    ledger = RunLedger()
+    coordinator = SessionCoordinator(
+        ScriptedAgent(return_("ok")), run_completions=Broker(), ledger=ledger
+    )
+    with trio.fail_after(BOUND):
+        rc = await coordinator.run("s", "hi")
+    _ordered(rc)
+    info = ledger.run_info(rc.run_id)
+    assert info is not None
+    assert (info.accepted_at, info.started_at, info.workspace_path) == (
+        rc.accepted_at,
+        rc.started_at,
+        None,
+    )

@@ -904,13 +904,23 @@ class SessionCoordinator:
         """
         validate_submission(session_id, prompt, run_id, attachments)
         run_id = run_id or new_run_id()
-        self._ledger.accept(run_id, session_id)
+        call = RunCall(
+            session_id,
+            prompt,
+            run_id,
+            tuple(attachments),
+            deadline=deadline,
+            accepted_at=time.time(),
+        )
+        if isinstance(self._ledger, SupportsRunMetadata):
+            self._ledger.accept_call(call, None)  # no workspace: run here, not in one
+        else:
+            self._ledger.accept(run_id, session_id)
         try:
             accept = self.begin_accepted(session_id)
         except BaseException:
             self._ledger.withdraw(run_id)
             raise
-        call = RunCall(session_id, prompt, run_id, tuple(attachments), deadline=deadline)
         with accept, with_run_id(run_id), with_run_complete_marker() as marker:
             try:
                 return await self.run_accepted(accept, call)
