@@ -109,6 +109,13 @@ def test_the_byte_bound_lets_old_events_go_but_always_holds_the_newest():
     assert ids(journal, 0) == [11]
 
 
+def test_an_unencodable_payload_never_stops_the_journal():
+    journal = Journal("ws")
+    entry = journal.append("progress", progress("r", {(1, 2): "tuple key"}))
+    assert json.loads(entry.data)["run_id"] == "r"
+    assert journal.append("progress", progress("r", "next")).id == 2
+
+
 @pytest.mark.parametrize(
     ("header", "query", "expected"),
     [(None, None, None), ("7", None, 7), (None, "0", 0), ("7", "3", 7), (" 12 ", None, 12)],

