@@ -1,4 +1,4 @@
-"""The ``trio-runs`` command: ``serve``, ``run``, ``status``, ``cancel``, ``demo``.
+"""The ``trio-runs`` command: ``serve``, ``run``, ``status``, ``follow``, ``cancel``, ``demo``.
 
 ``main(argv)`` returns the process exit status; nothing here calls ``sys.exit`` except the
 ``__main__`` guard. Conventions, the same for every command: what a command produces (a run's
@@ -94,7 +94,8 @@ HTTP API (JSON under /v1; the OpenAPI document is at /v1/openapi.json):
   POST   /v1/workspaces/{id}/sessions/{sid}/cancel
   DELETE /v1/workspaces/{id}/sessions/{sid}/queue
   GET    /v1/workspaces/{id}/sessions/{sid}  {busy, active, queued}
-  GET    /v1/workspaces/{id}/events          Server-Sent Events
+  GET    /v1/workspaces/{id}/events          Server-Sent Events (Last-Event-ID resumes)
+  GET    /v1/runs/{run_id}/events            one run's events, then its terminal, late or live
   GET    /healthz, GET /metrics              health; Prometheus metrics
 """
 
@@ -491,7 +492,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--detach",
         action="store_true",
         help="submit the run, print its id on stdout and exit 0 without waiting: it runs on "
-        "(follow it with 'status --wait RUN_ID', stop it with 'cancel --run RUN_ID')",
+        "(follow it with 'follow RUN_ID', stop it with 'cancel --run RUN_ID')",
     )
     run.add_argument(
         "prompt",
