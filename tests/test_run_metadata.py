@@ -9,6 +9,7 @@ added; ``SqliteLedger`` keeps it across restarts and recovery, and migrates a v2
 
 from __future__ import annotations
 
+import gc
 import json
 import sqlite3
 import time
@@ -543,3 +544,38 @@ async def test_a_coordinators_own_run_carries_metadata_too(autojump_clock):
         rc.started_at,
         None,
     )
+
+
+def test_retained_terminals_with_metadata_stay_invisible_to_the_garbage_collector():
+    """Labels, timestamps and workspace paths do not make held terminals tracked again: the
+    ledger keeps them as tuples of atoms, like the terminals without metadata."""
+    gc.collect()
+    before = len(gc.get_objects())
+    ledger = RunLedger(retain=20_000)
+    for i in range(20_000):
+        call = RunCall("s", "p", f"r{i}", labels={"team": f"t{i % 7}"}, accepted_at=1.0 + i)
+        ledger.accept_call(call, "/w")
+        ledger.mark_started(call.run_id, 2.0 + i)
+        ledger.complete(
+            RunComplete(
+                "s",
+                call.run_id,
+                result=i,
+                reason="user" if i % 2 else None,
+                accepted_at=call.accepted_at,
+                started_at=2.0 + i,
+                ended_at=3.0 + i,
+                labels=call.labels if i % 3 else {},
+            )
+        )
+    # Twice: a collection untracks the (key, value) pairs, the next one the tuples holding them.
+    gc.collect()
+    gc.collect()
+    assert ledger.terminal_count == 20_000
+    assert len(gc.get_objects()) - before < 4_000
+    oldest = ledger.run_info("r0")
+    assert oldest is not None
+    assert oldest.terminal is not None
+    assert (oldest.accepted_at, oldest.started_at, oldest.terminal.ended_at) == (1.0, 2.0, 3.0)
+    assert (oldest.workspace_path, dict(oldest.labels)) == ("/w", {})
+    assert dict(ledger.run_info("r1").labels) == {"team": "t1"}  # type: ignore[union-attr]
