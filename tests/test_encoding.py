@@ -98,6 +98,7 @@ ACCEPTED = [
     1.5,
     "",
     'text with "quotes" and \u00e9 and \U0001f600',
+    "a lone surrogate \udc80 travels escaped, as is",
     [],
     {},
     [1, "two", 3.0, None, True, [], {}],
