@@ -12,6 +12,7 @@ before anything was submitted.
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import importlib.util
 import json
@@ -22,6 +23,7 @@ import shutil
 import signal
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, contextmanager
 from functools import partial
@@ -233,6 +235,20 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _list_limit(text: str) -> int:
+    value = _positive_int(text)
+    if value > 1000:
+        raise argparse.ArgumentTypeError(f"at most 1000, got {text!r}")
     return value
 
 
@@ -486,6 +502,15 @@ def _build_parser() -> argparse.ArgumentParser:
         "(default: the workspace's default, within the server's --max-deadline)",
     )
     run.add_argument(
+        "--label",
+        type=_label,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label kept with the run, shown by status and ls and usable as ls's filter "
+        "(repeatable; up to 16)",
+    )
+    run.add_argument(
         "-q", "--quiet", action="store_true", help="no progress on stderr, only the outcome"
     )
     run.add_argument(
@@ -563,6 +588,47 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     cancel.set_defaults(usage_error=cancel.error)
 
+    ls = commands.add_parser(
+        "ls",
+        help="list runs, newest first",
+        description="List the runs the server's store knows, newest accepted first: running "
+        "ones and ended ones (as far back as the store retains them), filtered by workspace "
+        "path, session, state and label. Shows --limit runs; --all follows every page. "
+        "With --output json, one JSON document: the runs and the cursor of the next page.",
+        epilog=_EXIT_CODES,
+        formatter_class=formatter,
+        parents=common,
+    )
+    _add_client_options(ls)
+    ls.add_argument(
+        "--workspace",
+        default=None,
+        metavar="PATH",
+        help="only runs of this workspace path (resolved on the server; open or not)",
+    )
+    ls.add_argument("--session", default=None, metavar="SESSION", help="only this session's runs")
+    ls.add_argument(
+        "--state",
+        choices=["running", "ended"],
+        default=None,
+        help="running: no terminal yet; ended: completed, failed or cancelled",
+    )
+    ls.add_argument(
+        "--label",
+        type=_label,
+        default=None,
+        metavar="KEY=VALUE",
+        help="only runs submitted with this label",
+    )
+    ls.add_argument(
+        "--limit",
+        type=_list_limit,
+        default=20,
+        metavar="N",
+        help="show at most N runs (1 to 1000, default 20)",
+    )
+    ls.add_argument("--all", action="store_true", help="show every matching run, page by page")
+
     demo = commands.add_parser(
         "demo",
         help="the main job: a server and many client runs, checked end to end",
@@ -625,6 +691,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": _status,
         "follow": _follow,
         "cancel": _cancel,
+        "ls": _ls,
         "demo": _demo,
     }
     try:
@@ -952,7 +1019,12 @@ async def _run_main(client: RunsClient, args: argparse.Namespace, prompt: str, r
             try:
                 # One request: submitted, and its terminal if the run ends within a poll.
                 view = await client.submit_and_wait(
-                    workspace_id, args.session, prompt, run_id, deadline=args.deadline
+                    workspace_id,
+                    args.session,
+                    prompt,
+                    run_id,
+                    deadline=args.deadline,
+                    labels=dict(args.label),
                 )
             except http.ClientError as exc:
                 if exc.code != "workspace_not_found":
@@ -968,6 +1040,7 @@ async def _run_main(client: RunsClient, args: argparse.Namespace, prompt: str, r
                     run_id,
                     resubmitting=True,
                     deadline=args.deadline,
+                    labels=dict(args.label),
                 )
             accepted.set()
             if not args.quiet:
@@ -996,13 +1069,26 @@ async def _submit_detached(
     # --detach: submit (durably), print the run id (or the run, as JSON), wait for nothing.
     http = _http()
     try:
-        await client.submit(workspace_id, args.session, prompt, run_id, deadline=args.deadline)
+        await client.submit(
+            workspace_id,
+            args.session,
+            prompt,
+            run_id,
+            deadline=args.deadline,
+            labels=dict(args.label),
+        )
     except http.ClientError as exc:
         if exc.code != "workspace_not_found":
             raise
         workspace_id = (await client.create_workspace(args.workspace)).id
         await client.submit(
-            workspace_id, args.session, prompt, run_id, resubmitting=True, deadline=args.deadline
+            workspace_id,
+            args.session,
+            prompt,
+            run_id,
+            resubmitting=True,
+            deadline=args.deadline,
+            labels=dict(args.label),
         )
     if args.output == "json":
         _print_run(await client.run(run_id), args.output)
@@ -1102,6 +1188,81 @@ def _cancel(args: argparse.Namespace) -> int:
     else:
         _print_session(cast("SessionView", view), args.output)
     return EXIT_OK
+
+
+# -- ls ---------------------------------------------------------------------------------
+
+
+def _ls(args: argparse.Namespace) -> int:
+    http = _http()
+
+    async def ls_main() -> tuple[list[RunView], str | None]:
+        async with http.RunsClient(args.server, token=args.token, timeout=args.timeout) as client:
+            runs: list[RunView] = []
+            cursor: str | None = None
+            while True:
+                page = await client.list_runs(
+                    path=args.workspace,
+                    session_id=args.session,
+                    state=args.state,
+                    label=args.label,
+                    cursor=cursor,
+                    limit=1000 if args.all else args.limit,
+                )
+                runs.extend(page.runs)
+                cursor = page.next_cursor
+                if not args.all or cursor is None:
+                    return runs, cursor
+
+    try:
+        runs, cursor = trio.run(ls_main)
+    except (http.ServerLost, http.ClientError) as exc:
+        return _client_error_status(exc, args)
+    if args.output == "json":
+        _print_json({"runs": [run.to_dict() for run in runs], "next_cursor": cursor})
+        return EXIT_OK
+    print(_runs_table(runs), flush=True)
+    if cursor is not None:
+        _err(f"more runs than --limit {args.limit}: use --all, or a larger --limit")
+    return EXIT_OK
+
+
+def _when(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(seconds).isoformat(sep=" ", timespec="seconds")
+
+
+def _took(view: RunView) -> str:
+    # Wall time from start to end, or so far for an active run; "-" before it started.
+    start = view.started_at
+    end = view.terminal.ended_at if view.terminal is not None else None
+    if start is None:
+        return "-"
+    elapsed = (end if end is not None else time.time()) - start
+    return f"{max(elapsed, 0.0):.1f}s"
+
+
+def _runs_table(runs: Sequence[RunView]) -> str:
+    header = ("RUN_ID", "SESSION", "STATE", "ACCEPTED", "TOOK", "LABELS")
+    rows = [header]
+    for view in runs:
+        state = view.state
+        terminal = view.terminal
+        if terminal is not None and terminal.reason is not None:
+            state = f"{state} ({terminal.reason})"
+        labels = ",".join(f"{key}={value}" for key, value in sorted(view.labels.items()))
+        rows.append(
+            (view.run_id, view.session_id, state, _when(view.accepted_at), _took(view), labels)
+        )
+    if len(rows) == 1:
+        return "no runs"
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines)
 
 
 # -- demo -------------------------------------------------------------------------------

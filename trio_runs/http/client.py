@@ -21,7 +21,7 @@ import math
 import random
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Final, cast
+from typing import Any, Final, Literal, cast
 from urllib.parse import quote
 
 import attrs
@@ -30,7 +30,7 @@ import trio
 
 from ..coordinator import new_run_id
 from ..events import Notification, RunComplete, RunProgress
-from .schema import MAX_WAIT_SECONDS, RunView, SessionView, WorkspaceView
+from .schema import MAX_WAIT_SECONDS, RunList, RunView, SessionView, WorkspaceView
 
 __all__ = [
     "DEFAULT_SERVER",
@@ -136,11 +136,17 @@ class _SseParser:
 
 
 def _submit_body(
-    session_id: str, prompt: str, run_id: str, deadline: float | None
+    session_id: str,
+    prompt: str,
+    run_id: str,
+    deadline: float | None,
+    labels: Mapping[str, str] | None = None,
 ) -> dict[str, object]:
     body: dict[str, object] = {"session_id": session_id, "prompt": prompt, "run_id": run_id}
     if deadline is not None:
         body["deadline"] = deadline
+    if labels:
+        body["labels"] = dict(labels)
     return body
 
 
@@ -303,12 +309,15 @@ class RunsClient:
         *,
         resubmitting: bool = False,
         deadline: float | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> str:
         """Submit a prompt under ``run_id``; returns it once accepted. Without one, the id
         is minted here (a UUID4), before the request: a retry reuses it, so is never run twice.
 
         ``deadline``: seconds the run may take from its start (``None``: the workspace's
         default, within the server's maximum); past it the run ends failed, ``timed_out``.
+        ``labels``: up to 16 key/value strings kept with the run (its view, its terminal,
+        and ``list_runs``'s ``label`` filter).
 
         Transport errors are retried: when an earlier attempt was accepted but its answer
         lost, the retry's ``duplicate_run`` is recognised as that acceptance. Pass
@@ -316,7 +325,7 @@ class RunsClient:
         to a server restart), for the same recognition.
         """
         run_id = run_id or new_run_id()
-        body = _submit_body(session_id, prompt, run_id, deadline)
+        body = _submit_body(session_id, prompt, run_id, deadline, labels)
         response = await self._post_message(
             workspace_id, session_id, run_id, body, None, None, resubmitting
         )
@@ -334,6 +343,7 @@ class RunsClient:
         *,
         resubmitting: bool = False,
         deadline: float | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> RunView:
         """Submit a prompt and wait for its end in one request (``?wait=``).
 
@@ -345,7 +355,7 @@ class RunsClient:
         """
         run_id = run_id or new_run_id()  # minted here, as submit() does
         seconds = self.poll_seconds
-        body = _submit_body(session_id, prompt, run_id, deadline)
+        body = _submit_body(session_id, prompt, run_id, deadline, labels)
         params = {"wait": f"{seconds:g}"}
         response = await self._post_message(
             workspace_id, session_id, run_id, body, params, seconds + self.timeout, resubmitting
@@ -525,6 +535,68 @@ class RunsClient:
         """``GET /v1/runs/{run_id}``: the run's state, and its terminal once it ended."""
         response = await self.request("GET", f"/v1/runs/{_quote(run_id)}")
         return RunView.from_dict(response.json())
+
+    async def list_runs(
+        self,
+        *,
+        workspace_id: str | None = None,
+        path: str | None = None,
+        session_id: str | None = None,
+        state: Literal["running", "ended"] | None = None,
+        label: tuple[str, str] | None = None,
+        cursor: str | None = None,
+        limit: int | None = None,
+    ) -> RunList:
+        """``GET /v1/runs``: one page of runs, newest accepted first (see :meth:`iter_runs`).
+
+        Filters: an open workspace (``workspace_id``) or a workspace ``path`` (open or not),
+        a session, ``state`` (``"running"`` or ``"ended"``) and one ``label`` (key, value).
+        ``cursor`` is the previous page's ``next_cursor``. ``ClientError`` 501
+        ``not_supported`` when the server's store cannot list runs.
+        """
+        given = {
+            "workspace": workspace_id,
+            "path": path,
+            "session": session_id,
+            "state": state,
+            "label": None if label is None else f"{label[0]}={label[1]}",
+            "cursor": cursor,
+            "limit": None if limit is None else str(limit),
+        }
+        params = {key: value for key, value in given.items() if value is not None}
+        response = await self.request("GET", "/v1/runs", params=params)
+        return RunList.from_dict(response.json())
+
+    async def iter_runs(
+        self,
+        *,
+        workspace_id: str | None = None,
+        path: str | None = None,
+        session_id: str | None = None,
+        state: Literal["running", "ended"] | None = None,
+        label: tuple[str, str] | None = None,
+        page_size: int | None = None,
+    ) -> AsyncGenerator[RunView, None]:
+        """Every run matching the filters, newest accepted first, page after page.
+
+        Runs accepted after the first page was read are not included; none appears twice.
+        """
+        cursor: str | None = None
+        while True:
+            page = await self.list_runs(
+                workspace_id=workspace_id,
+                path=path,
+                session_id=session_id,
+                state=state,
+                label=label,
+                cursor=cursor,
+                limit=page_size,
+            )
+            for run in page.runs:
+                yield run
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
 
     async def cancel_run(self, run_id: str) -> RunView:
         """``POST /v1/runs/{run_id}/cancel``: cancel this run only; the run after.
