@@ -190,6 +190,10 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
             )
         ],
     ),
+    "terminal-numbered-before-its-progress": (
+        "http/journal.py",
+        [('                    _drain(journal, progress, "progress")\n', "")],
+    ),
 }
 
 
