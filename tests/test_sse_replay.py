@@ -21,9 +21,11 @@ import trio
 import trio.testing
 from test_http_stall import sse_events, stream_into
 
-from trio_runs import Broker, EventType, RunComplete, RunProgress
+from trio_runs import Broker, EventType, RunComplete, RunProgress, open_backend
+from trio_runs.agents import demo
 from trio_runs.http.journal import Journal, Replay, open_journal
-from trio_runs.http.schema import ApiError
+from trio_runs.http.schema import ApiError, CreateWorkspace, SubmitMessage
+from trio_runs.http.service import open_run_service
 from trio_runs.http.sse import EventStream, RunEventStream, parse_last_event_id
 
 
@@ -274,3 +276,38 @@ async def test_a_run_no_journal_holds_gets_its_terminal_from_the_store(autojump_
     assert sse_ids(frames)[0] == (None, "run_complete")  # not in any window: no id
     assert frames.count(b": heartbeat\n\n") >= 2
     assert json.loads(json.dumps(terminal.to_dict())) == terminal.to_dict()
+
+
+# -- the service: a journal per workspace, in its nursery, gone with the workspace ----------
+
+
+async def test_each_workspace_has_a_journal_that_ends_with_it(autojump_clock, tmp_path):
+    """Promise: ``open_run_service`` keeps a journal for each workspace it opens, from before
+    the workspace is handed out (its first run's events are numbered from 1); closing the
+    workspace ends its journal, and a late follower of its run still gets the terminal, from
+    the store."""
+    frames: list[bytes] = []
+    with trio.fail_after(30):
+        async with (
+            open_backend() as backend,
+            open_run_service(backend, demo.coordinator_factory, workspace_root=tmp_path) as service,
+        ):
+            view, _ = await service.create_workspace(CreateWorkspace(path="w"))
+            assert service.journal_statistics()[0] == 3  # its three broker subscriptions
+            run_id = await service.submit(view.id, SubmitMessage(session_id="s", prompt="a b"))
+            await service.wait(run_id, 10)
+            journal = await service.journal(service.workspace(view.id))
+            await service.close_workspace(view.id)
+            assert journal.ended  # with every event numbered
+            assert [(e.id, e.kind) for e in journal.replay(0).entries] == [
+                (1, "progress"),
+                (2, "progress"),
+                (3, "run_complete"),
+            ]
+            assert service.journal_statistics()[0] == 0
+            stream = await service.run_events(run_id, heartbeat=15)
+            assert stream.journal is None  # no open workspace holds it any more
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(stream_into, stream, frames))
+    assert [kind for kind, _ in sse_events(frames)] == ["run_complete", "end"]
+    assert sse_events(frames)[0][1]["result"] == "a b"

@@ -193,6 +193,7 @@ class Journal:
             buffer_size=min(buffer_size, max_backlog), max_backlog=max_backlog
         )
         """The readers' broker: progress and notifications lossy, terminals must-deliver."""
+        self._ended = trio.Event()
 
     @property
     def last_id(self) -> int:
@@ -201,8 +202,17 @@ class Journal:
 
     @property
     def ended(self) -> bool:
-        """Whether the journal took its last event (its workspace closed)."""
-        return self.live.is_shut_down
+        """Whether the journal took its last event (its workspace closed, or it was stopped)."""
+        return self._ended.is_set()
+
+    async def wait_ended(self) -> None:
+        """Wait until :attr:`ended`; cancelling the wait changes nothing."""
+        await self._ended.wait()
+
+    def _end(self) -> None:
+        # Idempotent: the readers' broker ends (each reader drains what it has, then ends).
+        self.live.shutdown()
+        self._ended.set()
 
     def statistics(self) -> JournalStatistics:
         """A frozen snapshot of the journal."""
@@ -323,7 +333,7 @@ async def open_journal(
             await nursery.start(_pump, journal, workspace)
             yield journal
     finally:
-        journal.live.shutdown()
+        journal._end()
 
 
 async def _pump(
@@ -344,7 +354,7 @@ async def _pump(
             await nursery.start(_pump_terminals, journal, workspace, progress, notifications)
             task_status.started()
     finally:
-        journal.live.shutdown()
+        journal._end()
 
 
 async def _pump_terminals(

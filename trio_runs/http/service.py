@@ -190,8 +190,13 @@ class RunService:
         """
         workspace = self.workspace(workspace_id)
         # WorkspaceNotFound: closed by a concurrent request meanwhile, the same end state.
+        journal = self._journals.get(workspace.id)
         with trio.CancelScope(shield=True), contextlib.suppress(WorkspaceNotFound):
             await self.backend.close_workspace(workspace_id, grace=self._close_grace)
+            if journal is not None:
+                # Its last events numbered (at once: the brokers are shut down), it is gone.
+                await journal.wait_ended()
+                self._forget_journal(workspace.id, journal)
         self._end_streams(workspace.id, "shutdown" if self._draining else "workspace_closed")
         return WorkspaceView(workspace.id, workspace.path, closing=True)
 
@@ -511,10 +516,15 @@ class RunService:
                 task_status.started(journal)
                 # Leaving the block waits for the workspace's brokers to shut down.
         finally:
-            if journal is not None and self._journals.get(workspace.id) is journal:
-                del self._journals[workspace.id]
-                self._closed_journal_drops += journal.live.drop_count
-                self._closed_journal_overflows += journal.live.overflow_count
+            if journal is not None:
+                self._forget_journal(workspace.id, journal)
+
+    def _forget_journal(self, workspace_id: str, journal: Journal) -> None:
+        # Idempotent: once its workspace closed, a journal is neither listed nor counted.
+        if self._journals.get(workspace_id) is journal:
+            del self._journals[workspace_id]
+            self._closed_journal_drops += journal.live.drop_count
+            self._closed_journal_overflows += journal.live.overflow_count
 
     def journal_statistics(self) -> tuple[int, int, int, int]:
         """For ``/metrics``: ``(own, readers, drops, overflows)``: the broker subscriptions
