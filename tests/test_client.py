@@ -89,3 +89,24 @@ def test_the_readmes_python_client_example_runs(tmp_path: Path, capsys: pytest.C
 
     serving(tmp_path, body)
     assert capsys.readouterr().out.splitlines() == shown
+
+
+def test_a_follower_gets_the_ending_of_a_run_cut_by_shutdown(tmp_path: Path):
+    """Promise: a run still going when the server shuts down ends cancelled, and whoever
+    follows it gets that terminal before the stream ends (not a broken connection)."""
+    seen: list[StreamItem] = []
+
+    async def body(server: RunningServer, http: httpx.AsyncClient) -> None:
+        async with RunsClient(server.url) as client:
+            ws = (await client.create_workspace("w")).id
+            run_id = await client.submit(ws, "s", "sleep 30")
+            async with aclosing(client.follow(run_id)) as items:
+                async for item in items:
+                    seen.append(item)
+                    if len(seen) == 1:  # its first tick: it is running
+                        server.request_shutdown()
+
+    serving(tmp_path, body)
+    assert isinstance(seen[0], RunProgress)
+    assert isinstance(seen[-1], RunComplete)
+    assert seen[-1].cancelled
