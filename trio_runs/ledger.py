@@ -737,10 +737,9 @@ class RunLedger:
         """:meth:`accept` of ``call.run_id``, keeping the call's metadata and the workspace
         path for :meth:`run_info` and :meth:`list_runs`. Raises ``DuplicateRun`` like it."""
         run_id = call.run_id
-        if run_id in self._pending or self._has_terminal(run_id):
-            raise DuplicateRun(run_id)
+        # Through `accept`, so that a subclass refusing acceptances refuses these too.
+        self.accept(run_id, call.session_id)
         self._pending[run_id] = (call, workspace_path, None)
-        self._accepted_total += 1
 
     def mark_started(self, run_id: str, started_at: float) -> None:
         """Note when the pending run's agent began executing; a no-op for any other id."""
