@@ -194,6 +194,10 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         "http/journal.py",
         [('                    _drain(journal, progress, "progress")\n', "")],
     ),
+    "fresh-stream-hides-where-it-begins": (
+        "http/sse.py",
+        [("        if self.last_event_id is None and sent > 0:\n", "        if False:\n")],
+    ),
 }
 
 

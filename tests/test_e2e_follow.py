@@ -37,6 +37,8 @@ class CuttingProxy:
         self.host, self.port = str(target.host), int(target.port or 80)
         self._open: set[trio.CancelScope] = set()
         self.connections = 0
+        self.downstream = b""
+        """Everything sent to the client so far (it reads it even after a cut)."""
 
     async def handle(self, downstream: trio.SocketStream) -> None:
         self.connections += 1
@@ -46,9 +48,22 @@ class CuttingProxy:
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(_pipe, downstream, upstream, nursery.cancel_scope)
-                        nursery.start_soon(_pipe, upstream, downstream, nursery.cancel_scope)
+                        nursery.start_soon(
+                            self._pipe_down, upstream, downstream, nursery.cancel_scope
+                        )
                 finally:
                     self._open.discard(scope)
+
+    async def _pipe_down(
+        self, source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope
+    ) -> None:
+        try:
+            async for chunk in source:
+                await sink.send_all(chunk)
+                self.downstream += chunk
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        done.cancel()
 
     def cut(self) -> None:
         for scope in list(self._open):
@@ -139,6 +154,54 @@ def test_a_resumed_stream_misses_nothing_and_repeats_nothing(spawn, tmp_path: Pa
     trio.run(main)
     assert seen(items) == expected
     assert proxy.connections == 2  # the first, and the one that resumed
+
+
+@pytest.mark.filterwarnings("ignore:Async generator 'http:ResourceWarning")
+def test_a_stream_dropped_before_its_first_event_resumes_from_where_it_began(spawn, tmp_path: Path):
+    """Promise: a fresh stream tells the client where it begins (an id-only frame), so a
+    connection that drops before any event arrived resumes from there: the client gets what
+    happened meanwhile, and nothing from before it subscribed.
+    Fault: the connection is cut once the stream began, then a run happens."""
+    server = serve(spawn, tmp_path)
+    proxy = CuttingProxy(server.url)
+    items: list[StreamItem] = []
+    after: list[str] = []
+
+    async def main() -> None:
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                listeners = await nursery.start(
+                    partial(trio.serve_tcp, proxy.handle, 0, host="127.0.0.1")
+                )
+                port = listeners[0].socket.getsockname()[1]
+                async with (
+                    httpx.AsyncClient(base_url=server.url, timeout=30) as http,
+                    RunsClient(f"http://127.0.0.1:{port}", timeout=10) as runs,
+                ):
+                    ws = (await runs.create_workspace("w")).id
+                    await wait_ended(http, await submit(http, ws, "old news"))  # ids 1 to 3
+                    done = trio.Event()
+
+                    async def consume() -> None:
+                        async with aclosing(runs.events(ws)) as events:
+                            async for item in events:
+                                items.append(item)
+                                if isinstance(item, RunComplete):
+                                    done.set()
+                                    return
+
+                    nursery.start_soon(consume)
+                    while b"id: 3\n\n" not in proxy.downstream:
+                        await trio.sleep(0.01)
+                    proxy.cut()
+                    after.append(await submit(http, ws, "new words"))
+                    await wait_ended(http, after[0])
+                    await done.wait()
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert seen(items) == [(after[0], "new"), (after[0], "words"), (after[0], "END")]
+    assert proxy.connections == 2
 
 
 @pytest.mark.filterwarnings("ignore:Async generator 'http:ResourceWarning")

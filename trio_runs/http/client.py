@@ -731,6 +731,10 @@ class RunsClient:
                         # Read to the body's end (it follows the end event at once): httpx's
                         # generators underneath are then exhausted, not left to the GC.
                         async for line in lines:
+                            if last is None and not until_terminal and line == ": subscribed":
+                                # Fresh, on a workspace with no event yet (else an id-only
+                                # frame follows): a reconnect resumes from its start.
+                                last = 0
                             event = parser.feed(line)
                             if event is None or ended:
                                 continue

@@ -301,6 +301,11 @@ class EventStream(_SseResponse):
         sent = replay.after
         if replay.first_id is not None and self.last_event_id is not None:
             await self._send(send, _gap_frame(self.last_event_id, replay.first_id))
+        if self.last_event_id is None and sent > 0:
+            # A fresh stream says where it starts: an id-only frame dispatches nothing but
+            # moves the client's last id, so a client that reconnects before any event
+            # arrived resumes from here instead of missing what happened meanwhile.
+            await self._send(send, b"id: %d\n\n" % sent)
         for held in replay.entries:
             if self._wanted(held):
                 await self._send(send, _entry_frame(held))
