@@ -194,7 +194,9 @@ class RunComplete(_JSONValue):
     it when the agent itself did not (see :data:`EndReason`; ``None`` when its own return,
     raise or self-cancellation did); ``accepted_at``, ``started_at`` and ``ended_at``, wall
     clock UNIX seconds (``time.time()``) of its acceptance, of its agent starting to execute
-    (after any queue wait; ``None`` if it never started) and of its terminal being decided;
+    (after any queue wait; ``None`` if it never started; for a terminal the backend records
+    itself, because its coordinator published none, when the backend handed the run to that
+    coordinator) and of its terminal being decided;
     ``attempt``, which execution of the run this is (``2`` for its first rerun after a
     crash); ``labels``, the read-only labels it was submitted with. Equality (and the hash)
     compares the ending only, the seven fields above: compare metadata field by field (or
