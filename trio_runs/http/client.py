@@ -815,7 +815,9 @@ class RunsClient:
                             else:
                                 fields[name] = value
                             continue
-                        if data or fields:
+                        # A frame without data dispatches nothing (the SSE rule): an id-only
+                        # frame (where a fresh stream begins) only moves the last id.
+                        if data:
                             on_event(
                                 SseEvent(
                                     fields.get("id", ""),
