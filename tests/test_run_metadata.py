@@ -579,3 +579,17 @@ def test_retained_terminals_with_metadata_stay_invisible_to_the_garbage_collecto
     assert (oldest.accepted_at, oldest.started_at, oldest.terminal.ended_at) == (1.0, 2.0, 3.0)
     assert (oldest.workspace_path, dict(oldest.labels)) == ("/w", {})
     assert dict(ledger.run_info("r1").labels) == {"team": "t1"}  # type: ignore[union-attr]
+
+
+async def test_a_terminal_the_backend_records_itself_keeps_the_metadata(backend: Backend):
+    """A pre-run failure (``prepare`` raised): the backend records the failed terminal, with
+    the run's labels and acceptance time, and the hand-over to the coordinator as its start."""
+
+    async def prepare(call: RunCall) -> None:
+        raise RuntimeError("no sandbox")
+
+    ws = await _workspace(backend, prepare=prepare)
+    msg = AgentMessage("s", "hi", labels={"k": "v"})
+    rc = await _wait(backend, backend.send_message(ws, msg))
+    assert (rc.error, rc.reason, dict(rc.labels)) == ("no sandbox", None, {"k": "v"})
+    _ordered(rc)
