@@ -12,6 +12,8 @@ killed in teardown.
 from __future__ import annotations
 
 import json
+import signal
+import time
 from contextlib import aclosing
 from functools import partial
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from ports import free_port
 from test_e2e import EXIT_BOUND, START_BOUND, Server, client, run, serve, spawn
 
 from trio_runs import RunComplete, RunProgress
@@ -309,3 +312,27 @@ def test_follow_of_a_live_run_another_client_started(spawn, tmp_path: Path):
     assert cancelled.code == 0, cancelled.err
     assert watching.finish(bound=EXIT_BOUND).code == 3, watching.err
     assert "was cancelled" in watching.err
+
+
+def test_a_follower_gets_the_ending_across_a_server_crash(spawn, tmp_path: Path):
+    """Promise: ``trio-runs follow`` outlives a server that is killed and restarted (on the
+    same port, with its durable store): it reconnects and gets the run's ending from the
+    store, here abandoned (exit 6), never a hang.
+    Fault: SIGKILL of the server while the run is active."""
+    port = str(free_port())
+    db = str(tmp_path / "runs.db")
+    server = serve(spawn, tmp_path, "--port", port, "--db", db)
+    detached = client(spawn, *run(server, "a", "sleep 30", "--run-id", "crashy", "--detach"))
+    assert detached.finish(bound=EXIT_BOUND).code == 0, detached.err
+    server.wait_state("crashy", "active")
+    following = client(spawn, "follow", "--server", server.url, "--timeout", "30", "crashy")
+    deadline = time.monotonic() + START_BOUND
+    while "trio_runs_event_streams 1.0" not in server.http.get("/metrics").text:
+        assert time.monotonic() < deadline, "the follower never connected"
+        time.sleep(0.05)
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(timeout=10)
+    serve(spawn, tmp_path, "--port", port, "--db", db)
+    ended = following.finish(bound=30 + EXIT_BOUND)
+    assert ended.code == 6, ended.err
+    assert "abandoned" in ended.err
