@@ -198,7 +198,13 @@ def test_run_still_ends_right_when_the_event_stream_is_refused(capsys, monkeypat
 
     monkeypatch.setattr(RunsClient, "stream_events", refuse)
     args = argparse.Namespace(
-        session="s", workspace="w", quiet=False, output="text", detach=False, deadline=None
+        session="s",
+        workspace="w",
+        quiet=False,
+        output="text",
+        detach=False,
+        deadline=None,
+        label=[],
     )
 
     async def main() -> int:
