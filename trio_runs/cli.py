@@ -873,16 +873,7 @@ def _print_session(view: SessionView, output: str) -> None:
 
 def _ended(rc: RunComplete) -> RunView:
     # The run as 'GET /v1/runs/{run_id}' shows an ended one.
-    view: RunView = _http().RunView(
-        rc.run_id,
-        rc.session_id,
-        rc.outcome,
-        rc,
-        accepted_at=rc.accepted_at,
-        started_at=rc.started_at,
-        attempt=rc.attempt,
-        labels=dict(rc.labels),
-    )
+    view: RunView = _http().RunView.ended(rc)
     return view
 
 

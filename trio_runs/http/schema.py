@@ -564,6 +564,20 @@ class RunView(msgspec.Struct, frozen=True):
         """Whether the run has ended."""
         return self.terminal is not None
 
+    @classmethod
+    def ended(cls, terminal: RunComplete) -> RunView:
+        """The view of a run that ended: its outcome as state, its metadata from ``terminal``."""
+        return cls(
+            terminal.run_id,
+            terminal.session_id,
+            terminal.outcome,
+            terminal,
+            accepted_at=terminal.accepted_at,
+            started_at=terminal.started_at,
+            attempt=terminal.attempt,
+            labels=dict(terminal.labels),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON body; ``terminal`` is present only once the run ended."""
         body: dict[str, Any] = {

@@ -306,7 +306,7 @@ class RunService:
         terminal = ledger.get(run_id)
         if terminal is not None:
             self._delivered(run_id)
-            return _ended_view(terminal)
+            return RunView.ended(terminal)
         session_id = ledger.session_of(run_id)
         if session_id is None or ledger.state(run_id) not in ("pending", "ending"):
             raise ApiError(404, "run_not_found", f"no run with id {run_id!r} is known")
@@ -377,7 +377,7 @@ class RunService:
 
     def _info_view(self, info: RunInfo) -> RunView:
         if info.terminal is not None:
-            return _ended_view(info.terminal)
+            return RunView.ended(info.terminal)
         return RunView(
             info.run_id,
             info.session_id,
@@ -674,19 +674,6 @@ _STORE_STATES: dict[str, Literal["pending", "terminal"]] = {
 
 _A = TypeVar("_A")
 _R = TypeVar("_R")
-
-
-def _ended_view(terminal: RunComplete) -> RunView:
-    return RunView(
-        terminal.run_id,
-        terminal.session_id,
-        terminal.outcome,
-        terminal,
-        accepted_at=terminal.accepted_at,
-        started_at=terminal.started_at,
-        attempt=terminal.attempt,
-        labels=dict(terminal.labels),
-    )
 
 
 @asynccontextmanager
