@@ -279,19 +279,19 @@ async def test_listing_shows_what_the_terminal_says(listing_backend: Backend, tm
     active = listing_backend.send_message(ws, AgentMessage("s", "long", labels={"k": "v"}))
     queued = listing_backend.send_message(ws, AgentMessage("s", "long"))
     await _until_active(listing_backend, ws, "s", active)
-    info = store.run_info(active)
+    info = await store.run_info(active)
     assert info is not None
     assert (info.state, info.workspace_path, dict(info.labels)) == ("pending", path, {"k": "v"})
     assert info.accepted_at is not None
     assert info.started_at is not None
     assert info.terminal is None
-    waiting = store.run_info(queued)
+    waiting = await store.run_info(queued)
     assert waiting is not None
     assert waiting.started_at is None
     assert listing_backend.cancel_run(active)
     rc = await _wait(listing_backend, active)
     with trio.fail_after(BOUND):
-        while (info := store.run_info(active)) is None or info.state != "terminal":
+        while (info := await store.run_info(active)) is None or info.state != "terminal":
             await trio.sleep(0.01)
     assert info.terminal is not None
     assert info.terminal.to_dict() == rc.to_dict()
@@ -325,7 +325,7 @@ async def test_listing_filters_and_pages_under_concurrent_accepts(
     seen: list[str] = []
     cursor = None
     while True:
-        page = store.list_runs(RunQuery(workspace_path=path_a, limit=7, cursor=cursor))
+        page = await store.list_runs(RunQuery(workspace_path=path_a, limit=7, cursor=cursor))
         assert len(page.runs) <= 7
         seen += [info.run_id for info in page.runs]
         listing_backend.send_message(ws_a, AgentMessage("later", "hi"))
@@ -334,22 +334,20 @@ async def test_listing_filters_and_pages_under_concurrent_accepts(
         cursor = page.next_cursor
     # Newest accepted first, each once, none skipped; runs accepted meanwhile sort before
     # the cursor, so they never shift a later page.
-    expected = sorted(
-        ids_a,
-        key=lambda r: (store.run_info(r).accepted_at, r),  # type: ignore[union-attr]
-        reverse=True,
-    )
+    accepted = {r: (await store.run_info(r)).accepted_at for r in ids_a}  # type: ignore[union-attr]
+    expected = sorted(ids_a, key=lambda r: (accepted[r], r), reverse=True)
     assert seen == expected
 
-    def ids(**query: object) -> set[str]:
-        return {info.run_id for info in store.list_runs(RunQuery(limit=1000, **query)).runs}  # type: ignore[arg-type]
+    async def ids(**query: object) -> set[str]:
+        page = await store.list_runs(RunQuery(limit=1000, **query))  # type: ignore[arg-type]
+        return {info.run_id for info in page.runs}
 
-    assert ids(session_id="s1", workspace_path=path_a) == set(ids_a[1::3])
-    assert ids(label=("parity", "0"), workspace_path=path_a) == set(ids_a[0::2])
-    assert ids(label=("parity", "2")) == set()
-    assert ids(state="pending") >= {pending_b}
-    assert pending_b not in ids(state="terminal")
-    assert set(ids_a) <= ids(state="terminal")
+    assert await ids(session_id="s1", workspace_path=path_a) == set(ids_a[1::3])
+    assert await ids(label=("parity", "0"), workspace_path=path_a) == set(ids_a[0::2])
+    assert await ids(label=("parity", "2")) == set()
+    assert await ids(state="pending") >= {pending_b}
+    assert pending_b not in await ids(state="terminal")
+    assert set(ids_a) <= await ids(state="terminal")
     assert listing_backend.cancel_run(pending_b)
     await _wait(listing_backend, pending_b)
 
@@ -365,8 +363,8 @@ async def test_bad_cursor_and_limit_are_value_errors(store_kind: str, tmp_path: 
         store = durable if store_kind == "SqliteLedger" else RunLedger()
         for cursor in ("", "not a cursor", "!!!", encode_cursor(1.0, "r")[:-3] + "x"):
             with pytest.raises(ValueError, match="cursor"):
-                store.list_runs(RunQuery(cursor=cursor))
-        assert store.list_runs(RunQuery(cursor=encode_cursor(1.0, "r"))).runs == ()
+                await store.list_runs(RunQuery(cursor=cursor))
+        assert (await store.list_runs(RunQuery(cursor=encode_cursor(1.0, "r")))).runs == ()
 
 
 # -- SqliteLedger: reruns, recovery, restarts, migration -----------------------------------
@@ -383,7 +381,7 @@ async def test_attempt_counts_each_rerun_after_a_crash(tmp_path: Path, real_cloc
     # Crashed twice: the first rerun never ends either.
     for attempt in (2, 3):
         async with open_sqlite_ledger(db) as store:
-            info = store.run_info("again")
+            info = await store.run_info("again")
             assert info is not None
             assert (info.state, info.attempt, dict(info.labels)) == ("pending", attempt, {"k": "v"})
             assert info.accepted_at == 1000.0
@@ -422,7 +420,7 @@ async def test_metadata_survives_a_restart_and_recovery_says_abandoned(tmp_path:
             await store.wait("ended")
             await store.flush()
     async with open_sqlite_ledger(db) as store:
-        ended = store.run_info("ended")
+        ended = await store.run_info("ended")
         assert ended is not None
         assert ended.terminal is not None
         assert ended.terminal.to_dict() == rc.to_dict()
@@ -432,9 +430,9 @@ async def test_metadata_survives_a_restart_and_recovery_says_abandoned(tmp_path:
         assert (crashed.abandoned, crashed.reason, crashed.accepted_at) == (True, "abandoned", 20.0)
         assert dict(crashed.labels) == {"b": "2"}
         assert crashed.ended_at is not None
-        page = store.list_runs(RunQuery(label=("b", "2")))
+        page = await store.list_runs(RunQuery(label=("b", "2")))
         assert [info.run_id for info in page.runs] == ["crashed"]
-        assert [i.run_id for i in store.list_runs(RunQuery(workspace_path="/w")).runs] == [
+        assert [i.run_id for i in (await store.list_runs(RunQuery(workspace_path="/w"))).runs] == [
             "crashed",
             "ended",
         ]
@@ -476,7 +474,7 @@ async def test_a_v2_file_is_migrated_in_place(tmp_path: Path, real_clock):
         assert abandoned is not None
         assert abandoned.reason == "abandoned"
         assert abandoned.accepted_at == now - 10
-        page = store.list_runs(RunQuery())
+        page = await store.list_runs(RunQuery())
         assert [(i.run_id, i.accepted_at) for i in page.runs] == [
             ("open", now - 10),
             ("old", now - 20),
@@ -484,7 +482,9 @@ async def test_a_v2_file_is_migrated_in_place(tmp_path: Path, real_clock):
         store.accept_call(RunCall("t", "p", "new", labels={"x": "y"}, accepted_at=now), "/w")
         with trio.fail_after(BOUND):
             await store.flush()
-        assert [i.run_id for i in store.list_runs(RunQuery(label=("x", "y"))).runs] == ["new"]
+        assert [i.run_id for i in (await store.list_runs(RunQuery(label=("x", "y")))).runs] == [
+            "new"
+        ]
         store.complete(RunComplete("t", "new", accepted_at=now, labels={"x": "y"}))
         with trio.fail_after(BOUND):
             await store.wait("new")
@@ -537,7 +537,7 @@ async def test_a_coordinators_own_run_carries_metadata_too(autojump_clock):
     with trio.fail_after(BOUND):
         rc = await coordinator.run("s", "hi")
     _ordered(rc)
-    info = ledger.run_info(rc.run_id)
+    info = await ledger.run_info(rc.run_id)
     assert info is not None
     assert (info.accepted_at, info.started_at, info.workspace_path) == (
         rc.accepted_at,
@@ -546,7 +546,9 @@ async def test_a_coordinators_own_run_carries_metadata_too(autojump_clock):
     )
 
 
-def test_retained_terminals_with_metadata_stay_invisible_to_the_garbage_collector():
+async def test_retained_terminals_with_metadata_stay_invisible_to_the_garbage_collector(
+    autojump_clock,
+):
     """Labels, timestamps and workspace paths do not make held terminals tracked again: the
     ledger keeps them as tuples of atoms, like the terminals without metadata."""
     gc.collect()
@@ -573,12 +575,12 @@ def test_retained_terminals_with_metadata_stay_invisible_to_the_garbage_collecto
     gc.collect()
     assert ledger.terminal_count == 20_000
     assert len(gc.get_objects()) - before < 4_000
-    oldest = ledger.run_info("r0")
+    oldest = await ledger.run_info("r0")
     assert oldest is not None
     assert oldest.terminal is not None
     assert (oldest.accepted_at, oldest.started_at, oldest.terminal.ended_at) == (1.0, 2.0, 3.0)
     assert (oldest.workspace_path, dict(oldest.labels)) == ("/w", {})
-    assert dict(ledger.run_info("r1").labels) == {"team": "t1"}  # type: ignore[union-attr]
+    assert dict((await ledger.run_info("r1")).labels) == {"team": "t1"}  # type: ignore[union-attr]
 
 
 async def test_a_terminal_the_backend_records_itself_keeps_the_metadata(backend: Backend):

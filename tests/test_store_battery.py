@@ -208,20 +208,20 @@ def _call(run_id: str, at: float, session: str = "s", **labels: str) -> RunCall:
 async def test_run_info_follows_a_run_from_accepted_to_ended(listing_store: Any, real_clock):
     assert isinstance(listing_store, SupportsRunListing)
     assert isinstance(listing_store, SupportsRunMetadata)
-    assert listing_store.run_info("r") is None
+    assert await listing_store.run_info("r") is None
     listing_store.accept_call(_call("r", 100.5, team="build", k=""), "/w")
-    info = listing_store.run_info("r")
+    info = await listing_store.run_info("r")
     assert info is not None
     assert (info.state, info.session_id, info.workspace_path) == ("pending", "s", "/w")
     assert (info.accepted_at, info.started_at, info.attempt) == (100.5, None, 1)
     assert dict(info.labels) == {"team": "build", "k": ""}
     listing_store.mark_started("r", 101.25)
     listing_store.mark_started("unknown", 1.0)  # a no-op
-    assert listing_store.run_info("r").started_at == 101.25
+    assert (await listing_store.run_info("r")).started_at == 101.25
     rc = _with_metadata("r")
     listing_store.complete(rc)
     await visible(listing_store, "r")
-    info = listing_store.run_info("r")
+    info = await listing_store.run_info("r")
     assert info.state == "terminal"
     assert info.terminal.to_dict() == rc.to_dict()
     assert (info.accepted_at, info.started_at, info.attempt, info.workspace_path) == (
@@ -246,7 +246,7 @@ async def test_listing_pages_newest_first_while_runs_are_added(listing_store: An
     cursor = None
     added = 0
     while True:
-        page = listing_store.list_runs(RunQuery(limit=4, cursor=cursor))
+        page = await listing_store.list_runs(RunQuery(limit=4, cursor=cursor))
         assert 0 < len(page.runs) <= 4
         seen += [info.run_id for info in page.runs]
         # Newer and older runs arrive between pages: neither shifts the next page.
@@ -265,20 +265,20 @@ async def test_listing_filters(listing_store: Any, real_clock):
     listing_store.complete(RunComplete("s1", "a1", accepted_at=1.0, labels={"team": "x"}))
     await visible(listing_store, "a1")
 
-    def ids(**query: Any) -> list[str]:
-        return [info.run_id for info in listing_store.list_runs(RunQuery(**query)).runs]
+    async def ids(**query: Any) -> list[str]:
+        return [info.run_id for info in (await listing_store.list_runs(RunQuery(**query))).runs]
 
-    assert ids() == ["b1", "a2", "a1"]
-    assert ids(workspace_path="/a") == ["a2", "a1"]
-    assert ids(session_id="s1") == ["b1", "a1"]
-    assert ids(state="pending") == ["b1", "a2"]
-    assert ids(state="terminal") == ["a1"]
-    assert ids(label=("team", "x")) == ["b1", "a1"]
-    assert ids(label=("team", "x"), workspace_path="/a", state="terminal") == ["a1"]
-    assert ids(label=("team", "z")) == []
-    page = listing_store.list_runs(RunQuery(limit=2))
+    assert await ids() == ["b1", "a2", "a1"]
+    assert await ids(workspace_path="/a") == ["a2", "a1"]
+    assert await ids(session_id="s1") == ["b1", "a1"]
+    assert await ids(state="pending") == ["b1", "a2"]
+    assert await ids(state="terminal") == ["a1"]
+    assert await ids(label=("team", "x")) == ["b1", "a1"]
+    assert await ids(label=("team", "x"), workspace_path="/a", state="terminal") == ["a1"]
+    assert await ids(label=("team", "z")) == []
+    page = await listing_store.list_runs(RunQuery(limit=2))
     assert [i.run_id for i in page.runs] == ["b1", "a2"]
-    rest = listing_store.list_runs(RunQuery(limit=2, cursor=page.next_cursor))
+    rest = await listing_store.list_runs(RunQuery(limit=2, cursor=page.next_cursor))
     assert ([i.run_id for i in rest.runs], rest.next_cursor) == (["a1"], None)
     with pytest.raises(ValueError, match="cursor"):
-        listing_store.list_runs(RunQuery(cursor="garbage"))
+        await listing_store.list_runs(RunQuery(cursor="garbage"))

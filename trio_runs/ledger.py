@@ -317,13 +317,17 @@ class SupportsRunListing(Protocol):
     acceptance time is unknown sorts as accepted at 0. A cursor names the last run of a
     page, so runs accepted meanwhile never shift the next page (they sort before it), and
     no run still held is skipped or shown twice across pages.
+
+    Both are ``async`` because a durable store reads its file or its server to answer, and
+    blocking I/O never runs on the event loop: such a store reads in a worker thread (or
+    over its async client). Cancelled, they return nothing and change nothing.
     """
 
-    def run_info(self, run_id: str) -> RunInfo | None:
+    async def run_info(self, run_id: str) -> RunInfo | None:
         """The run as the store knows it, or ``None`` for an unknown (or evicted) id."""
         ...
 
-    def list_runs(self, query: RunQuery) -> RunPage:
+    async def list_runs(self, query: RunQuery) -> RunPage:
         """One page of the runs matching ``query``; ``ValueError`` for a malformed cursor."""
         ...
 
@@ -646,8 +650,12 @@ class RunLedger:
         """The ids of every run accepted and not yet ended, oldest first."""
         return list(self._pending)
 
-    def run_info(self, run_id: str) -> RunInfo | None:
-        """The run as the ledger knows it, or ``None`` for an unknown (or evicted) id."""
+    async def run_info(self, run_id: str) -> RunInfo | None:
+        """The run as the ledger knows it, or ``None`` for an unknown (or evicted) id.
+
+        Answered from memory, in the Trio thread (a checkpoint, then no await).
+        """
+        await trio.lowlevel.checkpoint()
         pending = self._pending.get(run_id)
         if pending is not None:
             return _pending_info(run_id, pending)
@@ -663,9 +671,14 @@ class RunLedger:
         older = self._older[hash(run_id) & _SHARD_MASK].get(run_id)
         return None if older is None else _kept_info(older)
 
-    def list_runs(self, query: RunQuery) -> RunPage:
+    async def list_runs(self, query: RunQuery) -> RunPage:
         """One page of the runs matching ``query``, newest accepted first (see the class for
-        the cost); ``ValueError`` for a malformed cursor."""
+        the cost); ``ValueError`` for a malformed cursor.
+
+        Computed in the Trio thread after one checkpoint: the tables it walks are the ones
+        this thread changes, so no worker thread may read them.
+        """
+        await trio.lowlevel.checkpoint()
         if query.cursor is not None:
             decode_cursor(query.cursor)  # refused before any work
         candidates: list[_Candidate] = []

@@ -478,11 +478,13 @@ class SqliteLedger:
         """Runs accepted whose terminal is not visible yet, oldest first."""
         return [*self._pending, *self._ending]
 
-    def run_info(self, run_id: str) -> RunInfo | None:
+    async def run_info(self, run_id: str) -> RunInfo | None:
         """The run as the store knows it, or ``None`` for an unknown (or evicted) id.
 
-        A retained terminal is read like ``get`` reads it: one primary-key lookup, inline.
+        A pending run is answered from memory; a retained terminal is read from the file by
+        its primary key in a worker thread (never on the event loop).
         """
+        await trio.lowlevel.checkpoint()
         waiting = self._pending.get(run_id)
         if waiting is not None:
             return waiting.info(run_id, "pending")
@@ -491,6 +493,10 @@ class SqliteLedger:
             return ending[0].info(run_id, "ending")
         if run_id not in self._retained:
             return None
+        return await trio.to_thread.run_sync(self._read_info, run_id)
+
+    def _read_info(self, run_id: str) -> RunInfo | None:
+        # In a worker thread: the reader connection is this store's, behind its lock.
         with self._reader_lock:
             row = self._reader.execute(
                 "SELECT terminal, workspace, accepted_at FROM runs"
@@ -501,15 +507,21 @@ class SqliteLedger:
             return None  # evicted meanwhile
         return terminal_info(RunComplete.from_json(row[0]), row[1], row[2])
 
-    def list_runs(self, query: RunQuery) -> RunPage:
+    async def list_runs(self, query: RunQuery) -> RunPage:
         """One page of the runs matching ``query``, newest accepted first.
 
         Runs not yet visible come from memory; retained terminals from one indexed range
         read of the file (``accepted_at, run_id`` order, narrowed by the workspace, session
-        or label index), stopping after ``limit + 1`` rows, inline like ``get``. A row the
-        Trio side does not show yet (committed, not yet handed over) or no longer (evicted)
-        is skipped. ``ValueError`` for a malformed cursor.
+        or label index), stopping after ``limit + 1`` rows, in a worker thread (never on the
+        event loop). A row the Trio side does not show yet (committed, not yet handed over)
+        or no longer (evicted) is skipped. ``ValueError`` for a malformed cursor, before
+        any read.
         """
+        if query.cursor is not None:
+            decode_cursor(query.cursor)
+        return await trio.to_thread.run_sync(self._list_now, query)
+
+    def _list_now(self, query: RunQuery) -> RunPage:
         after = decode_cursor(query.cursor) if query.cursor is not None else None
         candidates: list[tuple[float, str, object]] = []
         if query.state != "terminal":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Literal, TypeVar
 
@@ -329,7 +329,7 @@ class RunService:
         store = self.backend.ledger
         if view.terminal is not None or not isinstance(store, SupportsRunListing):
             return view
-        info = self._store_call(store.run_info, view.run_id)
+        info = await self._store_call(store.run_info, view.run_id)
         if info is None or info.terminal is not None:
             return view
         return self._info_view(info)
@@ -364,14 +364,14 @@ class RunService:
             limit=query.limit,
         )
         try:
-            page = self._store_call(store.list_runs, store_query)
+            page = await self._store_call(store.list_runs, store_query)
         except ValueError as exc:
             raise ApiError(422, "invalid_cursor", str(exc)) from None
         return RunList([self._info_view(info) for info in page.runs], page.next_cursor)
 
-    def _store_call(self, read: Callable[[_A], _R], argument: _A) -> _R:
+    async def _store_call(self, read: Callable[[_A], Awaitable[_R]], argument: _A) -> _R:
         try:
-            return read(argument)
+            return await read(argument)
         except StoreError as exc:
             raise ApiError(503, "store_unavailable", str(exc)) from None
 
