@@ -158,6 +158,8 @@ async def test_bad_list_queries_are_typed_422s(autojump_clock, tmp_path: Path):
         [("session", "a"), ("session", "b")],
         [("sort", "asc")],
         [("cursor", "")],
+        [("path", "p" * 4097)],
+        [("path", "")],
     ]
     for pairs in bad_queries:
         with pytest.raises(ApiError) as info:

@@ -686,8 +686,10 @@ def parse_run_list_query(pairs: Iterable[tuple[str, str]]) -> RunListQuery:
     path = query.get("path")
     if path is not None:
         problem = workspace_path_problem(path)
+        if problem is None and len(path) > MAX_PATH_LENGTH:
+            problem = f"longer than {MAX_PATH_LENGTH} characters"
         if problem is not None:
-            raise ApiError(422, "invalid_query", f"invalid path {path!r}: {problem}")
+            raise ApiError(422, "invalid_query", f"invalid path {path[:80]!r}: {problem}")
     state = query.get("state")
     if state is not None and state not in LIST_STATES:
         raise ApiError(
