@@ -6,6 +6,7 @@ Crashes of a real server process are in ``test_crash.py``."""
 from __future__ import annotations
 
 import sqlite3
+import warnings
 from pathlib import Path
 
 import attrs
@@ -344,3 +345,18 @@ async def test_a_version_1_database_is_migrated(tmp_path: Path, real_clock):
         assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         columns = {row[1] for row in connection.execute("PRAGMA table_info(runs)")}
     assert {"workspace", "call"} <= columns
+
+
+async def test_opening_under_an_autojumping_clock_warns(tmp_path: Path, autojump_clock):
+    """Virtual time and a writer thread do not mix: say so where it starts, not as a
+    mysterious TooSlowError later."""
+    with pytest.warns(RuntimeWarning, match="autojumping MockClock"):
+        async with open_sqlite_ledger(tmp_path / "runs.db"):
+            pass
+
+
+async def test_opening_on_the_real_clock_does_not_warn(tmp_path: Path, real_clock):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        async with open_sqlite_ledger(tmp_path / "runs.db"):
+            pass

@@ -41,6 +41,7 @@ import queue
 import sqlite3
 import threading
 import time
+import warnings
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -49,6 +50,7 @@ from typing import Final, Literal, cast
 
 import attrs
 import trio
+import trio.testing
 
 from ._encoding import checked_terminal
 from ._histogram import HistogramRecorder
@@ -877,6 +879,18 @@ def _load_retained(
     ]
 
 
+def _warn_if_autojumping() -> None:
+    clock = trio.lowlevel.current_clock()
+    if isinstance(clock, trio.testing.MockClock) and clock.autojump_threshold != math.inf:
+        warnings.warn(
+            "SqliteLedger opened under an autojumping MockClock: virtual time jumps while "
+            "its writer thread commits, so timeouts around a commit expire at once; use the "
+            "real clock (every wait bounded) for a durable store",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
 @asynccontextmanager
 async def open_sqlite_ledger(
     path: str | os.PathLike[str],
@@ -896,7 +910,12 @@ async def open_sqlite_ledger(
     ``busy_timeout`` seconds counts as a failing disk (retried; see :class:`SqliteLedger`).
     On exit, every write already decided is committed before the block is left (the
     writer is joined, shielded).
+
+    Warns (``RuntimeWarning``) when opened under an autojumping ``MockClock``: virtual time
+    jumps while the writer thread commits, so a ``fail_after`` around a wait for a commit
+    expires at once. Test a durable store on the real clock, every wait bounded.
     """
+    _warn_if_autojumping()
     path = await trio.to_thread.run_sync(os.path.abspath, os.fspath(path))
     if synchronous not in ("FULL", "NORMAL"):
         raise ValueError(f"synchronous must be 'FULL' or 'NORMAL', got {synchronous!r}")
