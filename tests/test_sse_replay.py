@@ -111,11 +111,21 @@ def test_the_byte_bound_lets_old_events_go_but_always_holds_the_newest():
     assert ids(journal, 0) == [11]
 
 
-def test_an_unencodable_payload_never_stops_the_journal():
+def test_an_unencodable_payload_is_dropped_not_converted_and_never_stops_the_journal(caplog):
     journal = Journal("ws")
-    entry = journal.append("progress", progress("r", {(1, 2): "tuple key"}))
-    assert json.loads(entry.data)["run_id"] == "r"
-    assert journal.append("progress", progress("r", "next")).id == 2
+    for odd in ({(1, 2): "tuple key"}, {1, 2}, b"raw", float("nan"), (1, 2)):
+        assert journal.append("progress", progress("r", odd)) is None
+    assert "not a JSON value" in caplog.text
+    entry = journal.append("progress", progress("r", "next"))
+    assert entry is not None
+    assert entry.id == 1  # nothing was numbered for the dropped ones
+    assert json.loads(entry.data)["payload"] == "next"
+    # A terminal is never dropped: one carrying a bad result is shown failed, as stored.
+    ended = journal.append("run_complete", RunComplete("s", "r", result={1, 2}))
+    assert ended is not None
+    shown = json.loads(ended.data)
+    assert shown["result"] is None
+    assert shown["error"].startswith("result is not a JSON value: set at $")
 
 
 @pytest.mark.parametrize(

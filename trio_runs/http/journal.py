@@ -34,9 +34,10 @@ import attrs
 import msgspec
 import trio
 
+from .._encoding import checked_terminal, json_problem
 from ..broker import Broker, Subscription
 from ..errors import SubscriberOverflow
-from ..events import EventType
+from ..events import EventType, RunComplete
 
 __all__ = [
     "DEFAULT_EVENT_WINDOW",
@@ -133,26 +134,33 @@ class WorkspaceBrokers(Protocol):
 
 # msgspec encodes an event about 13 times faster than json.dumps (about 1 us against 11 for a
 # small progress event), and the journal encodes every event once, readers or not.
-_ENCODER: Final = msgspec.json.Encoder(enc_hook=repr)
+_ENCODER: Final = msgspec.json.Encoder()
 
 
-def _encode(payload: object) -> bytes:
-    # Never raises: the journal's tasks must not die of one odd value (a terminal must
-    # always be deliverable). Values are JSON by the time they get here (the library refuses
-    # others at emit and at the terminal); what is not is shown by its repr.
+def _encode(kind: EntryKind, payload: object) -> bytes | None:
+    # Never raises: the journal's tasks must not die of one odd value. Nothing is converted
+    # either (no repr, no str): the library refuses a value that is not JSON at emit and at
+    # the terminal, so what still is not here came from a coordinator publishing on the
+    # brokers itself. A terminal is then shown as the failed terminal the stores record for
+    # it; a lossy event (progress, notification) is dropped, and the drop logged.
+    if kind == "run_complete" and isinstance(payload, RunComplete):
+        payload = checked_terminal(payload)
     try:
         to_dict: Callable[[], dict[str, Any]] | None = getattr(payload, "to_dict", None)
         data = to_dict() if to_dict is not None else {"payload": payload}
     except Exception:
-        data = {"payload": repr(payload)}
-    try:
-        return _ENCODER.encode(data)
-    except Exception:
-        pass
-    try:
-        return json.dumps(data, separators=(",", ":"), default=repr).encode()
-    except Exception:
-        return json.dumps({"payload": repr(payload)}).encode()
+        logger.warning("dropped a %s event that cannot be shown as JSON", kind, exc_info=True)
+        return None
+    problem = json_problem(data)
+    if problem is not None:
+        logger.warning(
+            "dropped a %s event of run %s: it is not a JSON value (%s)",
+            kind,
+            getattr(payload, "run_id", None),
+            problem,
+        )
+        return None
+    return _ENCODER.encode(data)
 
 
 def _check_bound(name: str, value: object) -> int:
@@ -225,19 +233,24 @@ class Journal:
             readers=self.live.subscriber_count,
         )
 
-    def append(self, kind: EntryKind, payload: object) -> JournalEntry:
+    def append(self, kind: EntryKind, payload: object) -> JournalEntry | None:
         """Number ``payload`` as the workspace's next event, hold it, and hand it to readers.
 
         The oldest held events are let go while more than ``window`` are held or their
-        data exceeds ``window_bytes`` (the newest is always held). Never blocks.
+        data exceeds ``window_bytes`` (the newest is always held). Never blocks. A lossy
+        event whose payload is not a JSON value is dropped (logged), never converted:
+        ``None``, and no id is used up.
         """
+        data = _encode(kind, payload)
+        if data is None:
+            return None
         self._last_id += 1
         entry = JournalEntry(
             id=self._last_id,
             kind=kind,
             run_id=getattr(payload, "run_id", None),
             session_id=getattr(payload, "session_id", None),
-            data=_encode(payload),
+            data=data,
         )
         held = self._held
         held.append(entry)

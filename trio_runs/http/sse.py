@@ -100,7 +100,9 @@ CLIENT_CONNECTION: ContextVar[ClientConnection] = ContextVar("trio_runs_client_c
 
 def encode_event(event_id: int | None, kind: str, data: dict[str, Any]) -> bytes:
     """One SSE frame: ``id:`` (unless ``None``), ``event:`` and a single-line JSON ``data:``."""
-    text = json.dumps(data, separators=(",", ":"), default=repr)
+    # Strict: these are the server's own values (and a terminal, already checked), never
+    # converted; one that is not JSON is a bug to surface, not a value to change.
+    text = json.dumps(data, separators=(",", ":"), allow_nan=False)
     head = "" if event_id is None else f"id: {event_id}\n"
     return f"{head}event: {kind}\ndata: {text}\n\n".encode()
 
