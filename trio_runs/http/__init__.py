@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .app import create_app
-    from .client import ClientError, EventGap, RunsClient, ServerLost, SseEvent, StreamItem
+    from .client import (
+        ClientError,
+        ClientNotOpen,
+        EventGap,
+        RunsClient,
+        ServerLost,
+        SseEvent,
+        StreamItem,
+    )
     from .schema import MAX_BODY_BYTES, ApiError, RunView, SessionView, WorkspaceView
     from .server import BindRefused, RunningServer, ServeOptions, check_bind, serve
     from .service import RunService, open_run_service
@@ -24,6 +32,7 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "create_app": "app",
     "ClientError": "client",
+    "ClientNotOpen": "client",
     "EventGap": "client",
     "RunsClient": "client",
     "ServerLost": "client",
@@ -48,6 +57,7 @@ __all__ = [
     "ApiError",
     "BindRefused",
     "ClientError",
+    "ClientNotOpen",
     "EventGap",
     "RunService",
     "RunView",

@@ -10,6 +10,10 @@ the client, so a submission retried after a lost answer is recognised (409
 
 Waiting for a run's end polls ``/wait`` with a server-side timeout shorter than the
 liveness bound, so a healthy server always answers in time and a silent one is noticed.
+
+``RunsClient(..., multiplex=True)`` coalesces the :meth:`RunsClient.run_prompt` calls of many
+tasks into batch requests (``POST .../batches``) with the same promises: see
+:meth:`RunsClient.run_prompt`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import logging
 import math
 import random
+import re
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, Literal, cast
@@ -30,11 +35,20 @@ import trio
 
 from ..coordinator import new_run_id
 from ..events import Notification, RunComplete, RunProgress
-from .schema import MAX_WAIT_SECONDS, RunList, RunView, SessionView, WorkspaceView
+from .schema import (
+    MAX_BATCH_ITEMS,
+    MAX_BODY_BYTES,
+    MAX_WAIT_SECONDS,
+    RunList,
+    RunView,
+    SessionView,
+    WorkspaceView,
+)
 
 __all__ = [
     "DEFAULT_SERVER",
     "ClientError",
+    "ClientNotOpen",
     "EventGap",
     "RunsClient",
     "ServerLost",
@@ -63,6 +77,11 @@ class ClientError(Exception):
         self.status = status
         self.code = code
         self.message = message
+
+
+class ClientNotOpen(RuntimeError):
+    """The multiplexing path was used outside ``async with RunsClient(..., multiplex=True)``
+    (before it was entered, or after it was left): it has no task to send batches from."""
 
 
 @attrs.frozen(slots=True)
@@ -182,6 +201,16 @@ class RunsClient:
     ``timeout`` is the liveness bound: no call waits longer than that for the server to
     answer (``ServerLost`` instead). ``token`` is sent as ``Authorization: Bearer``;
     ``transport`` replaces httpx's network transport (tests inject faults with it).
+
+    ``multiplex=True`` (opt-in) sends the :meth:`run_prompt` calls of every task sharing the
+    client as batches (see :meth:`run_prompt`). The batches are sent from tasks of a nursery
+    the client opens on ``async with`` and closes on the way out, which changes the contract
+    of ``async with`` in three ways: it must be entered and left in the same task, nested
+    like any nursery (not kept open across tasks in an ``AsyncExitStack``, say); leaving it
+    waits (at most the liveness bound) for the cancellations of abandoned runs to reach the
+    server; and a :meth:`run_prompt` still waiting when it is left (from another task) raises
+    :class:`ClientNotOpen`. Without ``multiplex`` the client opens no task and
+    :meth:`run_prompt` sends its own requests, as it always did.
     """
 
     def __init__(
@@ -192,6 +221,7 @@ class RunsClient:
         timeout: float = DEFAULT_TIMEOUT,
         max_connections: int | None = 100,
         transport: httpx.AsyncBaseTransport | None = None,
+        multiplex: bool = False,
     ) -> None:
         if not (math.isfinite(timeout) and timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
@@ -206,9 +236,15 @@ class RunsClient:
             trust_env=False,
             transport=transport,
         )
+        self.multiplex = multiplex
+        self._mux: _Multiplexer | None = None
 
     async def __aenter__(self) -> RunsClient:
         await self._http.__aenter__()
+        if self.multiplex:
+            manager: contextlib.AbstractAsyncContextManager[trio.Nursery] = trio.open_nursery()
+            nursery = await manager.__aenter__()
+            self._mux = _Multiplexer(self, manager, nursery)
         return self
 
     async def __aexit__(
@@ -217,8 +253,13 @@ class RunsClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(0.5):
-            await self._http.__aexit__(exc_type, exc, tb)
+        mux, self._mux = self._mux, None
+        try:
+            if mux is not None:
+                await mux.close()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(0.5):
+                await self._http.__aexit__(exc_type, exc, tb)
 
     @property
     def poll_seconds(self) -> float:
@@ -398,13 +439,48 @@ class RunsClient:
         *,
         resubmitting: bool = False,
         deadline: float | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> RunComplete:
         """Submit a prompt and return its terminal: one request for a run that ends within
         :attr:`poll_seconds` (:meth:`submit_and_wait`), then ``/wait`` polls as
-        :meth:`wait_terminal`. Raises as those do. ``deadline`` as :meth:`submit`."""
+        :meth:`wait_terminal`. Raises as those do. ``deadline`` and ``labels`` as
+        :meth:`submit`.
+
+        With ``multiplex=True`` the prompt is queued instead, and the calls of every task
+        sharing the client go out together: a batch (``POST .../batches``) is sent as soon as
+        the previous one of the same workspace was accepted, holding everything queued
+        meanwhile (at most :data:`~trio_runs.http.schema.MAX_BATCH_ITEMS` messages and a body
+        under :data:`~trio_runs.http.schema.MAX_BODY_BYTES`; the rest waits for the next).
+        No timer: a lone caller's batch of one leaves at once, and 64 concurrent callers cost
+        a handful of requests. Each caller gets its own terminal, once, from the batch's
+        streamed answer; a message the server refuses raises that message's
+        :class:`ClientError` in its caller only (the others are sent again without it). The
+        acceptance, queueing included, is bounded by the liveness timeout (``ServerLost``);
+        if the answer then breaks off or stays silent that long, each caller waits for its
+        own run by id (:meth:`wait_terminal`: bounded the same way, and re-attached after a
+        server restart with a durable store). A retried batch recognises its own earlier
+        acceptances, as :meth:`submit` does. Cancelled, the call cancels its own run on the
+        server (``POST /v1/runs/{id}/cancel``, from the client's nursery: never any other
+        caller's), or, not sent yet, just drops the prompt. Outside ``async with``: raises
+        :class:`ClientNotOpen`.
+        """
         run_id = run_id or new_run_id()  # minted here, as submit() does
+        if self.multiplex:
+            mux = self._mux
+            if mux is None:
+                raise ClientNotOpen(
+                    "RunsClient(multiplex=True).run_prompt needs `async with RunsClient(...)`"
+                )
+            body = _submit_body(session_id, prompt, run_id, deadline, labels)
+            return await mux.run(workspace_id, session_id, run_id, body, resubmitting)
         view = await self.submit_and_wait(
-            workspace_id, session_id, prompt, run_id, resubmitting=resubmitting, deadline=deadline
+            workspace_id,
+            session_id,
+            prompt,
+            run_id,
+            resubmitting=resubmitting,
+            deadline=deadline,
+            labels=labels,
         )
         if view.terminal is not None:
             return view.terminal
@@ -828,3 +904,277 @@ class RunsClient:
                         fields, data = {}, []
         except httpx.TransportError as exc:
             raise ServerLost(f"the event stream from {self.base_url} broke: {exc!r}") from None
+
+
+# -- multiplexing: many callers' run_prompt, few batch requests ------------------------------
+
+_JSON_HEADERS: Final = {"content-type": "application/json"}
+_BATCH_BODY_LIMIT: Final = MAX_BODY_BYTES - 64
+"""A batch's body stays under this (room left for ``{"messages":[...]}`` around the items)."""
+_NAMED_MESSAGE: Final = re.compile(r"messages\[(\d+)\]: (.*)", re.S)
+"""How a whole-batch 422 names the message it refuses (``messages[3]: ...``)."""
+
+
+@attrs.define(eq=False)
+class _Pending:
+    # One multiplexed run_prompt call: its message, where it stands, and its outcome.
+    # state: queued (not sent), sent (acceptance unknown), accepted, over (refused or lost).
+    workspace_id: str
+    session_id: str
+    run_id: str
+    message: bytes
+    resubmitting: bool
+    enqueued_at: float
+    state: Literal["queued", "sent", "accepted", "over"] = "queued"
+    abandoned: bool = False
+    # Set once, with done: the terminal, the error for its caller, or None: accepted, but the
+    # batch's answer broke off before its terminal, so its caller waits for it by id.
+    outcome: RunComplete | Exception | None = None
+    done: trio.Event = attrs.Factory(trio.Event)
+
+
+class _Multiplexer:
+    # The batching half of RunsClient(multiplex=True): per workspace a queue of calls and one
+    # sender task, which has at most one batch awaiting its acceptances at a time; every task
+    # lives in the nursery the client opened on `async with`.
+
+    def __init__(
+        self,
+        client: RunsClient,
+        manager: contextlib.AbstractAsyncContextManager[trio.Nursery],
+        nursery: trio.Nursery,
+    ) -> None:
+        self.client = client
+        self.manager = manager
+        self.nursery = nursery
+        self.queues: dict[str, list[_Pending]] = {}
+        self.live: set[_Pending] = set()
+        self.closing = False
+
+    async def run(
+        self,
+        workspace_id: str,
+        session_id: str,
+        run_id: str,
+        body: dict[str, object],
+        resubmitting: bool,
+    ) -> RunComplete:
+        message = json.dumps(body, separators=(",", ":")).encode()
+        pending = _Pending(
+            workspace_id, session_id, run_id, message, resubmitting, trio.current_time()
+        )
+        queue = self.queues.get(workspace_id)
+        if queue is None:
+            queue = self.queues[workspace_id] = []
+            self.nursery.start_soon(self._sender, workspace_id, queue)
+        queue.append(pending)
+        self.live.add(pending)
+        try:
+            await pending.done.wait()
+            outcome = pending.outcome
+            if isinstance(outcome, RunComplete):
+                return outcome
+            if isinstance(outcome, Exception):
+                raise outcome
+            return await self.client.wait_terminal(run_id)
+        except (trio.Cancelled, KeyboardInterrupt):
+            self._abandon(pending)
+            raise
+        finally:
+            self.live.discard(pending)
+
+    async def close(self) -> None:
+        # Nothing queued is sent any more; the batches in flight stop (their runs go on); the
+        # cancellations of abandoned runs finish (shielded, bounded); then the nursery is gone.
+        self.closing = True
+        for queue in self.queues.values():
+            for pending in queue:
+                pending.state = "over"
+                self._finish(pending, _closed())
+            queue.clear()
+        self.nursery.cancel_scope.cancel()
+        try:
+            # Never the body's exception: a nursery would wrap it in an ExceptionGroup.
+            await self.manager.__aexit__(None, None, None)
+        finally:
+            for pending in list(self.live):
+                self._finish(pending, _closed())
+
+    def _abandon(self, pending: _Pending) -> None:
+        # Its caller was cancelled: drop the prompt if it was not sent, else cancel its run
+        # (this run only) once the server accepted it; a run that ended needs nothing.
+        pending.abandoned = True
+        if pending.done.is_set() and pending.outcome is not None:
+            return
+        if pending.state == "queued":
+            queue = self.queues.get(pending.workspace_id, [])
+            if pending in queue:
+                queue.remove(pending)
+            pending.state = "over"
+        elif pending.state == "accepted" and not self.closing:
+            self.nursery.start_soon(self._cancel, pending.run_id)
+        # "sent": _accept() starts the cancellation when the server says it accepted it.
+
+    async def _cancel(self, run_id: str) -> None:
+        # Shielded: the run must not outlive its abandoned caller because the client closed.
+        with trio.CancelScope(shield=True), trio.move_on_after(self.client.timeout):
+            try:
+                await self.client.cancel_run(run_id)
+            except (ClientError, ServerLost) as exc:
+                logger.warning("could not cancel the abandoned run %s: %s", run_id, exc)
+
+    def _accept(self, pending: _Pending) -> None:
+        pending.state = "accepted"
+        if pending.abandoned and not self.closing:
+            self.nursery.start_soon(self._cancel, pending.run_id)
+
+    @staticmethod
+    def _finish(pending: _Pending, outcome: RunComplete | Exception | None) -> None:
+        # The caller's outcome, once: a second one (a retried batch's) is ignored.
+        if not pending.done.is_set():
+            pending.outcome = outcome
+            pending.done.set()
+
+    async def _sender(self, workspace_id: str, queue: list[_Pending]) -> None:
+        # One batch after another while calls are queued: each holds what queued up while the
+        # previous one awaited its acceptances, so the batch size follows the load, no timer.
+        try:
+            while queue:
+                count = size = 0
+                for pending in queue:
+                    size += len(pending.message) + 1
+                    if count == MAX_BATCH_ITEMS or (count and size > _BATCH_BODY_LIMIT):
+                        break
+                    count += 1
+                batch = queue[:count]
+                del queue[:count]
+                for pending in batch:
+                    pending.state = "sent"
+                accepted = trio.Event()
+                self.nursery.start_soon(self._batch, workspace_id, queue, batch, accepted)
+                await accepted.wait()
+        finally:
+            if self.queues.get(workspace_id) is queue:
+                del self.queues[workspace_id]
+
+    async def _batch(
+        self,
+        workspace_id: str,
+        queue: list[_Pending],
+        batch: list[_Pending],
+        accepted: trio.Event,
+    ) -> None:
+        # Send the batch (again after a transport error, within the bound), hand each caller
+        # its outcome from the streamed answer; sets `accepted` once every acceptance is known
+        # (or never will be). The head is bounded by the liveness timeout counted from the
+        # oldest call's queueing; the answer's silence by the same timeout (a read timeout).
+        client = self.client
+        path = f"/v1/workspaces/{_quote(workspace_id)}/batches"
+        timeout = httpx.Timeout(client.timeout, read=client.timeout * _BOUND_SHARE)
+        since = min(pending.enqueued_at for pending in batch)
+        sent = batch
+        attempt = 1
+        failure: Exception | None = None
+        try:
+            with trio.move_on_at(since + client.timeout * _BOUND_SHARE) as head:
+                while sent:
+                    heard = 0
+                    content = b'{"messages":[' + b",".join(p.message for p in sent) + b"]}"
+                    try:
+                        async with client._http.stream(
+                            "POST", path, content=content, headers=_JSON_HEADERS, timeout=timeout
+                        ) as response:
+                            if response.status_code >= 400:
+                                await response.aread()
+                                sent = self._refused(queue, sent, _error_of(response))
+                                continue
+                            lines_iter = cast("AsyncGenerator[str, None]", response.aiter_lines())
+                            async with contextlib.aclosing(lines_iter) as lines:
+                                async for line in lines:
+                                    if not line.strip():
+                                        continue  # a heartbeat
+                                    await self._line(json.loads(line), sent, attempt)
+                                    heard += 1
+                                    if heard == len(sent):
+                                        head.deadline = math.inf
+                                        accepted.set()
+                        sent = []
+                    except httpx.TransportError as exc:
+                        logger.debug("batch answer broke off (%r)", exc)
+                        if heard >= len(sent):
+                            break  # every acceptance is known: the callers wait by id
+                        sent = [pending for pending in sent if pending.state == "sent"]
+                        attempt += 1  # a retry: a duplicate_run may be our own acceptance
+                        await trio.sleep(min(0.05 * 2**attempt, 1.0) * random.uniform(0.5, 1.0))
+        except Exception as exc:  # a malformed answer: never the nursery's (the client's) end
+            logger.warning("batch answer not understood: %r", exc)
+            failure = ClientError(
+                502, "bad_answer", f"the batch's answer was not understood: {exc}"
+            )
+        finally:
+            accepted.set()
+            for pending in batch:
+                if self.closing:
+                    self._finish(pending, _closed())
+                elif pending.state == "sent":
+                    pending.state = "over"
+                    self._finish(
+                        pending,
+                        failure
+                        or ServerLost(
+                            f"no answer to a batch from the server at {client.base_url} "
+                            f"within {client.timeout:g}s"
+                        ),
+                    )
+                elif pending.state == "accepted":
+                    self._finish(pending, None)  # its terminal is waited for by id
+
+    async def _line(self, line: Any, sent: list[_Pending], attempt: int) -> None:
+        kind, pending = line["kind"], sent[int(line["index"])]
+        if kind == "accepted":
+            self._accept(pending)
+        elif kind == "ended":
+            self._finish(pending, RunComplete.from_dict(line["run"]["terminal"]))
+        elif kind == "refused":
+            error = line["error"]
+            refusal = ClientError(int(line["status"]), str(error["code"]), str(error["message"]))
+            if pending.state == "accepted":
+                self._finish(pending, None)  # its terminal is gone from the server: wait says why
+            elif (
+                (attempt > 1 or pending.resubmitting)
+                and refusal.code == "duplicate_run"
+                and await self.client._is_ours(pending.run_id, pending.session_id)
+            ):
+                self._accept(pending)  # our earlier attempt accepted it; its answer was lost
+            else:
+                pending.state = "over"
+                self._finish(pending, refusal)
+
+    def _refused(
+        self, queue: list[_Pending], sent: list[_Pending], error: ClientError
+    ) -> list[_Pending]:
+        # The whole request was refused; returns what to send again. A 422 naming a message
+        # refuses that message's caller only (with the error a single submission would have
+        # had); a refusal naming none, of several messages, is untangled by sending them one
+        # at a time (the rest go back to the front of the queue); any other (404, 503, ...)
+        # would have refused each of them alone: every caller gets it.
+        named = _NAMED_MESSAGE.fullmatch(error.message) if error.status == 422 else None
+        if named is not None and int(named[1]) < len(sent):
+            index = int(named[1])
+            bad = sent[index]
+            bad.state = "over"
+            self._finish(bad, ClientError(error.status, error.code, named[2]))
+            return sent[:index] + sent[index + 1 :]
+        if len(sent) > 1 and error.status in (413, 422):
+            for pending in sent[1:]:
+                pending.state = "queued"
+            queue[:0] = sent[1:]
+            return sent[:1]
+        for pending in sent:
+            pending.state = "over"
+            self._finish(pending, ClientError(error.status, error.code, error.message))
+        return []
+
+
+def _closed() -> ClientNotOpen:
+    return ClientNotOpen("the RunsClient was closed before this run_prompt's answer came")
