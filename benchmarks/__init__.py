@@ -3,7 +3,9 @@ same run.
 
 ``python -m benchmarks [--quick] [--json PATH]`` runs them all; ``python -m benchmarks.NAME``
 runs one (``dispatch``, ``sessions``, ``flood``, ``memory``, ``http``, ``durable``), from a
-source checkout: the benchmarks are not part of the installed package. See
+source checkout: the benchmarks are not part of the installed package. ``peers`` (trio-runs
+against Celery and arq) runs only when named, ``python -m benchmarks.peers`` or
+``--only peers``: it installs third-party software, so never by default and never in CI. See
 ``benchmarks/README.md`` for what each measures and the latest results.
 """
 
@@ -15,16 +17,20 @@ from collections.abc import Sequence
 
 from ._common import MIN_REPS, Report, header_lines, parser, render, timer, write_json
 
-__all__ = ["BENCHMARKS", "main", "run"]
+__all__ = ["BENCHMARKS", "OPT_IN", "main", "run"]
 
 BENCHMARKS = ("dispatch", "sessions", "flood", "memory", "http", "durable")
 """Every benchmark that runs by default, in order."""
+OPT_IN = ("peers",)
+"""Benchmarks that run only when named (``--only peers``): never by default, never in CI.
+``peers`` installs Celery and arq into a virtualenv of its own and needs ``redis-server``."""
 
 
 def run(name: str, *, quick: bool = False, reps: int = MIN_REPS) -> Report:
     """Run one benchmark by name and return its report."""
-    if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    if name not in BENCHMARKS + OPT_IN:
+        choices = ", ".join(BENCHMARKS + OPT_IN)
+        raise ValueError(f"unknown benchmark {name!r}; choose from {choices}")
     module = importlib.import_module(f"{__name__}.{name}")
     start = timer()
     report = module.run(quick=quick, reps=reps)
@@ -44,9 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--only",
         action="append",
-        choices=BENCHMARKS,
+        choices=BENCHMARKS + OPT_IN,
         metavar="NAME",
-        help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}",
+        help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}; "
+        f"and, never by default: {', '.join(OPT_IN)} (installs Celery and arq)",
     )
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.reps < MIN_REPS:

@@ -174,3 +174,43 @@ def test_main_refuses_fewer_than_five_repetitions() -> None:
     with pytest.raises(SystemExit) as exc:
         benchmarks.main(["--reps", "1"])
     assert exc.value.code == 2
+
+
+# -- peers (issue 12): only the parts that need neither Celery, arq nor Redis -----------------
+
+
+def test_peers_is_opt_in_never_in_the_default_set() -> None:
+    # It installs Celery and arq (pip) and needs redis-server: never by default, never in CI.
+    assert "peers" not in benchmarks.BENCHMARKS
+    assert "peers" in benchmarks.OPT_IN
+
+
+def test_peers_trio_runs_only_measures_every_trio_runs_path() -> None:
+    from benchmarks import peers
+
+    report = peers.run(clients=(1, 3), jobs=6, reps=1, peers=False)
+    check(report)
+    assert not report.skipped
+    figures = {row.metric for row in report.rows}
+    assert {peers.LABELS[s] for s in ("two", "one", "batch", "in-process")} <= figures
+    assert {row.label for row in report.rows} == {"1 client", "3 clients"}
+    assert [t.holds for t in report.targets] == [True]  # every job ended; no peer, no ratio
+
+
+def test_peers_without_redis_is_skipped_with_the_install_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from benchmarks import peers
+
+    monkeypatch.setattr(peers.shutil, "which", lambda name: None)
+    report = peers.run(reps=1)
+    assert "apt-get install -y redis-server" in report.skipped
+    assert "SKIPPED" in _common.render(report)
+
+
+def test_peers_main_refuses_fewer_than_five_repetitions() -> None:
+    from benchmarks import peers
+
+    with pytest.raises(SystemExit) as exc:
+        peers.main(["--reps", "1", "--trio-runs-only"])
+    assert exc.value.code == 2
