@@ -192,7 +192,9 @@ def test_peers_trio_runs_only_measures_every_trio_runs_path() -> None:
     check(report)
     assert not report.skipped
     figures = {row.metric for row in report.rows}
-    assert {peers.LABELS[s] for s in ("two", "one", "batch", "in-process")} <= figures
+    assert {
+        peers.LABELS[s] for s in ("two", "one", "batch", "multiplexed", "in-process")
+    } <= figures
     assert {row.label for row in report.rows} == {"1 client", "3 clients"}
     assert [t.holds for t in report.targets] == [True]  # every job ended; no peer, no ratio
 

@@ -301,10 +301,13 @@ def trio_runs_server(root: Path, db: str | None) -> Iterator[str]:
 
 
 def multiplexing_available() -> bool:
-    """Whether :class:`~trio_runs.http.RunsClient` coalesces concurrent submissions."""
+    """Whether :class:`~trio_runs.http.RunsClient` can coalesce concurrent ``run_prompt``
+    calls into batches (``RunsClient(multiplex=True)``, issue 12 item 3)."""
+    import inspect
+
     from trio_runs.http import RunsClient
 
-    return bool(getattr(RunsClient, "MULTIPLEXES", False))
+    return "multiplex" in inspect.signature(RunsClient).parameters
 
 
 async def trio_runs_http(url: str, clients: int, jobs: int, mode: str) -> Sample:
@@ -313,10 +316,16 @@ async def trio_runs_http(url: str, clients: int, jobs: int, mode: str) -> Sample
     from trio_runs.http import RunsClient
 
     async with contextlib.AsyncExitStack() as stack:
-        count = 1 if mode == "multiplexed" else clients
-        pool = [
-            await stack.enter_async_context(RunsClient(url, timeout=60.0)) for _ in range(count)
-        ]
+        if mode == "multiplexed":
+            # Every task shares one client, which coalesces their run_prompt calls.
+            shared = RunsClient(url, timeout=60.0, multiplex=True)
+            pool = [await stack.enter_async_context(shared)]
+        else:
+            pool = [
+                await stack.enter_async_context(RunsClient(url, timeout=60.0))
+                for _ in range(clients)
+            ]
+        count = len(pool)
         workspace = (await pool[0].create_workspace("peers")).id
         prefix = uuid.uuid4().hex[:12]
         minted = 0
