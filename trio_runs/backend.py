@@ -30,7 +30,7 @@ from ._terminals import (
 )
 from ._validation import validate_labels, validate_submission, validate_workspace_path
 from .broker import Broker
-from .context import run_complete_published, with_run_complete_marker, with_run_id
+from .context import enter_run_for_task, run_complete_published
 from .coordinator import (
     Coordinator,
     Reservation,
@@ -493,17 +493,19 @@ class Backend:
         handed_at = time.time()
         failure: BaseException | None = None
         returned: object = None
+        # This task is the run's alone (its context a copy of its spawner's), so the run id
+        # and the marker are set for the rest of it, with nothing to restore.
+        enter_run_for_task(run_id)
         try:
-            with with_run_id(run_id), with_run_complete_marker():
-                try:
-                    returned = await coordinator.run_accepted(accept, call)
-                except BaseException as exc:
-                    failure = exc
-                    self._after_failure(workspace, call, handed_at, exc)
-                    if isinstance(exc, Exception) and not is_cancellation(exc):
-                        # One run's failure must not take down its workspace's other runs.
-                        return
-                    raise
+            try:
+                returned = await coordinator.run_accepted(accept, call)
+            except BaseException as exc:
+                failure = exc
+                self._after_failure(workspace, call, handed_at, exc)
+                if isinstance(exc, Exception) and not is_cancellation(exc):
+                    # One run's failure must not take down its workspace's other runs.
+                    return
+                raise
         finally:
             _close_reservation(accept)
             workspace._runs.discard(run_id)

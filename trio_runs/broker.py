@@ -329,17 +329,21 @@ class Broker(Generic[T]):
             return
         event = Event(type, payload)
         limit = self._max_backlog
-        overflowed: list[Subscription[T]] = []
+        # Made only when a subscriber overflows (rare): not a list per terminal.
+        overflowed: list[Subscription[T]] | None = None
         for sub in self._subscribers:
             queue = sub._queue
             if len(queue) >= limit:
+                if overflowed is None:
+                    overflowed = []
                 overflowed.append(sub)
                 continue
             queue.append(event)
             if sub._waiter is not None:
                 sub._wake()
-        for sub in overflowed:
-            self._overflow(sub)
+        if overflowed is not None:
+            for sub in overflowed:
+                self._overflow(sub)
 
     def _overflow(self, sub: Subscription[T]) -> None:
         backlog = len(sub._queue) + 1

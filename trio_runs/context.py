@@ -17,6 +17,7 @@ __all__ = [
     "RunCompleteMarker",
     "current_run_complete_marker",
     "current_run_id",
+    "enter_run_for_task",
     "mark_run_complete_published",
     "run_complete_published",
     "with_run_complete_marker",
@@ -118,6 +119,21 @@ def with_run_complete_marker() -> AbstractContextManager[RunCompleteMarker]:
     Never inherits an outer marker's state: each dispatch gets its own.
     """
     return _MarkerScope()
+
+
+def enter_run_for_task(run_id: str) -> RunCompleteMarker:
+    """Make ``run_id`` the current run id and attach a fresh marker, for the rest of the
+    current task; returns the marker. Never restores anything.
+
+    For a task that exists only to run one run (the backend's dispatch task): Trio gives every
+    task its own copy of the context, so both values end with the task and never reach its
+    spawner, without the tokens and the reset that :func:`with_run_id` and
+    :func:`with_run_complete_marker` pay for on every run. Anywhere else, use those.
+    """
+    _run_id.set(run_id)
+    marker = RunCompleteMarker()
+    _marker.set(marker)
+    return marker
 
 
 def mark_run_complete_published() -> None:

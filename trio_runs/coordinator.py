@@ -747,9 +747,11 @@ class SessionCoordinator:
             if head._phase is _QUEUED:
                 self._activate(head)
 
-    def _activate(self, accept: AcceptedRun) -> None:
+    def _activate(self, accept: AcceptedRun, now: float | None = None) -> None:
         # Only entered runs are activated, so this runs inside Trio: the clock is there.
-        now = trio.current_time()
+        # ``now``: Trio's clock read by the caller in the same step (nothing ran since).
+        if now is None:
+            now = trio.current_time()
         accept._started_at = now
         accept._started_wall = wall = time.time()
         self._queue_wait.observe(now - accept._entered_at)
@@ -946,7 +948,7 @@ class SessionCoordinator:
             # Entered by another task, or released unused: it is not ours to finish.
             raise RuntimeError(f"{accept!r} was already entered or closed")
         accept._entered = True
-        accept._entered_at = trio.current_time()
+        accept._entered_at = now = trio.current_time()
         try:
             if call.session_id != accept.session_id:
                 raise ValueError(
@@ -971,6 +973,12 @@ class SessionCoordinator:
                     accept._marker.mark()
                 await trio.lowlevel.checkpoint()
                 return accept._terminal
+            session = self._sessions[accept.session_id]
+            if accept.sequence > session.cancel_mark and session.lane[0] is accept:
+                # The usual case, _enter's first branch inlined: the head of its lane, not
+                # under a cancel mark, starts now (one coroutine frame and clock read less).
+                self._activate(accept, now)
+                return await self._run_active(accept, call)
             return await self._enter(accept, call)
         finally:
             self._finish(accept)
