@@ -20,7 +20,9 @@ Beside them, from the same interleaved repetitions (issue 12): the same C client
 request per run** (``RunsClient.run_prompt``: ``POST .../messages?wait=S`` answers with the
 terminal) and **batched** (``RunsClient.run_batch``: :data:`BATCH` runs per
 ``POST .../batches``, their terminals streamed back in its answer), each against the
-two-request figure and the bare-HTTP baseline.
+two-request figure and the bare-HTTP baseline; and **multiplexed**: the C clients are C tasks
+sharing one ``RunsClient(multiplex=True)``, each calling ``run_prompt`` for one run at a time,
+which the client coalesces into batch requests (no caller batches anything itself).
 
 ``python -m benchmarks.http [--quick] [--json PATH]`` / ``python -m benchmarks --only http``
 """
@@ -175,13 +177,19 @@ async def http_round_trips(
 ) -> Sample:
     """Round trips over HTTP, by ``mode``: ``two`` (submit + wait_terminal), ``one``
     (``run_prompt``: submit and wait in one request), ``batch`` (``run_batch``, up to
-    :data:`BATCH` runs per request), ``bare`` (two ``GET /healthz``)."""
+    :data:`BATCH` runs per request), ``mux`` (``run_prompt`` of C tasks sharing one
+    multiplexing client), ``bare`` (two ``GET /healthz``)."""
     from trio_runs.http import RunsClient
 
     async with contextlib.AsyncExitStack() as stack:
-        pool = [
-            await stack.enter_async_context(RunsClient(url, timeout=60.0)) for _ in range(clients)
-        ]
+        if mode == "mux":
+            shared = RunsClient(url, timeout=60.0, multiplex=True)
+            pool = [await stack.enter_async_context(shared)] * clients
+        else:
+            pool = [
+                await stack.enter_async_context(RunsClient(url, timeout=60.0))
+                for _ in range(clients)
+            ]
         workspace = (await pool[0].create_workspace("bench")).id
         prefix = uuid.uuid4().hex[:12]
         minted = 0
@@ -213,6 +221,7 @@ async def http_round_trips(
         one = {
             "two": submit_and_wait,
             "one": one_request,
+            "mux": one_request,
             "batch": batched,
             "bare": two_healthz,
         }[mode]
@@ -330,6 +339,64 @@ def _add_one_request_rows(
         )
 
 
+def _add_multiplexed_rows(
+    report: Report,
+    label: str,
+    two: Sequence[Sample],
+    bare: Sequence[Sample],
+    single: Sequence[Sample],
+    mux: Sequence[Sample],
+) -> None:
+    # Issue 12, item 3: C tasks sharing one multiplexing client, each run_prompt one run at a
+    # time, against two requests per run, one request per run and the bare HTTP stack.
+    def per_s(samples: Sequence[Sample]) -> list[float]:
+        return [s.ended / s.wall for s in samples]
+
+    for base, note in ((two, "two requests per run"), (single, "one request per run")):
+        report.add(
+            Row(
+                label,
+                "throughput, multiplexed (wall)",
+                "runs/s",
+                Stat.of(per_s(mux)),
+                Stat.of(per_s(base)),
+                ratios(per_s(mux), per_s(base)),
+                f"baseline: {note}",
+            )
+        )
+    report.add(
+        _row(
+            label,
+            "latency p50, multiplexed (run_prompt -> terminal)",
+            "ms",
+            _pct_ms(mux, 50.0),
+            _pct_ms(two, 50.0),
+            "baseline: two requests per run",
+        )
+    )
+    report.add(
+        _row(
+            label,
+            "time per run, multiplexed, vs bare HTTP (wall)",
+            "ms",
+            _per_trip_ms(mux),
+            _per_trip_ms(bare),
+            "baseline: two GET /healthz per round trip",
+        )
+    )
+    for which in ("server_cpu", "client_cpu"):
+        report.add(
+            _row(
+                label,
+                f"{which.replace('_', ' ')} per run, multiplexed",
+                "ms",
+                _cpu_ms(mux, which),
+                _cpu_ms(two, which),
+                "baseline: two requests per run",
+            )
+        )
+
+
 def run(
     *,
     quick: bool = False,
@@ -345,7 +412,8 @@ def run(
         title="5. HTTP: submit + wait round trips over loopback (server in its own process)",
         baseline="in-process: the same clients calling Backend.send_message + wait_run; "
         "bare HTTP: two GET /healthz per round trip to the same server; two requests per run: "
-        f"submit + wait, against one request per run (?wait=) and batches of {BATCH}",
+        f"submit + wait, against one request per run (?wait=), batches of {BATCH} "
+        "and multiplexed (C tasks sharing one RunsClient(multiplex=True))",
         params={"clients": list(clients), "round_trips": round_trips, "reps": reps},
     )
     missing = missing_http_extra()
@@ -360,13 +428,14 @@ def run(
             # In-process round trips are ~100x cheaper: more of them, for a stable figure.
             n_inproc = max(n, IN_PROCESS_ROUND_TRIPS)
             trio.run(in_process_round_trips, c, n_inproc)  # warm-up
-            subj, inproc, bare, single, batched = interleaved(
+            subj, inproc, bare, single, batched, mux = interleaved(
                 reps,
                 functools.partial(trio.run, http, c, n, "two"),
                 functools.partial(trio.run, in_process_round_trips, c, n_inproc),
                 functools.partial(trio.run, http, c, n, "bare"),
                 functools.partial(trio.run, http, c, n, "one"),
                 functools.partial(trio.run, http, c, n, "batch"),
+                functools.partial(trio.run, http, c, n, "mux"),
             )
             label = f"{c} client{'s' if c > 1 else ''}"
             report.add(
@@ -432,7 +501,8 @@ def run(
                 )
             )
             _add_one_request_rows(report, label, subj, bare, single, batched)
-            all_ended &= all(s.completed == s.ended == n for s in (*subj, *single, *batched))
+            _add_multiplexed_rows(report, label, subj, bare, single, mux)
+            all_ended &= all(s.completed == s.ended == n for s in (*subj, *single, *batched, *mux))
     report.targets.append(
         Target(
             "every HTTP round trip ends",
