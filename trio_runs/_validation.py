@@ -77,7 +77,10 @@ _LABEL_KEY: Final = re.compile(LABEL_KEY_PATTERN)
 
 
 def _has_lone_surrogate(text: str) -> bool:
-    # A str encodes as UTF-8 unless it holds a lone surrogate.
+    # A str encodes as UTF-8 unless it holds a lone surrogate. An ASCII one (CPython knows
+    # without looking) holds none: most ids and prompts, spared the encoding on every send.
+    if text.isascii():
+        return False
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -115,14 +118,26 @@ def validate_run_id(run_id: object) -> None:
         raise InvalidRunId(run_id, problem)
 
 
+_VALID_SESSION_IDS: dict[str, None] = {}
+"""Session ids (exact ``str``) found valid lately: a session sends many runs, and the rule is a
+pure function of the id. Emptied when full, so it stays small."""
+_VALID_SESSION_IDS_MAX: Final = 4096
+
+
 def validate_session_id(session_id: object) -> None:
     """Raise ``SessionMissing`` for a blank (or non-str) session id, ``InvalidSessionId``
     for one that breaks the identifier rule."""
+    if type(session_id) is str and session_id in _VALID_SESSION_IDS:
+        return
     if not isinstance(session_id, str) or not session_id.strip():
         raise SessionMissing()
     problem = id_problem(session_id)
     if problem is not None:
         raise InvalidSessionId(session_id, problem)
+    if type(session_id) is str:
+        if len(_VALID_SESSION_IDS) >= _VALID_SESSION_IDS_MAX:
+            _VALID_SESSION_IDS.clear()
+        _VALID_SESSION_IDS[session_id] = None
 
 
 def prompt_problem(prompt: str) -> str | None:
@@ -174,10 +189,11 @@ def validate_submission(
     validate_session_id(session_id)
     text = validate_prompt(prompt)
     checked: list[Attachment] = []
-    for attachment in attachments:
-        if not isinstance(attachment, Attachment):
-            raise TypeError(f"attachments must be Attachment values, got {type(attachment)}")
-        checked.append(attachment)
+    if attachments:  # most submissions have none: no loop, and no list walked for nothing
+        for attachment in attachments:
+            if not isinstance(attachment, Attachment):
+                raise TypeError(f"attachments must be Attachment values, got {type(attachment)}")
+            checked.append(attachment)
     if not text.strip() and not any(a.has_text() for a in checked):
         raise EmptyPrompt()
     if run_id != "":

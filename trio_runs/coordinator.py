@@ -492,13 +492,32 @@ def _timed_out(accept: AcceptedRun, scope: trio.CancelScope) -> bool:
 _UUID4_VARIANT: Final = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
+_MINT_BATCH: Final = 128
+"""Run ids minted per ``os.urandom`` call."""
+
+# Ids minted ahead, taken with list.pop (atomic: safe from threads too). A forked child
+# starts with none: it must never hand out the ids its parent will.
+_minted: list[str] = []
+os.register_at_fork(after_in_child=_minted.clear)
+
+
 def new_run_id() -> str:
-    """A fresh run id: a UUID4 string."""
+    """A fresh run id: a UUID4 string. Thread-safe; never the same id in a forked child."""
     # What str(uuid.uuid4()) returns (122 random bits from os.urandom, version 4, RFC 4122
     # variant), formatted directly: building a UUID object only to print it took twice as
-    # long, and every send_message without a run id pays for this.
-    h = os.urandom(16).hex()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_UUID4_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+    # long. The random bytes are read for _MINT_BATCH ids at once: one os.urandom call cost
+    # about as much as the formatting, and every send_message without a run id pays for this.
+    while True:
+        try:
+            return _minted.pop()
+        except IndexError:
+            h = os.urandom(16 * _MINT_BATCH).hex()
+            variant = _UUID4_VARIANT
+            _minted.extend(
+                f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-4{h[i + 13 : i + 16]}-"
+                f"{variant[h[i + 16]]}{h[i + 17 : i + 20]}-{h[i + 20 : i + 32]}"
+                for i in range(0, 32 * _MINT_BATCH, 32)
+            )
 
 
 class SessionCoordinator:
