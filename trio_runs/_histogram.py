@@ -73,7 +73,8 @@ class HistogramRecorder:
 
     def observe(self, seconds: float) -> None:
         """Record one duration (negative ones, from a clock that went back, count as 0)."""
-        seconds = max(seconds, 0.0)
+        if seconds < 0.0:  # a comparison, not max(): three of these run per run
+            seconds = 0.0
         self._counts[bisect_left(self._bounds, seconds)] += 1
         self._sum += seconds
 
