@@ -198,6 +198,34 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         "http/sse.py",
         [("        if self.last_event_id is None and sent > 0:\n", "        if False:\n")],
     ),
+    "multiplexed-terminal-goes-to-the-wrong-caller": (
+        "http/client.py",
+        [
+            (
+                '            self._finish(pending, RunComplete.from_dict(line["run"]["terminal"]))',
+                "            self._finish(\n"
+                "                sent[len(sent) - 1 - sent.index(pending)],\n"
+                '                RunComplete.from_dict(line["run"]["terminal"]),\n'
+                "            )",
+            )
+        ],
+    ),
+    "cancelled-caller-cancels-the-whole-batch": (
+        "http/client.py",
+        [
+            (
+                '        if pending.state == "accepted" and not self.closing:\n'
+                "            self.nursery.start_soon(self._cancel, pending.run_id)\n",
+                '        if pending.state == "accepted" and not self.closing:\n'
+                "            for other in list(self.live):\n"
+                "                self.nursery.start_soon(self._cancel, other.run_id)\n",
+            )
+        ],
+    ),
+    "abandoned-unsent-prompt-is-sent-anyway": (
+        "http/client.py",
+        [("                queue.remove(pending)\n", "                pass\n")],
+    ),
 }
 
 

@@ -153,10 +153,12 @@ def test_a_cancelled_caller_cancels_only_its_own_run(tmp_path: Path):
             with trio.CancelScope() as unsent:
                 unsent.cancel()
                 await client.run_prompt(ws, "u", "never sent", "unsent")
+            # A batch leaves after it: the dropped prompt would have gone in it.
+            assert (await client.run_prompt(ws, "u", "sent", "after-unsent")).result == "sent"
         assert "victim" not in got
         assert got["behind"].outcome == "completed"
         assert all(got[f"other-{i}"].outcome == "completed" for i in range(6))
-        assert transport.count("/cancel") == 1
+        assert transport.count("/cancel") == 1, transport.sent
         assert ("POST", "/v1/runs/victim/cancel") in transport.sent
         view = (await http.get("/v1/runs/victim/wait", params={"timeout": "5"})).json()
         assert view["state"] == "cancelled"

@@ -930,7 +930,8 @@ class _Pending:
     # Set once, with done: the terminal, the error for its caller, or None: accepted, but the
     # batch's answer broke off before its terminal, so its caller waits for it by id.
     outcome: RunComplete | Exception | None = None
-    done: trio.Event = attrs.Factory(trio.Event)
+    done: bool = False
+    waiter: trio.lowlevel.Task | None = None
 
 
 class _Multiplexer:
@@ -970,7 +971,7 @@ class _Multiplexer:
         queue.append(pending)
         self.live.add(pending)
         try:
-            await pending.done.wait()
+            await self._outcome(pending)
             outcome = pending.outcome
             if isinstance(outcome, RunComplete):
                 return outcome
@@ -982,6 +983,27 @@ class _Multiplexer:
             raise
         finally:
             self.live.discard(pending)
+
+    async def _outcome(self, pending: _Pending) -> None:
+        # Wait for the pending call's outcome (_finish wakes us). Not an Event: a cancellation
+        # must drop a queued prompt at once, in the abort hook, before a batch can take it
+        # (with Event.wait the sender could run between the cancel and our waking up).
+        pending.waiter = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            pending.waiter = None
+            self._drop_if_queued(pending)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _drop_if_queued(self, pending: _Pending) -> None:
+        if pending.state == "queued":
+            queue = self.queues.get(pending.workspace_id, [])
+            if pending in queue:
+                queue.remove(pending)
+            pending.state = "over"
+            pending.abandoned = True
 
     async def close(self) -> None:
         # Nothing queued is sent any more; the batches in flight stop (their runs go on); the
@@ -1001,17 +1023,13 @@ class _Multiplexer:
                 self._finish(pending, _closed())
 
     def _abandon(self, pending: _Pending) -> None:
-        # Its caller was cancelled: drop the prompt if it was not sent, else cancel its run
-        # (this run only) once the server accepted it; a run that ended needs nothing.
+        # Its caller was cancelled (a prompt still queued was dropped by _outcome's abort
+        # hook): cancel its run, this run only, once the server accepted it; a run that ended
+        # or was refused needs nothing.
+        if pending.abandoned or (pending.done and pending.outcome is not None):
+            return  # dropped unsent, already being cancelled, or ended or refused
         pending.abandoned = True
-        if pending.done.is_set() and pending.outcome is not None:
-            return
-        if pending.state == "queued":
-            queue = self.queues.get(pending.workspace_id, [])
-            if pending in queue:
-                queue.remove(pending)
-            pending.state = "over"
-        elif pending.state == "accepted" and not self.closing:
+        if pending.state == "accepted" and not self.closing:
             self.nursery.start_soon(self._cancel, pending.run_id)
         # "sent": _accept() starts the cancellation when the server says it accepted it.
 
@@ -1031,9 +1049,12 @@ class _Multiplexer:
     @staticmethod
     def _finish(pending: _Pending, outcome: RunComplete | Exception | None) -> None:
         # The caller's outcome, once: a second one (a retried batch's) is ignored.
-        if not pending.done.is_set():
+        if not pending.done:
             pending.outcome = outcome
-            pending.done.set()
+            pending.done = True
+            if pending.waiter is not None:
+                trio.lowlevel.reschedule(pending.waiter)
+                pending.waiter = None
 
     async def _sender(self, workspace_id: str, queue: list[_Pending]) -> None:
         # One batch after another while calls are queued: each holds what queued up while the
