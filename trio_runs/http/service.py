@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Literal, TypeVar
 
+import msgspec
 import trio
 
 from ..backend import Backend, CoordinatorFactory, Workspace
@@ -330,9 +331,17 @@ class RunService:
         if view.terminal is not None or not isinstance(store, SupportsRunListing):
             return view
         info = await self._store_call(store.run_info, view.run_id)
-        if info is None or info.terminal is not None:
+        if info is None:
             return view
-        return self._info_view(info)
+        # The state stays the one read with the view: the run may have moved on during the
+        # read (ended, left its lane), and a state derived now could say it never started.
+        return msgspec.structs.replace(
+            view,
+            accepted_at=info.accepted_at,
+            started_at=info.started_at,
+            attempt=info.attempt,
+            labels=dict(info.labels),
+        )
 
     async def list_runs(self, query: RunListQuery) -> RunList:
         """One page of the runs the store knows, newest accepted first, filtered.
@@ -378,10 +387,14 @@ class RunService:
     def _info_view(self, info: RunInfo) -> RunView:
         if info.terminal is not None:
             return RunView.ended(info.terminal)
+        state = self._live_state(info.run_id, info.session_id)
+        if state == "pending" and info.started_at is not None:
+            # Started, and out of its lane by now: its terminal is on its way to the store.
+            state = "active"
         return RunView(
             info.run_id,
             info.session_id,
-            self._live_state(info.run_id, info.session_id),
+            state,
             accepted_at=info.accepted_at,
             started_at=info.started_at,
             attempt=info.attempt,
