@@ -49,7 +49,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 import venv
 from collections.abc import Callable, Iterator, Sequence
@@ -225,10 +224,12 @@ def _redis_answers(port: int) -> bool:
 
 
 def _http_answers(url: str) -> bool:
+    # httpx (the client trio-runs' own uses), keep-alive as every measured request is.
+    import httpx
+
     try:
-        with urllib.request.urlopen(f"{url}/healthz", timeout=1.0) as response:
-            return bool(response.status == 200)
-    except OSError:
+        return httpx.get(f"{url}/healthz", timeout=1.0, trust_env=False).status_code == 200
+    except httpx.HTTPError:
         return False
 
 
@@ -573,6 +574,7 @@ def run(
                     samples[system, c] = got
                     all_ended &= all(s.completed == s.ended == n for s in got)
                 _add_rows(report, c, systems, samples)
+                print(f"   peers: {c} client(s) measured", file=sys.stderr, flush=True)
     if not multiplexes:
         report.notes.append(f"multiplexed row: {PENDING_MULTIPLEXED}")
     report.notes.append(
