@@ -356,7 +356,7 @@ def _add_multiplexed_rows(
         report.add(
             Row(
                 label,
-                "throughput, multiplexed (wall)",
+                f"throughput, multiplexed, vs {note.replace(' per run', '')} (wall)",
                 "runs/s",
                 Stat.of(per_s(mux)),
                 Stat.of(per_s(base)),
