@@ -91,18 +91,32 @@ class BatchStream(Response):
             async with send_lines:
                 for index, run_id in accepted:
                     nursery.start_soon(self._ended, index, run_id, send_lines.clone())
+            ended = False
             async with receive_lines:
-                while True:
-                    line = b"\n"
+                while not ended:
+                    lines = [b"\n"]
                     # Only the wait is bounded by the heartbeat, never a send (cancelling one
                     # half-way would corrupt the body; the connection bounds the send).
                     with trio.move_on_after(self.heartbeat):
                         try:
-                            line = await receive_lines.receive()
+                            lines = [await receive_lines.receive()]
                         except trio.EndOfChannel:
+                            lines, ended = [], True
+                    # Every line already waiting goes in the same message: runs of a batch
+                    # tend to end together (one durable flush), and each message is a socket
+                    # write of its own (the writes are most of the server's cost per batch).
+                    while not ended:
+                        try:
+                            lines.append(receive_lines.receive_nowait())
+                        except trio.WouldBlock:
                             break
-                    await send({"type": "http.response.body", "body": line, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                        except trio.EndOfChannel:
+                            ended = True
+                    body = b"".join(lines)
+                    if body or ended:
+                        await send(
+                            {"type": "http.response.body", "body": body, "more_body": not ended}
+                        )
             nursery.cancel_scope.cancel()
 
     async def _ended(self, index: int, run_id: str, out: trio.MemorySendChannel[bytes]) -> None:

@@ -344,6 +344,9 @@ class _ClientConnection(trio.abc.HalfCloseableStream):
         self._deadline = math.inf
         self._writing: trio.CancelScope | None = None
         self._aborted = False
+        # Writes held back by hold_writes() (None: not holding), and how many holds are open.
+        self._held: list[bytes] | None = None
+        self._holds = 0
 
     def set_write_deadline(self, deadline: float) -> None:
         self._deadline = deadline
@@ -360,7 +363,43 @@ class _ClientConnection(trio.abc.HalfCloseableStream):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.socket.close()  # wakes a blocked write with ClosedResourceError
 
+    def hold_writes(self) -> None:
+        """Keep what is written from now on in memory until :meth:`release_writes` (holds
+        nest: the last release writes). Nothing is written, so nothing blocks meanwhile."""
+        if self._held is None:
+            self._held = []
+        self._holds += 1
+
+    async def release_writes(self) -> None:
+        """End one hold; the last one writes everything held, in order, in one write.
+
+        The write is shielded from cancellation (as hypercorn shields its own) and bounded
+        by ``write_timeout``; if the client does not take it, or is gone, the connection is
+        closed (hypercorn's reader then sees it end). Never raises.
+        """
+        self._holds -= 1
+        if self._holds > 0 or self._held is None:
+            return
+        held, self._held = self._held, None
+        if not held:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await self.send_all(b"".join(held))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+                self.abort()
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._held is not None or not data:
+            # Held (or nothing to write, as hypercorn's end of a response with a
+            # Content-Length is): no socket call, no timed scope. Not a yield either: the
+            # writes it stands for are each a checkpoint in hypercorn already.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._aborted:
+                raise trio.ClosedResourceError("the connection was closed")
+            if self._held is not None and data:
+                self._held.append(bytes(data))
+            return
         view = memoryview(data)
         start = 0
         while True:

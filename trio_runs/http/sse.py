@@ -93,6 +93,15 @@ class ClientConnection(Protocol):
         ``math.inf`` lifts it."""
         ...
 
+    def hold_writes(self) -> None:
+        """Keep what is written in memory until :meth:`release_writes` (holds nest)."""
+        ...
+
+    async def release_writes(self) -> None:
+        """End a hold; the last one writes all that was held in one write, shielded and
+        bounded by the write timeout, closing the connection if that fails. Never raises."""
+        ...
+
 
 CLIENT_CONNECTION: ContextVar[ClientConnection] = ContextVar("trio_runs_client_connection")
 """The connection of the request being served; set by ``serve`` for each connection."""
