@@ -51,7 +51,7 @@ import tempfile
 import time
 import uuid
 import venv
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -143,6 +143,15 @@ def stop(process: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> None:
         process.wait(STOP_SECONDS)
 
 
+def _die_with_parent() -> None:
+    # In the child, before exec: SIGKILL when the runner dies, however it dies (even by
+    # SIGKILL, which runs no finally). Linux's PR_SET_PDEATHSIG; elsewhere nothing.
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
 @contextlib.contextmanager
 def child(
     args: Sequence[str],
@@ -165,6 +174,7 @@ def child(
             env=env,
             cwd=cwd,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
     try:
         yield process
@@ -555,13 +565,19 @@ def run(
             url = stack.enter_context(trio_runs_server(root, db))
 
             def measure(system: str, c: int, n: int) -> Sample:
+                if _signalled:
+                    raise KeyboardInterrupt  # a signal whose KeyboardInterrupt was lost
                 if system in ("celery", "arq"):
                     assert the_peers is not None
                     return the_peers.measure(system, c, n)
                 with the_peers.idle() if the_peers is not None else contextlib.nullcontext():
                     if system == "in-process":
-                        return trio.run(trio_runs_in_process, c, n)
-                    return trio.run(trio_runs_http, url, c, n, system)
+                        got = trio.run(_cancellable, trio_runs_in_process, c, n)
+                    else:
+                        got = trio.run(_cancellable, trio_runs_http, url, c, n, system)
+                if got is None or _signalled:
+                    raise KeyboardInterrupt
+                return got
 
             for c in clients:
                 n = max(jobs, c)
@@ -657,6 +673,35 @@ def _add_targets(
         )
 
 
+_signalled: list[int] = []
+_scopes: list[trio.CancelScope] = []
+
+
+def _cancel_measurements() -> None:
+    for scope in _scopes:
+        scope.cancel()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    _signalled.append(signum)
+    try:
+        token = trio.lowlevel.current_trio_token()
+    except RuntimeError:  # not inside trio.run: raise here
+        raise KeyboardInterrupt from None
+    token.run_sync_soon(_cancel_measurements)
+
+
+async def _cancellable(fn: Callable[..., Awaitable[Sample]], *args: Any) -> Sample | None:
+    # Run a measurement that a signal can cancel (None then).
+    with trio.CancelScope() as scope:
+        _scopes.append(scope)
+        try:
+            return await fn(*args)
+        finally:
+            _scopes.remove(scope)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m benchmarks.peers``: run, print the table, optionally write JSON."""
     p = parser("trio-runs against Celery and arq (installs them into benchmarks/peers/.venv).")
@@ -681,6 +726,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line)
     print(flush=True)
     start = timer()
+    # SIGINT and SIGTERM: the way out through every finally, which stops every child. With
+    # our own handler Trio installs none: inside a trio.run the handler cancels the
+    # measurement from within Trio (raising there could break Trio's own state), and the
+    # KeyboardInterrupt is raised once trio.run has returned.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     try:
         report = run(
             quick=args.quick,
@@ -692,6 +743,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RuntimeError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         print(f"peers benchmark: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("peers benchmark: interrupted; every child process stopped", file=sys.stderr)
+        return 130
     report.seconds = timer() - start
     print(render(report), end="\n\n", flush=True)
     missed = [t for t in report.targets if not t.holds]
