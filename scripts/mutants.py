@@ -226,6 +226,19 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         "http/client.py",
         [("                queue.remove(pending)\n", "                pass\n")],
     ),
+    "held-answer-dropped-on-close": (
+        "http/server.py",
+        [
+            (
+                "        await self._write_held()\n        await self._stream.send_eof()\n",
+                "        await self._stream.send_eof()\n",
+            ),
+            (
+                "        await self._write_held()\n        await self._stream.aclose()\n",
+                "        await self._stream.aclose()\n",
+            ),
+        ],
+    ),
 }
 
 

@@ -54,3 +54,35 @@ def test_a_complete_answer_leaves_in_one_write(tmp_path: Path):
                     server.request_shutdown()
 
     trio.run(main)
+
+
+def test_a_connection_close_request_still_gets_its_whole_answer(tmp_path: Path):
+    """Promise: a client that asks the server to close the connection after the answer
+    (``Connection: close``, as urllib and curl scripts do) gets the answer first: the held
+    answer is written before hypercorn ends the connection, never dropped with it."""
+
+    async def main() -> None:
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                opts = ServeOptions(port=0, workspace_root=str(tmp_path), drain=0.0)
+                server: RunningServer = await nursery.start(partial(serve, opts))
+                try:
+                    url = urlsplit(server.url)
+                    assert url.hostname is not None
+                    assert url.port is not None
+                    for path, status in [("/healthz", 200), ("/nowhere", 404)]:
+                        async with await trio.open_tcp_stream(url.hostname, url.port) as stream:
+                            request = (
+                                f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+                            )
+                            await stream.send_all(request.encode())
+                            data = b""
+                            while chunk := await stream.receive_some(65536):
+                                data += chunk  # until the server closes the connection
+                            head, _, rest = data.partition(b"\r\n\r\n")
+                            assert head.startswith(f"HTTP/1.1 {status} ".encode()), data
+                            assert isinstance(json.loads(rest), dict)
+                finally:
+                    server.request_shutdown()
+
+    trio.run(main)

@@ -378,8 +378,12 @@ class _ClientConnection(trio.abc.HalfCloseableStream):
         closed (hypercorn's reader then sees it end). Never raises.
         """
         self._holds -= 1
-        if self._holds > 0 or self._held is None:
+        if self._holds > 0:
             return
+        await self._write_held()
+
+    async def _write_held(self) -> None:
+        # What is held, written now (shielded, bounded by write_timeout); never raises.
         held, self._held = self._held, None
         if not held:
             return
@@ -436,12 +440,16 @@ class _ClientConnection(trio.abc.HalfCloseableStream):
         await self._stream.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
+        # hypercorn may end a connection (Connection: close) while an answer is still held:
+        # the answer goes first.
+        await self._write_held()
         await self._stream.send_eof()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         return await self._stream.receive_some(max_bytes)
 
     async def aclose(self) -> None:
+        await self._write_held()
         await self._stream.aclose()
 
 
