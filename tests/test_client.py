@@ -110,3 +110,21 @@ def test_a_follower_gets_the_ending_of_a_run_cut_by_shutdown(tmp_path: Path):
     assert isinstance(seen[0], RunProgress)
     assert isinstance(seen[-1], RunComplete)
     assert seen[-1].cancelled
+
+
+def test_an_https_server_is_verified_and_a_plain_http_one_costs_no_ca_bundle():
+    """Promise: certificate verification stays on for https; only a plain-http client skips
+    building a verifying TLS context (loading the CA bundle, about 30 ms a client), which it
+    can never use (redirects are not followed). Reads httpx's transport: there is no public
+    accessor for the context it built."""
+    import ssl
+
+    from trio_runs.http import RunsClient
+
+    def mode(url: str) -> ssl.VerifyMode:
+        transport = RunsClient(url)._http._transport
+        return transport._pool._ssl_context.verify_mode  # type: ignore[attr-defined,no-any-return]
+
+    assert mode("https://runs.example.com") == ssl.CERT_REQUIRED
+    assert mode("HTTPS://runs.example.com") == ssl.CERT_REQUIRED
+    assert mode("http://127.0.0.1:8765") == ssl.CERT_NONE
