@@ -239,6 +239,13 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
             ),
         ],
     ),
+    "sqlite-migration-not-atomic": (
+        "sqlite.py",
+        [
+            ('["BEGIN IMMEDIATE;", *steps', "[*steps"),
+            ('script + "\\nCOMMIT;"', "script"),
+        ],
+    ),
 }
 
 

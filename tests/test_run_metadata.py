@@ -30,6 +30,7 @@ from trio_runs import (
     RunLedger,
     RunQuery,
     SessionCoordinator,
+    StoreError,
     SupportsRunListing,
     open_backend,
 )
@@ -595,3 +596,36 @@ async def test_a_terminal_the_backend_records_itself_keeps_the_metadata(backend:
     rc = await _wait(backend, backend.send_message(ws, msg))
     assert (rc.error, rc.reason, dict(rc.labels)) == ("no sandbox", None, {"k": "v"})
     _ordered(rc)
+
+
+async def test_a_migration_that_fails_halfway_leaves_the_file_as_it_was(tmp_path: Path, real_clock):
+    """Promise: the schema moves to the new version in one transaction. A v2 file holding an
+    object in the way of the listing's indexes (a stand-in for a process killed mid-way)
+    fails to open with a StoreError and is left at version 2, whole; once the obstacle is
+    gone, it migrates."""
+    db = tmp_path / "runs.db"
+    now = time.time()
+    with sqlite3.connect(db) as connection:
+        connection.executescript(_V2_SCHEMA)
+        connection.execute(
+            "INSERT INTO runs VALUES ('open', 's', ?, NULL, NULL, 0, NULL, NULL)", (now - 10,)
+        )
+        connection.execute("CREATE TABLE runs_session (x)")  # the index's name, taken
+    connection.close()
+    with pytest.raises(StoreError, match="cannot be used"):
+        async with open_sqlite_ledger(db):
+            pass
+    check = sqlite3.connect(db)
+    try:
+        assert check.execute("PRAGMA user_version").fetchone()[0] == 2
+        columns = [row[1] for row in check.execute("PRAGMA table_info(runs)")]
+        assert "labels" not in columns  # the first step of the migration was rolled back
+        assert check.execute("SELECT run_id FROM runs").fetchall() == [("open",)]
+        check.execute("DROP TABLE runs_session")
+        check.commit()
+    finally:
+        check.close()
+    async with open_sqlite_ledger(db) as store:
+        abandoned = store.get("open")
+        assert abandoned is not None
+        assert abandoned.reason == "abandoned"

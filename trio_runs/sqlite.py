@@ -849,15 +849,24 @@ def _prepare(
                 f"{path} has schema version {version}; this trio-runs knows up to "
                 f"{SCHEMA_VERSION}: upgrade trio-runs, or use another --db"
             )
-        with connection:
-            if version == 0:
-                connection.executescript(_SCHEMA)  # a new file: the latest schema
-            else:
-                for step in range(version, SCHEMA_VERSION):
-                    connection.executescript(_MIGRATIONS[step])
-            if version < SCHEMA_VERSION:
-                connection.executescript(_LISTING)
-            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if version < SCHEMA_VERSION:
+            # One transaction (executescript runs outside the implicit ones, so it is
+            # spelled out): a process killed, or a statement failing, halfway through a
+            # migration leaves the file as it was, to be migrated again on the next open.
+            steps = (
+                [_SCHEMA]
+                if version == 0
+                else [_MIGRATIONS[v] for v in range(version, SCHEMA_VERSION)]
+            )
+            script = "\n".join(
+                ["BEGIN IMMEDIATE;", *steps, _LISTING, f"PRAGMA user_version = {SCHEMA_VERSION};"]
+            )
+            try:
+                connection.executescript(script + "\nCOMMIT;")
+            except BaseException:
+                if connection.in_transaction:
+                    connection.rollback()
+                raise
         unended = connection.execute(
             "SELECT run_id, session_id, workspace, call, accepted_at, labels FROM runs"
             " WHERE ended_at IS NULL ORDER BY accepted_at, rowid"
