@@ -39,6 +39,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import trio
@@ -92,17 +93,19 @@ class Server(NamedTuple):
 
 
 @contextlib.contextmanager
-def running_server() -> Iterator[Server]:
-    """Start the server child; yield it once it printed its URL; stop it on the way out."""
+def running_server(tree: Path = REPO_ROOT) -> Iterator[Server]:
+    """Start the server child from the source tree ``tree`` (this checkout by default; the
+    A/B benchmark starts one per tree); yield it once it printed its URL; stop it on the way
+    out."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
     with subprocess.Popen(
         [sys.executable, "-m", "benchmarks._http_server"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         env=env,
-        cwd=REPO_ROOT,
+        cwd=tree,
     ) as process:
         try:
             assert process.stdout is not None
@@ -110,11 +113,11 @@ def running_server() -> Iterator[Server]:
                 selector.register(process.stdout, selectors.EVENT_READ)
                 if not selector.select(STARTUP_SECONDS):
                     raise RuntimeError(
-                        f"the HTTP server printed no URL within {STARTUP_SECONDS:g}s"
+                        f"the HTTP server from {tree} printed no URL within {STARTUP_SECONDS:g}s"
                     )
             url = process.stdout.readline().strip()
             if not url.startswith("http://"):
-                raise RuntimeError(f"the HTTP server did not start (said {url!r})")
+                raise RuntimeError(f"the HTTP server from {tree} did not start (said {url!r})")
             yield Server(url, process)
         finally:
             # Closing its stdin is the child's signal to shut down gracefully.

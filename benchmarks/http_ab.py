@@ -16,55 +16,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
-import os
-import selectors
 import statistics
-import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 
 import trio
 
-from .http import STARTUP_SECONDS, TICKS, http_round_trips
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-@contextlib.contextmanager
-def _server(tree: str) -> Iterator[tuple[str, int]]:
-    # As benchmarks.http.running_server, from another tree: (url, pid); stops at stdin EOF.
-    env = dict(os.environ, PYTHONPATH=tree)
-    with subprocess.Popen(
-        [sys.executable, "-m", "benchmarks._http_server"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=tree,
-    ) as process:
-        try:
-            assert process.stdout is not None
-            with selectors.DefaultSelector() as selector:
-                selector.register(process.stdout, selectors.EVENT_READ)
-                if not selector.select(STARTUP_SECONDS):
-                    raise RuntimeError(f"the server from {tree} printed no URL")
-            url = process.stdout.readline().strip()
-            if not url.startswith("http://"):
-                raise RuntimeError(f"the server from {tree} did not start (said {url!r})")
-            yield url, process.pid
-        finally:
-            if process.stdin is not None:
-                process.stdin.close()
-            try:
-                process.wait(timeout=STARTUP_SECONDS)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+from .http import http_round_trips, running_server
 
 
 def _stat(values: Sequence[float], fmt: str) -> str:
@@ -81,17 +40,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     trees = [tuple(t.split("=", 1)) for t in args.trees]
     with contextlib.ExitStack() as stack:
-        servers = {name: stack.enter_context(_server(os.path.abspath(d))) for name, d in trees}
+        servers = {
+            name: stack.enter_context(running_server(Path(d).resolve())) for name, d in trees
+        }
         for mode in args.modes.split(","):
             for clients in map(int, args.clients.split(",")):
                 runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in trees}
                 for rep in range(args.reps):
                     k = rep % len(trees)
                     for name, _ in trees[k:] + trees[:k]:
-                        url, pid = servers[name]
-                        cpu = functools.partial(_cpu_seconds, pid)
+                        server = servers[name]
                         n = max(args.round_trips, clients)
-                        s = trio.run(http_round_trips, url, clients, n, mode, cpu)
+                        s = trio.run(
+                            http_round_trips, server.url, clients, n, mode, server.cpu_seconds
+                        )
                         if s.completed != s.ended:
                             raise AssertionError(f"{name}: a run did not complete")
                         runs[name].append((s.ended / s.wall, s.server_cpu * 1e3 / s.ended))
