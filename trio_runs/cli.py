@@ -24,7 +24,7 @@ import signal
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, contextmanager
 from functools import partial
 from types import ModuleType
@@ -1016,32 +1016,10 @@ async def _run_main(client: RunsClient, args: argparse.Namespace, prompt: str, r
             with trio.move_on_after(min(2.0, client.timeout)):
                 await nursery.start(follow)
             submitting = True
-            try:
-                # One request: submitted, and its terminal if the run ends within a poll.
-                view = await client.submit_and_wait(
-                    workspace_id,
-                    args.session,
-                    prompt,
-                    run_id,
-                    deadline=args.deadline,
-                    labels=dict(args.label),
-                )
-            except http.ClientError as exc:
-                if exc.code != "workspace_not_found":
-                    raise
-                # The server restarted before acknowledging the run (workspaces do not
-                # survive a restart; acknowledged runs do): open the workspace again and
-                # submit again. The run id is ours, so this can never run it twice.
-                workspace_id = (await client.create_workspace(args.workspace)).id
-                view = await client.submit_and_wait(
-                    workspace_id,
-                    args.session,
-                    prompt,
-                    run_id,
-                    resubmitting=True,
-                    deadline=args.deadline,
-                    labels=dict(args.label),
-                )
+            # One request: submitted, and its terminal if the run ends within a poll.
+            view = await _submit_reopening(
+                client.submit_and_wait, client, workspace_id, args, prompt, run_id
+            )
             accepted.set()
             if not args.quiet:
                 _err(f"run {run_id} accepted (session {args.session})")
@@ -1063,33 +1041,33 @@ _STOP_SIGNALS: Final = tuple(
 )
 
 
+async def _submit_reopening(
+    submit: Callable[..., Awaitable[_T]],
+    client: RunsClient,
+    workspace_id: str,
+    args: argparse.Namespace,
+    prompt: str,
+    run_id: str,
+) -> _T:
+    # Submit with ``submit`` (client.submit or client.submit_and_wait). If the server
+    # restarted before acknowledging the run (workspaces do not survive a restart;
+    # acknowledged runs do), open the workspace again and submit again: the run id is ours,
+    # so this can never run it twice.
+    options = {"deadline": args.deadline, "labels": dict(args.label)}
+    try:
+        return await submit(workspace_id, args.session, prompt, run_id, **options)
+    except _http().ClientError as exc:
+        if exc.code != "workspace_not_found":
+            raise
+    workspace_id = (await client.create_workspace(args.workspace)).id
+    return await submit(workspace_id, args.session, prompt, run_id, resubmitting=True, **options)
+
+
 async def _submit_detached(
     client: RunsClient, workspace_id: str, args: argparse.Namespace, prompt: str, run_id: str
 ) -> None:
     # --detach: submit (durably), print the run id (or the run, as JSON), wait for nothing.
-    http = _http()
-    try:
-        await client.submit(
-            workspace_id,
-            args.session,
-            prompt,
-            run_id,
-            deadline=args.deadline,
-            labels=dict(args.label),
-        )
-    except http.ClientError as exc:
-        if exc.code != "workspace_not_found":
-            raise
-        workspace_id = (await client.create_workspace(args.workspace)).id
-        await client.submit(
-            workspace_id,
-            args.session,
-            prompt,
-            run_id,
-            resubmitting=True,
-            deadline=args.deadline,
-            labels=dict(args.label),
-        )
+    await _submit_reopening(client.submit, client, workspace_id, args, prompt, run_id)
     if args.output == "json":
         _print_run(await client.run(run_id), args.output)
     else:
