@@ -83,6 +83,8 @@ def assert_error(response: httpx.Response, status: int, code: str) -> str:
 def lines(response: httpx.Response) -> list[dict[str, Any]]:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("application/x-ndjson")
+    assert response.headers["cache-control"] == "no-cache"
+    assert response.headers["x-accel-buffering"] == "no"
     return [json.loads(line) for line in response.text.splitlines() if line.strip()]
 
 

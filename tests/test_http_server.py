@@ -591,6 +591,10 @@ def test_events_stream_with_ids_and_heartbeats(tmp_path: Path):
 
         async with http.stream("GET", f"/v1/workspaces/{ws}/events") as stream:
             assert stream.headers["content-type"].startswith("text/event-stream")
+            # Nothing between may cache or hold back the stream; it has no length.
+            assert stream.headers["cache-control"] == "no-cache"
+            assert stream.headers["x-accel-buffering"] == "no"
+            assert "content-length" not in stream.headers
             lines = await read_lines(stream, lambda line: line == ": heartbeat", start_run)
         assert lines[0] == ": subscribed"
         events = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]

@@ -54,11 +54,7 @@ class BatchStream(Response):
         heartbeat: float,
         dumps: Callable[[object], bytes],
     ) -> None:
-        super().__init__(
-            status_code=200,
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-            media_type=self.media_type,
-        )
+        super().__init__(status_code=200, media_type=self.media_type)
         prepare_stream(self, heartbeat)
         self.service = service
         self.results = results

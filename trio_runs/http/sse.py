@@ -163,11 +163,7 @@ class _SseResponse(Response):
         on_open: Callable[[Any], None] | None,
         on_close: Callable[[Any], None] | None,
     ) -> None:
-        super().__init__(
-            status_code=200,
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-            media_type=self.media_type,
-        )
+        super().__init__(status_code=200, media_type=self.media_type)
         prepare_stream(self, heartbeat)
         self.workspace_id = workspace_id
         """The workspace whose events are streamed (``None``: a run no workspace holds)."""
