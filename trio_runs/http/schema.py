@@ -393,14 +393,7 @@ def decode_batch(body: bytes, content_type: str | None) -> SubmitBatch:
     Raises :class:`ApiError` as :func:`decode_submit` does; a message the rules refuse is a
     422 with that message's typed code, its message saying which one (``messages[3]: ...``).
     """
-    data = decode_json_object(body, content_type)
-    try:
-        batch = msgspec.convert(data, SubmitBatch)
-    except msgspec.ValidationError as exc:
-        _typed_batch(data)
-        raise _invalid(str(exc)) from None
-    _typed_batch(data)
-    return batch
+    return _convert(decode_json_object(body, content_type), SubmitBatch, _typed_batch)
 
 
 def _typed_batch(data: dict[str, Any]) -> None:
