@@ -75,19 +75,6 @@ def stamped_terminal(
 ) -> RunComplete:
     """A terminal carrying its run's metadata: labels, acceptance time and execution from
     ``call`` (none when the call is unknown), ``started_at`` as given, ``ended_at`` now."""
-    if call is None:
-        return RunComplete(
-            session_id,
-            run_id,
-            result,
-            error,
-            cancelled,
-            False,
-            timed_out,
-            reason=reason,
-            started_at=started_at,
-            ended_at=time.time(),
-        )
     return RunComplete(
         session_id,
         run_id,
@@ -97,11 +84,11 @@ def stamped_terminal(
         False,
         timed_out,
         reason=reason,
-        accepted_at=call.accepted_at,
+        accepted_at=None if call is None else call.accepted_at,
         started_at=started_at,
         ended_at=time.time(),
-        attempt=call.execution,
-        labels=call.labels,
+        attempt=1 if call is None else call.execution,
+        labels={} if call is None else call.labels,
     )
 
 
