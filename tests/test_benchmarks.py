@@ -210,6 +210,54 @@ def test_peers_without_redis_is_skipped_with_the_install_command(
     assert "SKIPPED" in _common.render(report)
 
 
+def test_peers_measures_the_redis_mode_on_one_and_two_nodes() -> None:
+    # Real `trio-runs serve --redis` nodes on a redis-server the benchmark starts (no peers).
+    import redis_server
+
+    from benchmarks import peers
+    from benchmarks.peers.table import markdown
+
+    if redis_server.BINARY is None:
+        reason = "redis-server is not installed (apt-get install redis-server)"
+        if redis_server.required():
+            pytest.fail(f"{reason}, and TRIO_RUNS_REQUIRE_REDIS=1")
+        pytest.skip(reason)
+    report = peers.run(
+        clients=(1, 3), jobs=6, reps=1, peers=False, redis_nodes=(1, 2), only=["redis"]
+    )
+    check(report)
+    wanted = {peers.LABELS[peers.redis_system(n, m)] for n in (1, 2) for m in peers.REDIS_MODES}
+    assert {row.metric for row in report.rows} == wanted | {w + peers.P99 for w in wanted}
+    assert [t.holds for t in report.targets] == [True]  # every job ended
+    table = markdown(report.to_json())
+    assert table.count("\n| trio-runs on Redis") == len(wanted)
+
+
+def test_peers_judges_the_redis_mode_targets_per_repetition() -> None:
+    from benchmarks import peers
+
+    def sample(rate: float, p99: float) -> peers.Sample:
+        return peers.Sample(100 / rate, 0.0, 100, 100, (p99,) * 100)
+
+    samples = {
+        ("celery", 64): [sample(600, 0.2)] * 5,
+        ("arq", 64): [sample(1_000, 0.1)] * 5,
+        (peers.redis_system(1, peers.REDIS_TARGET_MODE), 64): [sample(2_000, 0.05)] * 5,
+        (peers.redis_system(2, peers.REDIS_TARGET_MODE), 64): [sample(1_500, 0.15)] * 5,
+    }
+    report = _common.Report("peers", "t", "b", {})
+    peers.add_redis_targets(report, (64,), samples)
+    verdicts = {t.name: t.holds for t in report.targets}
+    assert verdicts == {
+        "Redis 1 node (multiplexed) >= arq at 64 clients": True,
+        "Redis 1 node (multiplexed) >= 3x Celery at 64 clients": True,
+        "Redis 1 node (multiplexed) p99 below Celery's and arq's at 64 clients": True,
+        "Redis 2 nodes (multiplexed) >= arq at 64 clients": True,
+        "Redis 2 nodes (multiplexed) >= 3x Celery at 64 clients": False,
+        "Redis 2 nodes (multiplexed) p99 below Celery's and arq's at 64 clients": False,
+    }
+
+
 def test_peers_main_refuses_fewer_than_five_repetitions() -> None:
     from benchmarks import peers
 

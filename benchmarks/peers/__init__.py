@@ -13,7 +13,17 @@
   *batched* (``run_batch``: each client sends its jobs :data:`BATCH` to a
   ``POST .../batches``), and *multiplexed* (one client shared by every task) once the client
   multiplexes — until then that row says it is pending;
-- **trio-runs in-process**: ``Backend.send_message`` + ``Backend.wait_run``, no HTTP.
+- **trio-runs in-process**: ``Backend.send_message`` + ``Backend.wait_run``, no HTTP;
+- **trio-runs on Redis** (issue 13), with 1 and with 2 nodes: ``trio-runs serve --redis URL
+  --redis-namespace NS`` nodes on the benchmark's ``redis-server``, each its own process, all
+  with one ``--workspace-root``; the clients spread over the nodes round-robin (client ``i`` on
+  node ``i % nodes``), by the paths *one request*, *multiplexed* (one shared ``RunsClient`` per
+  node) and *batched*. Each cluster has a namespace of its own, so an idle cluster follows a
+  quiet stream while the other is measured.
+
+Besides jobs/s, every measurement records each job's submit -> result latency as its client
+saw it (a batched job: its batch's round trip); the rows give its 99th percentile per
+repetition, next to Celery's and arq's.
 
 Every system runs at once on one machine (a private ``redis-server`` on a free loopback port,
 the Celery and arq workers, the trio-runs server: each its own process); the workers not
@@ -29,9 +39,10 @@ It is therefore **never** part of the default ``python -m benchmarks`` set or of
 
     python -m benchmarks.peers [--quick] [--reps N] [--json PATH]
     python -m benchmarks --only peers          # the same, through the registry
+    python -m benchmarks.peers --systems redis  # the peers and the Redis-mode rows only
 
-``--trio-runs-only`` measures the trio-runs rows alone (no venv, no Redis): the smoke test's
-path.
+``--trio-runs-only`` measures the trio-runs rows alone (no venv; no Redis unless
+``--redis-nodes`` asks for the Redis-mode rows): the smoke test's path.
 """
 
 from __future__ import annotations
@@ -67,6 +78,7 @@ from .._common import (
     header_lines,
     interleaved,
     parser,
+    percentile,
     ratios,
     render,
     timer,
@@ -92,7 +104,35 @@ MEASURE_SECONDS = 600.0
 """The bound on one measurement (the peer driver's answer, a trio-runs trio.run)."""
 INSTALL_SECONDS = 600.0
 
-SYSTEMS = ("celery", "arq", "two", "one", "batch", "multiplexed", "in-process")
+REDIS_NODES = (1, 2)
+"""The Redis-mode clusters measured: this many ``serve --redis`` nodes each."""
+REDIS_MODES = ("one", "multiplexed", "batch")
+"""The client paths measured against each Redis-mode cluster."""
+REDIS_TARGET_MODE = "multiplexed"
+"""The path the Redis-mode targets are judged on: at 1 client it is the single request, at
+more it is how a concurrent program submits (one shared client per node)."""
+SPREAD_JOBS = False
+"""False: client ``i`` sends every job to node ``i % nodes``, so each session's runs enter
+the cluster through one node (R2 held even before cluster-wide lanes). True: job ``k`` of
+client ``i`` goes to node ``(i + k) % nodes``, the "any node" load once runs are routed
+through Redis lanes (every node claims any session's head)."""
+
+
+def redis_system(nodes: int, mode: str) -> str:
+    """The system name of the Redis-mode cluster of ``nodes`` nodes driven by ``mode``."""
+    return f"redis{nodes}-{mode}"
+
+
+SYSTEMS = (
+    "celery",
+    "arq",
+    "two",
+    "one",
+    "batch",
+    "multiplexed",
+    "in-process",
+    *(redis_system(n, m) for n in REDIS_NODES for m in REDIS_MODES),
+)
 LABELS = {
     "celery": "Celery 5.5 + Redis (threads pool)",
     "arq": "arq 0.28 + Redis",
@@ -102,23 +142,75 @@ LABELS = {
     "multiplexed": "trio-runs HTTP, multiplexed (one shared RunsClient)",
     "in-process": "trio-runs in-process (Backend.send_message + wait_run)",
 }
+_REDIS_PATHS = {
+    "one": "one request (?wait=)",
+    "multiplexed": "multiplexed (a shared RunsClient per node)",
+    "batch": f"batched ({BATCH}/request)",
+}
+LABELS.update(
+    {
+        redis_system(n, m): f"trio-runs on Redis, {n} node{'s' if n > 1 else ''}, {_REDIS_PATHS[m]}"
+        for n in REDIS_NODES
+        for m in REDIS_MODES
+    }
+)
 PEER_NAMES = {"celery": "Celery", "arq": "arq"}
+HTTP_SYSTEMS = ("two", "one", "batch", "multiplexed")
+GROUPS = {
+    "http": HTTP_SYSTEMS,
+    "redis": tuple(redis_system(n, m) for n in REDIS_NODES for m in REDIS_MODES),
+}
+
+
+def _redis_of(system: str) -> tuple[int, str]:
+    # "redis2-batch" -> (2, "batch")
+    head, mode = system.split("-", 1)
+    return int(head.removeprefix("redis")), mode
+
+
+def _of_cluster(nodes: int) -> list[str]:
+    return [redis_system(nodes, m) for m in REDIS_MODES]
+
+
+def _selected(only: Sequence[str] | None, redis_nodes: Sequence[int]) -> set[str]:
+    # The systems to measure: the peers, the named trio-runs ones (default all), and of the
+    # Redis-mode ones only those of the clusters asked for.
+    if only is None:
+        names = set(SYSTEMS)
+    else:
+        names = set(PEER_NAMES)
+        for name in only:
+            if name not in GROUPS and name not in SYSTEMS:
+                raise ValueError(
+                    f"unknown system {name!r}: one of {', '.join(SYSTEMS)}, http, redis"
+                )
+            names.update(GROUPS.get(name, (name,)))
+    return {s for s in names if not s.startswith("redis") or _redis_of(s)[0] in redis_nodes}
+
+
 PENDING_MULTIPLEXED = (
     "pending: RunsClient does not multiplex concurrent submissions yet (issue 12, item 3)"
 )
 
 
 class Sample(NamedTuple):
-    """One measurement: wall seconds, the clients' CPU seconds, jobs ended and completed."""
+    """One measurement: wall seconds, the clients' CPU seconds, jobs ended and completed, and
+    each completed job's submit -> result seconds as its client saw them."""
 
     wall: float
     client_cpu: float
     ended: int
     completed: int
+    latencies: tuple[float, ...] = ()
 
     @property
     def rate(self) -> float:
         return self.ended / self.wall if self.wall else float("inf")
+
+    @property
+    def p99(self) -> float:
+        """The 99th percentile of the latencies, in seconds (NaN without any)."""
+        return percentile(self.latencies, 99.0)
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -287,8 +379,12 @@ def redis_binary() -> str:
 
 
 @contextlib.contextmanager
-def trio_runs_server(root: Path, db: str | None) -> Iterator[str]:
-    """``trio-runs serve`` with a no-op agent on a free loopback port; its URL."""
+def trio_runs_server(
+    root: Path, db: str | None, extra: Sequence[str] = (), name: str = "trio-runs"
+) -> Iterator[str]:
+    """``trio-runs serve`` with a no-op agent on a free loopback port (its workspace root
+    ``root/workspaces``, absolute: every node of a cluster resolves a path alike) and
+    ``extra`` arguments; its URL. Logs to ``root/NAME.log``."""
     port = free_port()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
@@ -297,18 +393,33 @@ def trio_runs_server(root: Path, db: str | None) -> Iterator[str]:
         "--host", "127.0.0.1",
         "--port", str(port),
         "--agent", "benchmarks.dispatch:trivial_agent",
-        "--workspace-root", str(root / "workspaces"),
+        "--workspace-root", str((root / "workspaces").resolve()),
         "--drain", "0",
         "--log-level", "warning",
+        *extra,
     ]  # fmt: skip
     if db is not None:
         args += ["--db", db]
-    log = root / "trio-runs.log"
+    log = root / f"{name}.log"
     url = f"http://127.0.0.1:{port}"
     # SIGINT: the server's graceful shutdown (every run gets its terminal), then SIGKILL.
     with child(args, log=log, env=env, cwd=REPO_ROOT, stop_signal=signal.SIGINT) as process:
-        _wait_until(lambda: _http_answers(url), process, "trio-runs serve", log)
+        _wait_until(lambda: _http_answers(url), process, name, log)
         yield url
+
+
+@contextlib.contextmanager
+def redis_cluster(root: Path, redis_url: str, nodes: int) -> Iterator[list[str]]:
+    """``nodes`` ``trio-runs serve --redis`` nodes on ``redis_url``, under a namespace of their
+    own (a fresh one: no earlier run's keys), every node its own process; their URLs. Each
+    is stopped on the way out (SIGINT, then SIGKILL), whichever way that is."""
+    namespace = f"bench{nodes}-{uuid.uuid4().hex[:8]}"
+    extra = ["--redis", redis_url, "--redis-namespace", namespace]
+    with contextlib.ExitStack() as stack:
+        yield [
+            stack.enter_context(trio_runs_server(root, None, extra, name=f"redis{nodes}-node{k}"))
+            for k in range(nodes)
+        ]
 
 
 def multiplexing_available() -> bool:
@@ -321,43 +432,72 @@ def multiplexing_available() -> bool:
     return "multiplex" in inspect.signature(RunsClient).parameters
 
 
-async def trio_runs_http(url: str, clients: int, jobs: int, mode: str) -> Sample:
-    """``clients`` tasks sharing ``jobs`` runs over HTTP by ``mode`` (see the module)."""
+async def trio_runs_http(url: str | Sequence[str], clients: int, jobs: int, mode: str) -> Sample:
+    """``clients`` tasks sharing ``jobs`` runs over HTTP by ``mode`` (see the module). Given
+    several URLs (the nodes of a cluster), client ``i`` talks to node ``i % nodes`` (with
+    :data:`SPREAD_JOBS`, each of its jobs to the next node); ``multiplexed``: one shared client
+    per node."""
     from trio_runs import RunComplete
     from trio_runs.http import RunsClient
 
+    urls = [url] if isinstance(url, str) else list(url)
+    nodes = len(urls)
     async with contextlib.AsyncExitStack() as stack:
         if mode == "multiplexed":
-            # Every task shares one client, which coalesces their run_prompt calls.
-            shared = RunsClient(url, timeout=60.0, multiplex=True)
-            pool = [await stack.enter_async_context(shared)]
+            # Every task on a node shares its one client, which coalesces their run_prompt calls.
+            pool = [
+                await stack.enter_async_context(RunsClient(u, timeout=60.0, multiplex=True))
+                for u in urls
+            ]
+            count = nodes
         else:
             pool = [
-                await stack.enter_async_context(RunsClient(url, timeout=60.0))
-                for _ in range(clients)
+                await stack.enter_async_context(RunsClient(urls[i % nodes], timeout=60.0))
+                for i in range(clients * (nodes if SPREAD_JOBS else 1))
             ]
-        count = len(pool)
-        workspace = (await pool[0].create_workspace("peers")).id
+            count = clients
+        # A workspace id is a node's own: open the one path on every node.
+        workspaces = []
+        for u in urls:
+            async with RunsClient(u, timeout=60.0) as admin:
+                workspaces.append((await admin.create_workspace("peers")).id)
         prefix = uuid.uuid4().hex[:12]
         minted = 0
+        sent = [0] * clients
 
         def mint() -> str:
             nonlocal minted
             minted += 1
             return f"{prefix}-{minted}"
 
+        def node_of(i: int) -> int:
+            # Which node client i's next job goes to: its own, or the next in turn.
+            if not SPREAD_JOBS:
+                return i % nodes
+            sent[i] += 1
+            return (i + sent[i]) % nodes
+
+        def client_of(i: int, node: int) -> RunsClient:
+            if mode == "multiplexed":
+                return pool[node]
+            # With SPREAD_JOBS, client i owns pool[i * nodes .. i * nodes + nodes - 1],
+            # pool[i * nodes + j] on node (i * nodes + j) % nodes == j.
+            return pool[i * nodes + node] if SPREAD_JOBS else pool[i % count]
+
         async def two(i: int, k: int) -> int:
-            run_id = mint()
-            await pool[i].submit(workspace, f"c{i}", "go", run_id)
-            return (await pool[i].wait_terminal(run_id)).outcome == "completed"
+            run_id, node = mint(), node_of(i)
+            await client_of(i, node).submit(workspaces[node], f"c{i}", "go", run_id)
+            return (await client_of(i, node).wait_terminal(run_id)).outcome == "completed"
 
         async def one(i: int, k: int) -> int:
-            terminal = await pool[i % count].run_prompt(workspace, f"c{i}", "go", mint())
+            node = node_of(i)
+            terminal = await client_of(i, node).run_prompt(workspaces[node], f"c{i}", "go", mint())
             return terminal.outcome == "completed"
 
         async def batch(i: int, k: int) -> int:
-            results = await pool[i].run_batch(
-                workspace, [(f"c{i}", "go", mint()) for _ in range(k)]
+            node = node_of(i)
+            results = await client_of(i, node).run_batch(
+                workspaces[node], [(f"c{i}", "go", mint()) for _ in range(k)]
             )
             return sum(isinstance(r, RunComplete) and r.outcome == "completed" for r in results)
 
@@ -389,15 +529,21 @@ async def trio_runs_in_process(clients: int, jobs: int) -> Sample:
 
 async def _loop(clients: int, jobs: int, step: Any, size: int) -> Sample:
     # ``clients`` tasks share ``jobs``; each call ``step(client, k)`` does k <= size of them.
+    # Each step's round trip is the latency of each of its k jobs (a batch's results reach
+    # the caller together).
     shares = [jobs // clients + (i < jobs % clients) for i in range(clients)]
     completed = 0
+    latencies: list[float] = []
+    clock = time.perf_counter
 
     async def client(i: int) -> None:
         nonlocal completed
         left = shares[i]
         while left > 0:
             k = min(size, left)
+            sent = clock()
             ok = await step(i, k)  # awaited first: `completed += await ...` loses counts
+            latencies.extend([clock() - sent] * ok)
             completed += ok
             left -= k
 
@@ -407,7 +553,8 @@ async def _loop(clients: int, jobs: int, step: Any, size: int) -> Sample:
         async with trio.open_nursery() as nursery:
             for i in range(clients):
                 nursery.start_soon(client, i)
-    return Sample(time.perf_counter() - start, time.process_time() - cpu, jobs, completed)
+    wall = time.perf_counter() - start
+    return Sample(wall, time.process_time() - cpu, jobs, completed, tuple(latencies))
 
 
 # -- the peers ---------------------------------------------------------------------------------
@@ -448,7 +595,13 @@ class Peers:
                 if name != system:
                     stack.enter_context(paused(worker))
             answer = self.ask({"op": "measure", "system": system, "clients": clients, "jobs": jobs})
-        return Sample(answer["wall"], answer["client_cpu"], answer["ended"], answer["completed"])
+        return Sample(
+            answer["wall"],
+            answer["client_cpu"],
+            answer["ended"],
+            answer["completed"],
+            tuple(answer.get("latencies", ())),
+        )
 
     def idle(self) -> contextlib.ExitStack:
         """Pause every worker (while trio-runs is measured)."""
@@ -459,19 +612,11 @@ class Peers:
 
 
 @contextlib.contextmanager
-def running_peers(root: Path) -> Iterator[Peers]:
-    """Redis, the Celery worker, the arq worker and the driver, all stopped on the way out."""
-    python = ensure_peers_venv()
+def running_redis(root: Path) -> Iterator[int]:
+    """The benchmark's ``redis-server`` on a free loopback port, no persistence; its port.
+    Database 0 is Celery's, 1 arq's, 2 the Redis-mode trio-runs clusters'."""
     binary = redis_binary()
     port = free_port()
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=str(HERE),
-        PEERS_CELERY_REDIS=f"redis://127.0.0.1:{port}/0",
-        PEERS_ARQ_REDIS=f"redis://127.0.0.1:{port}/1",
-    )
-    env.pop("VIRTUAL_ENV", None)
-    bin_dir = str(python.parent)
     redis_log = root / "redis.log"
     redis_args = [
         binary,
@@ -481,9 +626,25 @@ def running_peers(root: Path) -> Iterator[Peers]:
         "--save", "",
         "--appendonly", "no",
     ]  # fmt: skip
-    with contextlib.ExitStack() as stack:
-        redis = stack.enter_context(child(redis_args, log=redis_log))
+    with child(redis_args, log=redis_log) as redis:
         _wait_until(lambda: _redis_answers(port), redis, "redis-server", redis_log)
+        yield port
+
+
+@contextlib.contextmanager
+def running_peers(root: Path, port: int) -> Iterator[Peers]:
+    """The Celery worker, the arq worker and the driver on the Redis at ``port``, all stopped
+    on the way out."""
+    python = ensure_peers_venv()
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(HERE),
+        PEERS_CELERY_REDIS=f"redis://127.0.0.1:{port}/0",
+        PEERS_ARQ_REDIS=f"redis://127.0.0.1:{port}/1",
+    )
+    env.pop("VIRTUAL_ENV", None)
+    bin_dir = str(python.parent)
+    with contextlib.ExitStack() as stack:
         celery_args = [
             str(python), "-m", "celery", "-A", "_celery_app", "worker",
             "--pool", "threads", "--concurrency", "8",
@@ -530,16 +691,24 @@ def run(
     jobs: int | None = None,
     peers: bool = True,
     db: str | None = None,
+    redis_nodes: Sequence[int] | None = None,
+    only: Sequence[str] | None = None,
 ) -> Report:
     """Measure every system at every client count, repetitions interleaved; the report.
 
-    ``peers=False`` measures trio-runs alone (nothing installed, no Redis). ``db`` is the
-    trio-runs server's ``--db`` (default: the server's own, a SQLite file)."""
+    ``peers=False`` measures trio-runs alone (nothing installed). ``db`` is the trio-runs
+    server's ``--db`` (default: the server's own, a SQLite file). ``redis_nodes``: the
+    Redis-mode clusters to measure (default: :data:`REDIS_NODES` with the peers, none
+    without). ``only``: the trio-runs systems to measure (names of :data:`SYSTEMS`, or the
+    groups ``http``, ``redis``), the peers always with them; default every one."""
     jobs = jobs or (QUICK_JOBS if quick else JOBS)
     multiplexes = multiplexing_available()
-    systems = [s for s in SYSTEMS if (peers or s not in ("celery", "arq"))]
+    nodes_wanted = tuple(REDIS_NODES if redis_nodes is None and peers else redis_nodes or ())
+    wanted = _selected(only, nodes_wanted)
+    systems = [s for s in SYSTEMS if s in wanted and (peers or s not in PEER_NAMES)]
     if not multiplexes:
-        systems.remove("multiplexed")
+        systems = [s for s in systems if not s.endswith("multiplexed")]
+    clusters = sorted({n for n in nodes_wanted if any(s in systems for s in _of_cluster(n))})
     report = Report(
         name="peers",
         title="7. Peers: submit a no-op job and wait for its result, against Celery and arq",
@@ -551,9 +720,11 @@ def run(
             "reps": reps,
             "batch": BATCH,
             "db": db or "server default (SQLite)",
+            "redis_nodes": clusters,
+            "spread_jobs": SPREAD_JOBS,
         },
     )
-    if peers and shutil.which("redis-server") is None:
+    if (peers or clusters) and shutil.which("redis-server") is None:
         report.skipped = REDIS_MISSING
         return report
     all_ended = True
@@ -561,8 +732,18 @@ def run(
     with tempfile.TemporaryDirectory(prefix="trio-runs-bench-peers-") as tmp:
         root = Path(tmp)
         with contextlib.ExitStack() as stack:
-            the_peers = stack.enter_context(running_peers(root)) if peers else None
-            url = stack.enter_context(trio_runs_server(root, db))
+            port = stack.enter_context(running_redis(root)) if peers or clusters else None
+            the_peers = None
+            if peers:
+                assert port is not None
+                the_peers = stack.enter_context(running_peers(root, port))
+            url = ""
+            if any(s in systems for s in HTTP_SYSTEMS):
+                url = stack.enter_context(trio_runs_server(root, db))
+            cluster_urls = {
+                n: stack.enter_context(redis_cluster(root, f"redis://127.0.0.1:{port}/2", n))
+                for n in clusters
+            }
 
             def measure(system: str, c: int, n: int) -> Sample:
                 if _signalled:
@@ -573,6 +754,11 @@ def run(
                 with the_peers.idle() if the_peers is not None else contextlib.nullcontext():
                     if system == "in-process":
                         got = trio.run(_cancellable, trio_runs_in_process, c, n)
+                    elif system.startswith("redis"):
+                        cluster, mode = _redis_of(system)
+                        got = trio.run(
+                            _cancellable, trio_runs_http, cluster_urls[cluster], c, n, mode
+                        )
                     else:
                         got = trio.run(_cancellable, trio_runs_http, url, c, n, system)
                 if got is None or _signalled:
@@ -595,7 +781,9 @@ def run(
         report.notes.append(f"multiplexed row: {PENDING_MULTIPLEXED}")
     report.notes.append(
         "each figure: jobs/s (wall) over the clients' shared jobs; baseline: the named peer's "
-        "jobs/s; ratio = this system's jobs/s / the peer's, per repetition (above 1: faster)"
+        "jobs/s; ratio = this system's jobs/s / the peer's, per repetition (above 1: faster); "
+        "p99 latency: each repetition's 99th percentile of the jobs' submit -> result times "
+        "(a batched job: its batch's round trip), in ms, ratio below 1: lower than the peer's"
     )
     report.targets.append(
         Target(
@@ -614,36 +802,54 @@ def _rates(got: Sequence[Sample]) -> list[float]:
     return [s.rate for s in got]
 
 
+def _p99s(got: Sequence[Sample]) -> list[float]:
+    return [s.p99 * 1000.0 for s in got]
+
+
+P99 = ", p99 latency"
+"""The metric suffix of a latency row (ms, each repetition's 99th percentile)."""
+
+
 def _add_rows(
     report: Report, c: int, systems: Sequence[str], samples: dict[tuple[str, int], list[Sample]]
 ) -> None:
-    # One row per system and peer: its jobs/s beside the peer's, and their per-repetition ratio.
+    # One row per system and peer: its jobs/s beside the peer's, and their per-repetition
+    # ratio; then the same for its p99 latency (ms; a ratio below 1: lower than the peer's).
     label = f"{c} client{'s' if c > 1 else ''}"
     for system in systems:
-        value = _rates(samples[system, c])
         peers = [p for p in ("celery", "arq") if p in systems and p != system]
-        if not peers:
-            report.add(Row(label, LABELS[system], "jobs/s", Stat.of(value)))
-        for peer in peers:
-            base = _rates(samples[peer, c])
-            report.add(
-                Row(
-                    label,
-                    f"{LABELS[system]}, vs {PEER_NAMES[peer]}",
-                    "jobs/s",
-                    Stat.of(value),
-                    Stat.of(base),
-                    ratios(value, base),
+        for suffix, unit, of in (("", "jobs/s", _rates), (P99, "ms", _p99s)):
+            value = of(samples[system, c])
+            if not peers:
+                report.add(Row(label, LABELS[system] + suffix, unit, Stat.of(value)))
+            for peer in peers:
+                base = of(samples[peer, c])
+                report.add(
+                    Row(
+                        label,
+                        f"{LABELS[system]}{suffix}, vs {PEER_NAMES[peer]}",
+                        unit,
+                        Stat.of(value),
+                        Stat.of(base),
+                        ratios(value, base),
+                    )
                 )
-            )
 
 
 def _ratio(
-    samples: dict[tuple[str, int], list[Sample]], system: str, peer: str, c: int
+    samples: dict[tuple[str, int], list[Sample]],
+    system: str,
+    peer: str,
+    c: int,
+    of: Callable[[Sequence[Sample]], list[float]] = _rates,
 ) -> Stat | None:
     if (system, c) not in samples or (peer, c) not in samples:
         return None
-    return ratios(_rates(samples[system, c]), _rates(samples[peer, c]))
+    return ratios(of(samples[system, c]), of(samples[peer, c]))
+
+
+def _span_of(stat: Stat, unit: str = "x") -> str:
+    return f"{stat.median:.2f}{unit} [{stat.min:.2f}..{stat.max:.2f}]"
 
 
 def _add_targets(
@@ -663,14 +869,57 @@ def _add_targets(
             continue
         stat = _ratio(samples, system, peer, c)
         if stat is None:
-            report.targets.append(
-                Target(name, f"median ratio >= {limit:g}", PENDING_MULTIPLEXED, False)
-            )
-            continue
-        measured = f"{stat.median:.2f}x [{stat.min:.2f}..{stat.max:.2f}]"
+            if system == "multiplexed" and not multiplexes:
+                report.targets.append(
+                    Target(name, f"median ratio >= {limit:g}", PENDING_MULTIPLEXED, False)
+                )
+            continue  # or not measured this run (--systems)
+        measured = _span_of(stat)
         report.targets.append(
             Target(name, f"median ratio >= {limit:g}", measured, stat.median >= limit)
         )
+    add_redis_targets(report, clients, samples)
+
+
+def add_redis_targets(
+    report: Report, clients: Sequence[int], samples: dict[tuple[str, int], list[Sample]]
+) -> None:
+    """Append issue 13's targets for the Redis mode, judged on :data:`REDIS_TARGET_MODE` for
+    each cluster measured: jobs/s >= arq's at every client count and >= 3x Celery's at 64
+    clients; p99 latency below both peers' (the median of the per-repetition ratios below 1).
+    A target whose samples are missing (not measured this run) is left out."""
+    for nodes in REDIS_NODES:
+        system = redis_system(nodes, REDIS_TARGET_MODE)
+        who = f"Redis {nodes} node{'s' if nodes > 1 else ''} ({REDIS_TARGET_MODE})"
+        for c in clients:
+            plural = "s" if c > 1 else ""
+            wanted = [(f"{who} >= arq at {c} client{plural}", "arq", 1.0)]
+            if c == 64:
+                wanted.append((f"{who} >= 3x Celery at 64 clients", "celery", 3.0))
+            for name, peer, limit in wanted:
+                stat = _ratio(samples, system, peer, c)
+                if stat is not None:
+                    report.targets.append(
+                        Target(
+                            name, f"median ratio >= {limit:g}", _span_of(stat), stat.median >= limit
+                        )
+                    )
+            against = [(p, _ratio(samples, system, p, c, _p99s)) for p in PEER_NAMES]
+            if any(stat is None for _, stat in against):
+                continue
+            mine = Stat.of(_p99s(samples[system, c]))
+            measured = f"{mine.median:.1f} ms; " + ", ".join(
+                f"{_span_of(stat)} {PEER_NAMES[p]}'s" for p, stat in against if stat is not None
+            )
+            holds = all(stat is not None and stat.median < 1.0 for _, stat in against)
+            report.targets.append(
+                Target(
+                    f"{who} p99 below Celery's and arq's at {c} client{plural}",
+                    "median p99 ratio < 1 to each",
+                    measured,
+                    holds,
+                )
+            )
 
 
 _signalled: list[int] = []
@@ -719,9 +968,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--jobs", type=int, help=f"jobs per measurement (default {JOBS}, --quick {QUICK_JOBS})"
     )
+    p.add_argument(
+        "--redis-nodes",
+        metavar="N,M",
+        help="the Redis-mode clusters to measure, by node count (default: "
+        f"{','.join(map(str, REDIS_NODES))} with the peers, none with --trio-runs-only; "
+        "'none' for none)",
+    )
+    p.add_argument(
+        "--systems",
+        metavar="NAME,...",
+        help="the trio-runs systems to measure beside the peers: names ("
+        + ", ".join(s for s in SYSTEMS if s not in PEER_NAMES)
+        + ") or groups (http, redis); default every one",
+    )
+    p.add_argument(
+        "--markdown",
+        metavar="PATH",
+        help="also write the README's table (systems by client count) to PATH",
+    )
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.reps < MIN_REPS:
         p.error(f"--reps must be at least {MIN_REPS}")
+    redis_nodes: tuple[int, ...] | None = None
+    if args.redis_nodes is not None:
+        try:
+            redis_nodes = tuple(
+                int(n) for n in args.redis_nodes.split(",") if n and args.redis_nodes != "none"
+            )
+        except ValueError:
+            p.error(f"--redis-nodes: node counts separated by commas, not {args.redis_nodes!r}")
+        if not set(redis_nodes) <= set(REDIS_NODES):
+            p.error(f"--redis-nodes: measured clusters are {REDIS_NODES}")
+    only = None if args.systems is None else [n for n in args.systems.split(",") if n]
+    try:
+        _selected(only, REDIS_NODES)
+    except ValueError as exc:
+        p.error(f"--systems: {exc}")
     for line in header_lines():
         print(line)
     print(flush=True)
@@ -739,6 +1022,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             jobs=args.jobs,
             peers=not args.trio_runs_only,
             db=args.db,
+            redis_nodes=redis_nodes,
+            only=only,
         )
     except (RuntimeError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         print(f"peers benchmark: {exc}", file=sys.stderr)
@@ -757,4 +1042,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         write_json(args.json, [report], vars(args), report.seconds)
         print(f"wrote {args.json}")
+    if args.markdown and not report.skipped:
+        from .table import markdown
+
+        Path(args.markdown).write_text(markdown(report.to_json()) + "\n", encoding="utf-8")
+        print(f"wrote {args.markdown}")
     return 1 if args.check and missed else 0

@@ -9,7 +9,9 @@ line on stdout, until stdin closes:
   seconds (the workers are up) -> ``{"ok": true}`` or ``{"ok": false, "error": "..."}``;
 - ``{"op": "measure", "system": "celery" | "arq", "clients": C, "jobs": N}``: ``C``
   concurrent clients share ``N`` jobs, each submitting one job and waiting for its result
-  before the next -> ``{"wall": s, "client_cpu": s, "ended": n, "completed": n}``.
+  before the next -> ``{"wall": s, "client_cpu": s, "ended": n, "completed": n,
+  "latencies": [s, ...]}``, ``latencies`` holding each completed job's submit -> result
+  seconds as its client saw them.
 
 Celery's clients are threads (its client is blocking), arq's are asyncio tasks (its client is
 async), each the way that library is meant to be used. Every wait is bounded by
@@ -42,20 +44,25 @@ def measure_celery(clients: int, jobs: int) -> dict[str, Any]:
     completed = 0
     lock = threading.Lock()
     errors: list[BaseException] = []
+    latencies: list[float] = []
     start_line = threading.Barrier(clients + 1, timeout=JOB_TIMEOUT)
 
     def client(share: int) -> None:
         nonlocal completed
         done = 0
+        mine: list[float] = []
         try:
             start_line.wait()
             for _ in range(share):
+                sent = time.perf_counter()
                 _celery_app.noop.delay().get(timeout=JOB_TIMEOUT)
+                mine.append(time.perf_counter() - sent)
                 done += 1
         except BaseException as exc:  # reported to the runner, which fails the figure
             errors.append(exc)
         with lock:
             completed += done
+            latencies.extend(mine)
 
     threads = [threading.Thread(target=client, args=(s,)) for s in _shares(clients, jobs)]
     for t in threads:
@@ -73,6 +80,7 @@ def measure_celery(clients: int, jobs: int) -> dict[str, Any]:
         "client_cpu": time.process_time() - cpu,
         "ended": jobs,
         "completed": completed,
+        "latencies": latencies,
     }
 
 
@@ -80,13 +88,16 @@ async def _measure_arq(clients: int, jobs: int) -> dict[str, Any]:
     redis = await create_pool(RedisSettings.from_dsn(_arq_app.REDIS))
     try:
         completed = 0
+        latencies: list[float] = []
 
         async def client(share: int) -> None:
             nonlocal completed
             for _ in range(share):
+                sent = time.perf_counter()
                 job = await redis.enqueue_job("noop")
                 assert job is not None
                 await job.result(timeout=JOB_TIMEOUT, poll_delay=_arq_app.POLL)
+                latencies.append(time.perf_counter() - sent)
                 completed += 1
 
         cpu = time.process_time()
@@ -99,6 +110,7 @@ async def _measure_arq(clients: int, jobs: int) -> dict[str, Any]:
             "client_cpu": time.process_time() - cpu,
             "ended": jobs,
             "completed": completed,
+            "latencies": latencies,
         }
     finally:
         await redis.aclose()
