@@ -82,7 +82,12 @@ def redis(redis_server: RedisServer) -> RedisServer:
 
 
 def start_nodes(
-    spawn: list[e2e.Server | e2e.Client], tmp_path: Path, url: str, namespace: str, count: int
+    spawn: list[e2e.Server | e2e.Client],
+    tmp_path: Path,
+    url: str,
+    namespace: str,
+    count: int,
+    first: int = 0,
 ) -> list[e2e.Server]:
     nodes = [
         e2e.Server(
@@ -94,11 +99,10 @@ def start_nodes(
             "--lease-ttl",
             str(TTL),
         )
-        for i in range(count)
+        for i in range(first, first + count)
     ]
     spawn.extend(nodes)  # before anything can fail: teardown kills them whatever happens
     for node in nodes:
-        (tmp_path / f"node{nodes.index(node)}").mkdir(exist_ok=True)
         node.wait_url()
     return nodes
 
@@ -141,10 +145,11 @@ def test_runs_submitted_to_one_node_end_once_for_waiters_on_another(spawn, redis
 def test_a_killed_nodes_runs_end_abandoned_on_the_survivor_within_the_lease(spawn, redis, tmp_path):
     """R3: SIGKILL a node mid-run; each of its runs ends abandoned, once, within the bound."""
     namespace = "c" + uuid.uuid4().hex[:12]
-    a, b = start_nodes(spawn, tmp_path, redis.url, namespace, 2)
+    (a,) = start_nodes(spawn, tmp_path, redis.url, namespace, 1)
     ids = [submit(a, f"s{i}", "sleep 60") for i in range(4)]
     for run_id in ids:
-        a.wait_state(run_id, "active")
+        a.wait_state(run_id, "active")  # claimed by a: the only node yet
+    (b,) = start_nodes(spawn, tmp_path, redis.url, namespace, 1, first=1)
     assert b.http.get(f"/v1/runs/{ids[0]}").json()["state"] == "pending"
     a.proc.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
@@ -164,10 +169,11 @@ def test_a_zombie_node_is_fenced_and_every_run_still_has_one_terminal(spawn, red
     """R4: SIGSTOP a node past its lease, then SIGCONT: the survivor ended its runs
     abandoned; the zombie's own terminals are refused and counted, never a second one."""
     namespace = "c" + uuid.uuid4().hex[:12]
-    a, b = start_nodes(spawn, tmp_path, redis.url, namespace, 2)
+    (a,) = start_nodes(spawn, tmp_path, redis.url, namespace, 1)
     ids = [submit(a, f"s{i}", "sleep 2") for i in range(3)]
     for run_id in ids:
-        a.wait_state(run_id, "active")
+        a.wait_state(run_id, "active")  # claimed by a: the only node yet
+    (b,) = start_nodes(spawn, tmp_path, redis.url, namespace, 1, first=1)
     a.proc.send_signal(signal.SIGSTOP)
     try:
         ends = [wait_terminal(b, run_id, RECOVERY_BOUND) for run_id in ids]

@@ -634,6 +634,33 @@ class Backend:
             nursery.start_soon(self._dispatch, workspace, coordinator, accept, call)
             workspace._runs.add(call.run_id)
 
+    def start_accepted(self, workspace_id: str, call: RunCall) -> None:
+        """Run ``call`` in the workspace: a run its store already holds as accepted (one
+        another node of a cluster accepted, and this node claimed). Never blocks.
+
+        It is dispatched as :meth:`send_message` dispatches (reserved with the workspace's
+        coordinator, one terminal however it ends) but not registered with the store again.
+        Raises ``WorkspaceNotFound``, ``WorkspaceClosing`` or ``AgentNotInitialized``,
+        having reserved and started nothing: the caller then owns the run's ending.
+        """
+        workspace = self._workspaces.get(workspace_id)
+        if workspace is None:
+            raise WorkspaceNotFound(workspace_id)
+        if workspace.closing or self._closing:
+            raise WorkspaceClosing(workspace_id)
+        coordinator = workspace.coordinator
+        if coordinator is None:
+            raise AgentNotInitialized(workspace_id)
+        nursery = workspace._nursery
+        assert nursery is not None
+        accept = coordinator.begin_accepted(call.session_id, call)
+        try:
+            nursery.start_soon(self._dispatch, workspace, coordinator, accept, call)
+        except BaseException:
+            accept.close()
+            raise
+        workspace._runs.add(call.run_id)
+
     def workspace_of(self, run_id: str) -> Workspace | None:
         """The workspace a run was dispatched in, while its dispatch is going on."""
         for workspace in self._workspaces.values():
@@ -651,8 +678,15 @@ class Backend:
         """
         workspace = self.workspace_of(run_id)
         session_id = self._ledger.session_of(run_id)
-        if workspace is None or session_id is None or self._ledger.state(run_id) != "pending":
+        if session_id is None or self._ledger.state(run_id) != "pending":
             return False
+        if workspace is None:
+            # Dispatched on no workspace here: a store shared by many nodes (a cluster's)
+            # may still cancel it, wherever it runs.
+            store = self._ledger
+            return isinstance(store, SupportsCancelRun) and bool(
+                store.cancel_run(session_id, run_id)
+            )
         coordinator = workspace.coordinator
         if not isinstance(coordinator, SupportsCancelRun):
             raise NotSupported(workspace.id, "cancelling one run (SupportsCancelRun)")

@@ -34,7 +34,8 @@ import trio
 
 from . import __version__
 from .agents import DEMO_HELP
-from .errors import StoreError
+from .backend import open_backend
+from .errors import RedisUnavailable, StoreError
 from .sqlite import SqliteRetention
 
 if TYPE_CHECKING:
@@ -406,6 +407,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "(default: 10; heartbeats every third of it)",
     )
     serve.add_argument(
+        "--capacity",
+        type=_positive_int,
+        default=64,
+        metavar="N",
+        help="with --redis: the most runs this node runs at once (default: 64); 0 is not "
+        "allowed: a node that should run nothing is not a cluster node",
+    )
+    serve.add_argument(
         "--retain-age",
         type=_positive_float,
         default=7 * 24 * 3600.0,
@@ -468,6 +477,59 @@ def _build_parser() -> argparse.ArgumentParser:
         help="how many of each workspace's newest events (progress, notifications, "
         "terminals) are held for a client that resumes its event stream with Last-Event-ID "
         "or follows a run late; also at most 32 MiB of them (default: 1024)",
+    )
+
+    worker = commands.add_parser(
+        "worker",
+        help="run a cluster's work without serving HTTP (needs --redis)",
+        description="Join the cluster on a Redis as a node that runs work and serves no "
+        "HTTP: it claims runs any node accepted, each session's runs one at a time in "
+        "acceptance order across the cluster, and runs them with the agent. On SIGINT or "
+        "SIGTERM it stops claiming, cancels what it runs (each run ends cancelled) and "
+        "leaves the cluster. See 'Scaling out' in the README.",
+        epilog="exit status: 0 stopped (every run it claimed has its terminal), 2 usage "
+        "(no --redis, an agent that cannot be loaded), 1 Redis could not be reached",
+        formatter_class=formatter,
+        parents=common,
+    )
+    worker.add_argument(
+        "--redis",
+        default=None,
+        metavar="URL",
+        help=f"the cluster's Redis (redis://HOST:PORT/DB; default: ${_ENV_REDIS})",
+    )
+    worker.add_argument(
+        "--agent",
+        default=None,
+        metavar="MODULE:CALLABLE",
+        help=f"the agent, as for serve (default: ${_ENV_AGENT} or {_DEFAULT_AGENT})",
+    )
+    worker.add_argument(
+        "--capacity",
+        type=_positive_int,
+        default=64,
+        metavar="N",
+        help="the most runs this node runs at once (default: 64)",
+    )
+    worker.add_argument(
+        "--redis-namespace",
+        default="trio-runs",
+        metavar="NAME",
+        help="the cluster's key prefix in Redis (default: trio-runs)",
+    )
+    worker.add_argument(
+        "--lease-ttl",
+        type=_positive_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="a node silent this long is dead and its runs end abandoned (default: 10)",
+    )
+    worker.add_argument(
+        "--close-grace",
+        type=_non_negative_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on shutdown, how long runs get to honour their cancellation (default: 10)",
     )
 
     run = commands.add_parser(
@@ -687,6 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.usage_error(f"argument {option}: not allowed with argument --run")
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "serve": _serve,
+        "worker": _worker,
         "run": _run,
         "status": _status,
         "follow": _follow,
@@ -783,6 +846,8 @@ def _serve(args: argparse.Namespace) -> int:
     async def serve_main() -> None:
         async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
             run_store = store
+            coordinator_factory = factory
+            node_work = None
             if redis_url is not None:
                 redis = importlib.import_module("trio_runs.redis")
                 joined = await stack.enter_async_context(
@@ -797,13 +862,17 @@ def _serve(args: argparse.Namespace) -> int:
                 )
                 _err(f"trio-runs: node {joined.node_id} joined {redis_url}")
                 run_store = joined
+                node = redis.ClusterNode(joined, factory, capacity=args.capacity)
+                coordinator_factory = node.coordinator_factory
+                node_work = node.serve
             server = await nursery.start(
                 partial(
                     http.serve,
                     options,
-                    coordinator_factory=factory,
+                    coordinator_factory=coordinator_factory,
                     store=run_store,
                     handle_signals=True,
+                    node_work=node_work,
                 )
             )
             auth = " (bearer token required)" if options.token else ""
@@ -826,6 +895,58 @@ def _serve(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         raise
     print("trio-runs: stopped; every accepted run has its terminal", flush=True)
+    return EXIT_OK
+
+
+# -- worker ------------------------------------------------------------------------------
+
+
+def _worker(args: argparse.Namespace) -> int:
+    redis_url = args.redis if args.redis is not None else (os.environ.get(_ENV_REDIS) or None)
+    if redis_url is None:
+        raise _UsageError(f"worker needs the cluster's Redis: give --redis URL or ${_ENV_REDIS}")
+    agent = _flag_env_default(args.agent, _ENV_AGENT, _DEFAULT_AGENT, str)
+    try:
+        _import_specs_from_cwd()
+        agents = importlib.import_module("trio_runs.agents")
+        factory = agents.load_agent(agent)
+        redis = importlib.import_module("trio_runs.redis")
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    except ImportError as exc:
+        raise _UsageError(f"the Redis mode needs the 'redis' extra: {exc}") from None
+
+    async def worker_main() -> None:
+        async with (
+            redis.open_redis_store(
+                redis_url, namespace=args.redis_namespace, lease_ttl=args.lease_ttl
+            ) as store,
+            open_backend(store, close_grace=args.close_grace) as backend,
+            trio.open_nursery() as nursery,
+        ):
+            node = redis.ClusterNode(store, factory, capacity=args.capacity)
+            _err(f"trio-runs: worker {store.node_id} joined {redis_url}; agent {agent}")
+            print(
+                f"trio-runs: worker running up to {args.capacity} runs at once; "
+                "Ctrl-C or SIGTERM to stop",
+                flush=True,
+            )
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                nursery.start_soon(node.serve, backend)
+                async for _ in signals:
+                    break
+            _err("trio-runs: worker stopping: cancelling its runs")
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(worker_main)
+    except (RedisUnavailable, BaseExceptionGroup) as raised:
+        failure = _sole_leaf(raised)
+        if isinstance(failure, RedisUnavailable):
+            _err(f"trio-runs: {failure}")
+            return EXIT_FAILED
+        raise
+    print("trio-runs: worker stopped; every run it claimed has its terminal", flush=True)
     return EXIT_OK
 
 

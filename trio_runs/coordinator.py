@@ -863,14 +863,14 @@ class SessionCoordinator:
                 session.lane.remove(accept)
         self._forget_if_idle(session_id, session)
 
-    def cancel_run(self, session_id: str, run_id: str) -> bool:
+    def cancel_run(self, session_id: str, run_id: str, *, reason: EndReason = "user") -> bool:
         """Cancel one run of the session; ``True`` if it was found and had not ended yet.
 
         An active run ends cancelled as soon as its agent reaches a checkpoint; a queued one
         (also one whose task has not started yet but whose call is known) ends cancelled now.
         The session's other runs are untouched. ``False`` for a run that already ended, is
-        unknown, or whose call is not known yet. Never blocks. Its terminal says
-        ``reason="user"``.
+        unknown, or whose call is not known yet. Never blocks. Its terminal says ``reason``
+        (``"user"`` unless told: a cluster relays a session's cancellation this way).
         """
         session = self._sessions.get(session_id)
         if session is None:
@@ -881,10 +881,10 @@ class SessionCoordinator:
             if accept._phase is _ACTIVE:
                 assert accept._scope is not None
                 accept._cancel_requested = True
-                accept._cancel_reason = "user"
+                accept._cancel_reason = reason
                 accept._scope.cancel()
             else:
-                self._drop(session, accept, "user")
+                self._drop(session, accept, reason)
                 self._advance(session)
             return True
         return False

@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Final, cast
 
@@ -37,7 +38,7 @@ from hypercorn.typing import ASGIFramework, ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
 from ..agents import load_agent, load_store
-from ..backend import CoordinatorFactory, open_backend
+from ..backend import Backend, CoordinatorFactory, open_backend
 from ..ledger import RunStore
 from ..sqlite import SqliteRetention, open_sqlite_ledger
 from .app import create_app
@@ -217,9 +218,14 @@ async def serve(
     coordinator_factory: CoordinatorFactory | None = None,
     store: RunStore | None = None,
     handle_signals: bool = False,
+    node_work: Callable[[Backend], Awaitable[object]] | None = None,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the API until shutdown is requested; start with ``await nursery.start(serve, …)``.
+
+    ``node_work(backend)``, when given, is what this node does beside serving requests (a
+    cluster node claiming runs: ``ClusterNode.serve``): it starts with the backend and is
+    cancelled as soon as shutdown begins, before any workspace closes.
 
     ``coordinator_factory`` overrides ``options.agent``; ``store`` overrides ``options.store``
     and ``options.db`` (default: the SQLite database, recovered before the first request is
@@ -242,7 +248,7 @@ async def serve(
                 open_sqlite_ledger(path, retention=options.retention)
             )
             logger.info("runs are recorded in %s", path)
-        await _serve(options, factory, store, handle_signals, task_status)
+        await _serve(options, factory, store, handle_signals, node_work, task_status)
 
 
 def database_path(options: ServeOptions) -> str:
@@ -260,6 +266,7 @@ async def _serve(
     factory: CoordinatorFactory,
     store: RunStore | None,
     handle_signals: bool,
+    node_work: Callable[[Backend], Awaitable[object]] | None,
     task_status: trio.TaskStatus[RunningServer],
 ) -> None:
     token = options.token
@@ -290,6 +297,9 @@ async def _serve(
         async with trio.open_nursery() as outer:
             if handle_signals:
                 outer.start_soon(_watch_signals, shutdown, outer.cancel_scope)
+            work = trio.CancelScope()
+            if node_work is not None:
+                outer.start_soon(_node_work, work, node_work, backend)
             async with trio.open_nursery() as http:
                 binds: list[str] = await http.start(
                     partial(
@@ -304,10 +314,18 @@ async def _serve(
                 logger.info("serving on %s", url)
                 task_status.started(RunningServer(url, service, shutdown))
                 await shutdown.wait()
+                work.cancel()
                 await service.shutdown(options.drain)
                 stop_http.set()
             outer.cancel_scope.cancel()
     logger.info("server stopped")
+
+
+async def _node_work(
+    scope: trio.CancelScope, work: Callable[[Backend], Awaitable[object]], backend: Backend
+) -> None:
+    with scope:
+        await work(backend)
 
 
 async def _watch_signals(shutdown: trio.Event, force: trio.CancelScope) -> None:

@@ -18,15 +18,34 @@ Keys (``P`` is the namespace prefix, ``{name}:``, one hash slot):
 ``P run:<id>`` hash ``s`` session, ``n`` owning node while pending, ``rc`` terminal JSON,
 ``z`` its size; ``P node:<node>:runs`` set of a node's pending runs; ``P nodes`` set of live
 nodes; ``P dead`` nodes declared dead whose runs are being recovered; ``P lease:<node>`` the
-lease; ``P terminals`` the terminal stream (fields ``id``, ``rc``); ``P accepted`` the
-acceptance stream (``id``, ``s``; ``w`` for a withdrawal); ``P order`` zset of
+lease; ``P terminals`` the terminal stream (fields ``id``, ``rc``; ``p`` a routed run's
+workspace path); ``P accepted`` the acceptance stream (``id``, ``s``, ``p``; ``w`` for a
+withdrawal; ``x`` the node that claimed it, when a routed run becomes active); ``P order`` zset of
 retained terminals by time (ms); ``P bytes`` their size; ``P stats`` hash of cluster-wide
 counters.
+
+Routed runs (DESIGN R2: one active run per session, cluster-wide, FIFO): a run accepted with
+a workspace path is not owned by the node that accepted it (``a`` in its hash) but queued in
+its session's lane, ``P lane:<session>`` (a list, acceptance order; ``q`` marks it queued,
+``c`` holds its call, ``w`` its workspace path). ``P ready`` lists sessions whose lane may
+start a run; ``CLAIM`` pops them and makes the head of each lane the session's active run,
+``P active:<session>``, owned (``n``) by the claiming node. Its terminal frees the lane (and
+readies the session again when runs wait); so does recovery, when its node dies. ``P
+control`` streams cancellations of active runs to the nodes running them.
 """
 
 from __future__ import annotations
 
-__all__ = ["BATCH", "HEARTBEAT", "PENDING", "READ", "RECOVER", "REGISTER", "RELEASE"]
+__all__ = [
+    "BATCH",
+    "CLAIM",
+    "HEARTBEAT",
+    "PENDING",
+    "READ",
+    "RECOVER",
+    "REGISTER",
+    "RELEASE",
+]
 
 # Shared by BATCH and RECOVER: record a terminal (the caller checked it is the first), stream
 # it, and keep retention within count, bytes and age.
@@ -38,12 +57,30 @@ end
 
 local function finish(P, limits, id, session, outcome, rc, owner, now)
   local run = P .. 'run:' .. id
+  -- A routed run leaves its lane: a queued one its place, an active one the lane itself,
+  -- which starts its next run (the session is readied for any node to claim).
+  if redis.call('HEXISTS', run, 'q') == 1 then
+    redis.call('LREM', P .. 'lane:' .. session, 1, id)
+  end
+  local active = P .. 'active:' .. session
+  if redis.call('GET', active) == id then
+    redis.call('DEL', active)
+    if redis.call('LLEN', P .. 'lane:' .. session) > 0 then
+      redis.call('RPUSH', P .. 'ready', session)
+    end
+  end
+  local path = redis.call('HGET', run, 'w')
   redis.call('HSET', run, 'rc', rc, 's', session, 'z', #rc)
-  redis.call('HDEL', run, 'n')
+  redis.call('HDEL', run, 'n', 'q', 'c')
   if owner then
     redis.call('SREM', P .. 'node:' .. owner .. ':runs', id)
   end
-  redis.call('XADD', P .. 'terminals', 'MAXLEN', '~', limits.stream, '*', 'id', id, 'rc', rc)
+  if path then
+    redis.call('XADD', P .. 'terminals', 'MAXLEN', '~', limits.stream, '*', 'id', id, 'rc', rc,
+               'p', path)
+  else
+    redis.call('XADD', P .. 'terminals', 'MAXLEN', '~', limits.stream, '*', 'id', id, 'rc', rc)
+  end
   redis.call('ZADD', P .. 'order', now, id)
   redis.call('INCRBY', P .. 'bytes', #rc)
   redis.call('HINCRBY', P .. 'stats', outcome, 1)
@@ -65,6 +102,31 @@ local function finish(P, limits, id, session, outcome, rc, owner, now)
     end
   end
 end
+
+-- A queued routed run leaves without running: one cancelled terminal, stamped with what its
+-- call says (acceptance time, labels). False if it already ended or is not queued.
+local function drop_queued(P, limits, id, session, reason, now)
+  local run = P .. 'run:' .. id
+  if redis.call('HEXISTS', run, 'q') == 0 or redis.call('HEXISTS', run, 'rc') == 1 then
+    return false
+  end
+  local t = {session_id = session, run_id = id, cancelled = true, reason = reason,
+             ended_at = now / 1000}
+  local call = redis.call('HGET', run, 'c')
+  if call then
+    local c = cjson.decode(call)
+    t.accepted_at = c.accepted_at
+    t.labels = c.labels
+  end
+  finish(P, limits, id, session, 'cancelled', cjson.encode(t), nil, now)
+  return true
+end
+
+-- Ask the node running a session's active run to cancel it (it publishes the terminal).
+local function cancel_active(P, limits, session, id, reason)
+  redis.call('XADD', P .. 'control', 'MAXLEN', '~', limits.stream, '*', 'id', id, 's', session,
+             'n', redis.call('HGET', P .. 'run:' .. id, 'n') or '', 'reason', reason)
+end
 """
 
 BATCH = (
@@ -72,8 +134,13 @@ BATCH = (
     + r"""
 -- ARGV[1] prefix; ARGV[2] JSON {limits, ops}; each op is
 --   ["accept", id, session, node]    -> "ok" | "dup" | "fenced"
+--   ["accept", id, session, node, path, call] -> the same, routed: queued in its lane
 --   ["withdraw", id, node]           -> "ok"
 --   ["complete", id, session, outcome, rc, node] -> "ok" | "dup" | "fenced"
+--   ["lane", session, action, run id or "", reason] -> "ok" | "queued" | "active" | "none"
+--      action "cancel": drop the lane's queued runs and cancel its active one; "clear":
+--      drop the queued runs; "cancel_run": the one run, queued or active; "drop": the one
+--      run if it is still queued.
 -- Every op is idempotent for the node that sent it: a batch retried after a lost reply
 -- gets the answers it would have got the first time.
 local P = ARGV[1]
@@ -98,14 +165,25 @@ for i, op in ipairs(req.ops) do
   local kind, id = op[1], op[2]
   local run = P .. 'run:' .. id
   if kind == 'accept' then
-    local node = op[4]
-    local owner = redis.call('HGET', run, 'n')
-    if owner == node then
+    local node, path = op[4], op[5]
+    if redis.call('HGET', run, 'n') == node or redis.call('HGET', run, 'a') == node then
       out[i] = 'ok'
     elseif redis.call('EXISTS', run) == 1 then
       out[i] = 'dup'
     elseif not alive(node) then
       out[i] = 'fenced'
+    elseif path then
+      -- Routed: owned by no node until one claims it, so its acceptor's death loses nothing.
+      local session = op[3]
+      redis.call('HSET', run, 's', session, 'a', node, 'w', path, 'c', op[6], 'q', '1')
+      if redis.call('RPUSH', P .. 'lane:' .. session, id) == 1
+          and redis.call('EXISTS', P .. 'active:' .. session) == 0 then
+        redis.call('RPUSH', P .. 'ready', session)
+      end
+      redis.call('XADD', P .. 'accepted', 'MAXLEN', '~', limits.stream, '*', 'id', id,
+                 's', session, 'p', path)
+      redis.call('HINCRBY', P .. 'stats', 'accepted', 1)
+      out[i] = 'ok'
     else
       redis.call('HSET', run, 's', op[3], 'n', node)
       redis.call('SADD', P .. 'node:' .. node .. ':runs', id)
@@ -115,7 +193,12 @@ for i, op in ipairs(req.ops) do
     end
   elseif kind == 'withdraw' then
     local node = op[3]
-    if redis.call('HGET', run, 'n') == node and redis.call('HEXISTS', run, 'rc') == 0 then
+    local queued = redis.call('HGET', run, 'a') == node and redis.call('HEXISTS', run, 'q') == 1
+    if (redis.call('HGET', run, 'n') == node or queued)
+        and redis.call('HEXISTS', run, 'rc') == 0 then
+      if queued then
+        redis.call('LREM', P .. 'lane:' .. redis.call('HGET', run, 's'), 1, id)
+      end
       redis.call('DEL', run)
       redis.call('SREM', P .. 'node:' .. node .. ':runs', id)
       redis.call('XADD', P .. 'accepted', 'MAXLEN', '~', limits.stream, '*', 'id', id, 'w', '1')
@@ -145,6 +228,35 @@ for i, op in ipairs(req.ops) do
       finish(P, limits, id, session, outcome, rc, owner, now)
       out[i] = 'ok'
     end
+  elseif kind == 'lane' then
+    local session, action, target, reason = op[2], op[3], op[4], op[5]
+    local lane = P .. 'lane:' .. session
+    local answer = 'ok'
+    if action == 'cancel' or action == 'clear' then
+      local queued = redis.call('LRANGE', lane, 0, -1)
+      redis.call('DEL', lane)  -- first: each drop then leaves an empty lane, in O(1)
+      for _, each in ipairs(queued) do
+        drop_queued(P, limits, each, session, reason, now)
+      end
+      local active = redis.call('GET', P .. 'active:' .. session)
+      if action == 'cancel' and active then
+        cancel_active(P, limits, session, active, reason)
+      end
+    else
+      -- The run's own session decides, whatever the caller believed it to be.
+      session = redis.call('HGET', P .. 'run:' .. target, 's') or session
+    end
+    if action == 'cancel' or action == 'clear' then
+      answer = 'ok'
+    elseif drop_queued(P, limits, target, session, reason, now) then
+      answer = 'queued'
+    elseif action == 'cancel_run' and redis.call('GET', P .. 'active:' .. session) == target then
+      cancel_active(P, limits, session, target, reason)
+      answer = 'active'
+    else
+      answer = 'none'
+    end
+    out[i] = answer
   else
     return redis.error_reply('unknown op ' .. tostring(kind))
   end
@@ -152,6 +264,49 @@ end
 return out
 """
 )
+
+CLAIM = r"""
+-- ARGV: prefix, node, max, stream length. Pops ready sessions and makes the head of each
+-- one's lane its active run, owned by this node: {"ok", id, session, path, call, ...} (at
+-- most max runs), or {"fenced"} when the node no longer holds its lease.
+local P, node, max, stream = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+if redis.call('EXISTS', P .. 'lease:' .. node) == 0 then
+  return {'fenced'}
+end
+local out = {'ok'}
+local claimed = 0
+while claimed < max do
+  local session = redis.call('LPOP', P .. 'ready')
+  if not session then break end
+  -- A session already active is readied again when its run ends.
+  if redis.call('EXISTS', P .. 'active:' .. session) == 0 then
+    while true do
+      local id = redis.call('LPOP', P .. 'lane:' .. session)
+      if not id then break end
+      local run = P .. 'run:' .. id
+      if redis.call('HEXISTS', run, 'q') == 1 and redis.call('HEXISTS', run, 'rc') == 0 then
+        redis.call('SET', P .. 'active:' .. session, id)
+        redis.call('HSET', run, 'n', node)
+        redis.call('HDEL', run, 'q')
+        redis.call('SADD', P .. 'node:' .. node .. ':runs', id)
+        -- Every node learns which run of the session is active (``x``: the node running it).
+        redis.call('XADD', P .. 'accepted', 'MAXLEN', '~', stream, '*', 'id', id, 's', session,
+                   'x', node)
+        out[#out + 1] = id
+        out[#out + 1] = session
+        out[#out + 1] = redis.call('HGET', run, 'w')
+        out[#out + 1] = redis.call('HGET', run, 'c')
+        claimed = claimed + 1
+        break
+      end
+    end
+  end
+end
+if claimed > 0 then
+  redis.call('HINCRBY', P .. 'stats', 'claimed', claimed)
+end
+return out
+"""
 
 REGISTER = r"""
 -- ARGV: prefix, node, ttl_ms. A fresh incarnation: its lease, and its place among nodes.

@@ -40,7 +40,7 @@ import logging
 import math
 import weakref
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
 from typing import Final, cast
 
@@ -52,13 +52,13 @@ from .._encoding import checked_terminal
 from .._histogram import HistogramRecorder
 from .._terminals import non_cancelled_leaves
 from ..errors import DuplicateRun, RedisUnavailable, UnknownRun
-from ..events import RunComplete
+from ..events import EndReason, RunCall, RunComplete
 from ..ledger import LedgerStatistics, OnVisible, RunState
 from . import _scripts
 from ._client import UNREACHABLE, connect, namespace_prefix
 from .lease import DEFAULT_LEASE_TTL, NodeLease, RetentionLimits
 
-__all__ = ["RedisStore", "RedisStoreStatistics", "open_redis_store"]
+__all__ = ["ClaimedRun", "RedisStore", "RedisStoreStatistics", "open_redis_store"]
 
 logger = logging.getLogger("trio_runs.redis")
 
@@ -96,6 +96,10 @@ class RedisStoreStatistics:
     """Runs this node accepted and lost to fencing (recovery ends them, not this node)."""
     stream_entries: int
     """Terminals read from the terminal stream."""
+    claimed_total: int = 0
+    """Routed runs this node claimed from their lanes to run here."""
+    control_total: int = 0
+    """Cancellations of runs active here that other nodes asked for (control stream)."""
 
 
 class _Run:
@@ -103,12 +107,15 @@ class _Run:
 
     __slots__ = (
         "accepted",
+        "call",
+        "claimed",
         "completed_at",
         "decided",
         "done",
         "lost",
         "node",
         "on_visible",
+        "path",
         "refused",
         "run_id",
         "session_id",
@@ -133,10 +140,13 @@ class _Run:
         self.done: trio.Event | None = None
         self.waiters = 0
         self.completed_at = 0.0
+        self.path: str | None = None  # routed: its workspace path (any node may run it)
+        self.call: str | None = None  # routed: its call, as JSON, until Redis has it
+        self.claimed = False  # routed, and claimed by this node to run here
 
 
 class _Op:
-    __slots__ = ("dropped", "kind", "rc", "run", "run_id", "seq")
+    __slots__ = ("dropped", "kind", "lane", "rc", "run", "run_id", "seq")
 
     def __init__(self, kind: str, run_id: str, run: _Run, seq: int) -> None:
         self.kind = kind
@@ -144,7 +154,18 @@ class _Op:
         self.run = run
         self.seq = seq
         self.rc: RunComplete | None = None
+        self.lane: list[object] | None = None  # a lane op's wire form
         self.dropped = False
+
+
+@attrs.frozen
+class ClaimedRun:
+    """A routed run this node claimed from its session's lane in Redis, to run here."""
+
+    call: RunCall
+    """What the agent receives (the call accepted on whichever node)."""
+    workspace_path: str
+    """The workspace it was accepted in (the same path on every node)."""
 
 
 class RedisStore:
@@ -180,6 +201,8 @@ class RedisStore:
         self._stream_key = prefix + "terminals"
         self._accepted_key = prefix + "accepted"
         self._pending = client.register_script(_scripts.PENDING)
+        self._claim = client.register_script(_scripts.CLAIM)
+        self._control_key = prefix + "control"
         # Local knowledge.
         self._runs: dict[str, _Run] = {}
         self._terminals: dict[str, RunComplete] = {}
@@ -205,6 +228,7 @@ class RedisStore:
         # Stream.
         self._last_id = "0-0"
         self._last_accepted_id = "0-0"
+        self._last_control_id = "0-0"
         self._resync = trio.Event()
         # Counters.
         self._accepted_total = 0
@@ -220,6 +244,16 @@ class RedisStore:
         self._delivery = HistogramRecorder()
         self._terminal_listeners: list[Callable[[RunComplete], object]] = []
         self._lost_listeners: list[Callable[[list[str]], object]] = []
+        # Routing (trio_runs.redis.cluster): paths whose runs go into lanes, the workspace
+        # of each routed run pending elsewhere, and who hears of work, terminals, controls.
+        self._routed: set[str] = set()
+        self._remote_paths: dict[str, str] = {}
+        self._active: dict[str, str] = {}  # session -> its active routed run, as last heard
+        self._path_listeners: dict[str, list[Callable[[RunComplete], object]]] = {}
+        self._work_listeners: list[Callable[[], object]] = []
+        self._control_listeners: list[Callable[[str, str, str], object]] = []
+        self._claimed_total = 0
+        self._control_total = 0
 
     # -- introspection -----------------------------------------------------------------
 
@@ -267,6 +301,8 @@ class RedisStore:
             recovered_total=self._recovered,
             lost_total=self._lost,
             stream_entries=self._stream_entries,
+            claimed_total=self._claimed_total,
+            control_total=self._control_total,
         )
 
     async def cluster_statistics(self) -> dict[str, int]:
@@ -295,6 +331,24 @@ class RedisStore:
         ``flush`` then reports. Raises ``RedisUnavailable`` (accepting nothing)
         while Redis is not answering.
         """
+        self._accept(run_id, session_id)
+
+    def accept_call(self, call: RunCall, workspace_path: str | None) -> None:
+        """:meth:`accept` of ``call.run_id``; in a routed workspace (:meth:`route_workspace`)
+        the run goes into its session's lane in Redis, with its call, for any node to run.
+
+        Same errors as :meth:`accept`, and ``UnencodableValue``-free: a call is JSON by
+        construction. Never blocks.
+        """
+        run = self._accept(call.run_id, call.session_id)
+        if workspace_path is not None and workspace_path in self._routed:
+            run.path = workspace_path
+            run.call = json.dumps(call.to_dict())
+
+    def mark_started(self, run_id: str, started_at: float) -> None:
+        """A no-op: a terminal carries its start time, and Redis lists no runs yet."""
+
+    def _accept(self, run_id: str, session_id: str) -> _Run:
         if not self._connected:
             raise RedisUnavailable("Redis is not answering: the run was not accepted")
         known = self._runs.get(run_id)
@@ -314,6 +368,7 @@ class RedisStore:
         self._enqueue("accept", run_id, run)
         with suppress(RuntimeError):  # outside Trio: nobody will flush from this task
             self._last_accept[trio.lowlevel.current_task()] = run
+        return run
 
     def withdraw(self, run_id: str) -> None:
         """Undo an acceptance never acknowledged; a no-op unless the run is pending here."""
@@ -367,6 +422,119 @@ class RedisStore:
         self._ops.append(op)
         self._ops_ready.set()
         return op
+
+    # -- routing: cluster-wide session lanes (trio_runs.redis.cluster) -------------------
+
+    def route_workspace(self, path: str) -> None:
+        """Route the runs accepted from now on in the workspace at ``path`` through Redis:
+        each goes into its session's lane, and the node that claims it runs it."""
+        self._routed.add(path)
+
+    def on_workspace_terminal(
+        self, path: str, callback: Callable[[RunComplete], object]
+    ) -> Callable[[], None]:
+        """Call ``callback(rc)`` for every terminal of a routed run of the workspace at
+        ``path`` this node is shown (once per run, in the Trio thread; it must not block).
+        Returns the call that stops it."""
+        listeners = self._path_listeners.setdefault(path, [])
+        listeners.append(callback)
+
+        def stop() -> None:
+            with suppress(ValueError):
+                listeners.remove(callback)
+
+        return stop
+
+    def on_work(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` whenever a lane may have a run to claim: a routed run was
+        accepted, a terminal freed a lane, or Redis answers again (and once a heartbeat)."""
+        self._work_listeners.append(callback)
+
+    def on_control(self, callback: Callable[[str, str, str], object]) -> None:
+        """Call ``callback(run_id, session_id, reason)`` when another node (or this one)
+        cancels a routed run this node's current incarnation claimed."""
+        self._control_listeners.append(callback)
+
+    def cancel_session(self, session_id: str, reason: EndReason = "session_cancel") -> None:
+        """Cluster-wide: end the session's queued runs cancelled (``reason``) and ask the
+        node running its active run to cancel it. Queued for Redis in order after every
+        acceptance this node made before; never blocks."""
+        self._lane_op(session_id, "cancel", "", reason)
+
+    def clear_session(self, session_id: str) -> None:
+        """Cluster-wide: end the session's queued runs cancelled (``clear_queue``); its active
+        run goes on. Never blocks."""
+        self._lane_op(session_id, "clear", "", "clear_queue")
+
+    def cancel_run(self, session_id: str, run_id: str) -> bool:
+        """Cluster-wide: cancel one routed run, queued (it ends now) or active (its node is
+        asked to cancel it); the session's other runs go on. ``True`` if this node knows it
+        as pending. Never blocks."""
+        if self.state(run_id) != "pending":
+            return False
+        self._lane_op(session_id, "cancel_run", run_id, "user")
+        return True
+
+    def drop_queued(self, session_id: str, run_id: str, reason: EndReason) -> None:
+        """End a routed run cancelled (``reason``) if it is still queued in its lane; one any
+        node already runs goes on. Never blocks."""
+        self._lane_op(session_id, "drop", run_id, reason)
+
+    def active_run_id(self, session_id: str) -> str | None:
+        """The session's active routed run, on whichever node, as this node last heard of it
+        (from the acceptance stream: a heartbeat's delay at most behind Redis)."""
+        return self._active.get(session_id)
+
+    def _lane_op(self, session_id: str, action: str, run_id: str, reason: str) -> None:
+        if not self._connected:
+            raise RedisUnavailable("Redis is not answering: nothing was cancelled")
+        run = _Run(run_id, session_id, self._lease.node_id, accepted=False)
+        self._enqueue("lane", run_id, run).lane = ["lane", session_id, action, run_id, reason]
+
+    async def claim(self, max_runs: int) -> list[ClaimedRun]:
+        """Claim up to ``max_runs`` routed runs to run here: the head of each ready session's
+        lane, which becomes that session's one active run, owned by this node (if it dies,
+        recovery ends the run abandoned and the lane goes on).
+
+        One bounded Redis call; raises ``RedisUnavailable``. Cancelled while Redis answers,
+        the claims stand with nobody to run them: recovery ends them when this node's lease
+        expires, so cancel it only with the node.
+        """
+        node = self._lease.node_id
+        if not self._lease.registered:
+            return []
+        flat = cast(
+            list[object],
+            await self._call(
+                self._claim(args=[self._prefix, node, max_runs, self._limits_wire["stream"]])
+            ),
+        )
+        if not flat or flat[0] != "ok":
+            if node == self._lease.node_id:
+                self._fenced_now()
+            return []
+        claimed: list[ClaimedRun] = []
+        for index in range(1, len(flat) - 3, 4):
+            run_id, session_id, path, call_json = (str(item) for item in flat[index : index + 4])
+            call = RunCall.from_dict(json.loads(call_json))
+            run = self._runs.get(run_id)
+            if run is None or not run.accepted:
+                run = self._runs[run_id] = _Run(run_id, session_id, node, accepted=True)
+                run.written = True
+            run.node, run.path, run.claimed, run.session_id = node, path, True, session_id
+            self._remote.pop(run_id, None)
+            self._remote_paths.pop(run_id, None)
+            self._active[session_id] = run_id
+            claimed.append(ClaimedRun(call, path))
+        self._claimed_total += len(claimed)
+        return claimed
+
+    def _work(self) -> None:
+        for listener in self._work_listeners:
+            try:
+                listener()
+            except Exception:
+                logger.exception("a work listener failed")
 
     # -- RunStore: reads ---------------------------------------------------------------
 
@@ -506,19 +674,23 @@ class RedisStore:
 
     # -- showing terminals -------------------------------------------------------------
 
-    def _show(self, rc: RunComplete) -> None:
+    def _show(self, rc: RunComplete, path: str | None = None) -> None:
         # The one way a terminal becomes visible on this node: exactly once per run.
         run_id = rc.run_id
         if run_id in self._terminals:
             return
         self._terminals[run_id] = rc
         self._remote.pop(run_id, None)
+        remote_path = self._remote_paths.pop(run_id, None)
+        if self._active.get(rc.session_id) == run_id:
+            del self._active[rc.session_id]
         self._order.append(run_id)
         if len(self._order) > self._retain:
             oldest = self._order.popleft()
             self._terminals.pop(oldest, None)
             self._evicted += 1
         run = self._runs.pop(run_id, None)
+        path = path or (run.path if run is not None else None) or remote_path
         if run is not None:
             if run.accepted or run.decided is not None:
                 self._outcomes[rc.outcome] += 1
@@ -536,6 +708,12 @@ class RedisStore:
                 listener(rc)
             except Exception:
                 logger.exception("a terminal listener failed for run %s", run_id)
+        if path is not None:
+            for listener in self._path_listeners.get(path, ()):
+                try:
+                    listener(rc)
+                except Exception:
+                    logger.exception("a workspace terminal listener failed for run %s", run_id)
 
     # -- health ------------------------------------------------------------------------
 
@@ -628,7 +806,11 @@ class RedisStore:
     def _wire(self, op: _Op) -> list[object]:
         run = op.run
         if op.kind == "accept":
+            if run.path is not None:
+                return ["accept", op.run_id, run.session_id, run.node, run.path, run.call]
             return ["accept", op.run_id, run.session_id, run.node]
+        if op.lane is not None:
+            return op.lane
         if op.kind == "withdraw":
             return ["withdraw", op.run_id, run.node]
         rc = op.rc
@@ -639,12 +821,18 @@ class RedisStore:
     async def _settle(self, ops: list[_Op], answers: list[str]) -> None:
         redo: list[_Op] = []
         fetch: list[str] = []
+        work = False
         for op, answer in zip(ops, answers, strict=True):
             run = op.run
+            if op.kind == "lane":
+                continue
             if op.kind == "accept":
                 if answer == "ok":
                     run.written = True
-                    if run.node != self._lease.node_id and not run.lost:
+                    if run.path is not None:
+                        run.call = None  # Redis holds it now
+                        work = True
+                    elif run.node != self._lease.node_id and not run.lost:
                         # Written under an incarnation fenced meanwhile: recovery's now.
                         run.lost = True
                         self._lose([op.run_id])
@@ -687,6 +875,8 @@ class RedisStore:
             for op in reversed(redo):
                 self._ops.appendleft(op)
             self._ops_ready.set()
+        if work:
+            self._work()
         if fetch:
             await self._fetch(fetch)
 
@@ -696,7 +886,12 @@ class RedisStore:
         logger.error("node %s was fenced (its lease expired); going on as %s", old, self.node_id)
         lost = []
         for run_id, run in self._runs.items():
-            if run.accepted and run.node == old and run.written:
+            if (
+                run.accepted
+                and run.node == old
+                and run.written
+                and (run.path is None or run.claimed)
+            ):
                 run.lost = True
                 lost.append(run_id)
         self._lose(lost)
@@ -740,7 +935,11 @@ class RedisStore:
                     await self._resynchronise()
                 with trio.fail_after(_BLOCK_MS / 1000 + self._timeout):
                     found = await self._blocking.xread(
-                        {key: self._last_id, self._accepted_key: self._last_accepted_id},
+                        {
+                            key: self._last_id,
+                            self._accepted_key: self._last_accepted_id,
+                            self._control_key: self._last_control_id,
+                        },
                         count=_MAX_BATCH,
                         block=_BLOCK_MS,
                     )
@@ -753,13 +952,23 @@ class RedisStore:
                 continue
             backoff = _BACKOFF_MIN
             self._succeeded()
+            work = False
             for entry in (found or {}).get(self._accepted_key, ()):
                 self._last_accepted_id = str(entry.identifier)
-                self._note_acceptance(
-                    str(entry.field_values.get("id")),
-                    entry.field_values.get("s"),
-                    withdrawn="w" in entry.field_values,
-                )
+                path = entry.field_values.get("p")
+                withdrawn = "w" in entry.field_values
+                run_id = str(entry.field_values.get("id"))
+                if "x" in entry.field_values:
+                    if run_id not in self._terminals:
+                        self._active[str(entry.field_values.get("s"))] = run_id
+                    continue
+                self._note_acceptance(run_id, entry.field_values.get("s"), withdrawn=withdrawn)
+                if path is not None and not withdrawn and run_id in self._remote:
+                    self._remote_paths[run_id] = str(path)
+                    work = True
+            for entry in (found or {}).get(self._control_key, ()):
+                self._last_control_id = str(entry.identifier)
+                self._control(entry.field_values)
             for entry in (found or {}).get(key, ()):
                 self._last_id = str(entry.identifier)
                 self._stream_entries += 1
@@ -771,7 +980,25 @@ class RedisStore:
                 except ValueError:
                     logger.exception("a malformed terminal on the stream: %r", payload)
                     continue
-                self._show(rc)
+                path = entry.field_values.get("p")
+                self._show(rc, None if path is None else str(path))
+                work = work or path is not None
+            if work:
+                self._work()
+
+    def _control(self, fields: Mapping[str | bytes, object]) -> None:
+        # A cancellation of an active routed run: only the node that claimed it acts on it.
+        run_id, node = str(fields.get("id")), fields.get("n")
+        run = self._runs.get(run_id)
+        if node != self._lease.node_id or run is None or not run.claimed:
+            return
+        self._control_total += 1
+        reason = str(fields.get("reason") or "user")
+        for listener in self._control_listeners:
+            try:
+                listener(run_id, str(fields.get("s")), reason)
+            except Exception:
+                logger.exception("a control listener failed for run %s", run_id)
 
     def _note_acceptance(self, run_id: str, session_id: object, *, withdrawn: bool) -> None:
         if withdrawn:
@@ -812,13 +1039,16 @@ class RedisStore:
             self._last_accepted_id = "0-0"
         waiting = [run_id for run_id, run in self._runs.items() if run.terminal is None]
         await self._fetch([*waiting, *self._remote])
+        self._work()
 
     async def _start_stream(self) -> None:
         with trio.fail_after(self._timeout):
             newest = await self._client.xrevrange(self._stream_key, "+", "-", count=1)
             accepted = await self._client.xrevrange(self._accepted_key, "+", "-", count=1)
+            control = await self._client.xrevrange(self._control_key, "+", "-", count=1)
             self._last_id = str(newest[0].identifier) if newest else "0-0"
             self._last_accepted_id = str(accepted[0].identifier) if accepted else "0-0"
+            self._last_control_id = str(control[0].identifier) if control else "0-0"
             await self._load_pending()
 
     # -- lease -------------------------------------------------------------------------
@@ -838,6 +1068,7 @@ class RedisStore:
                 self._failed()
                 continue
             self._succeeded()
+            self._work()  # a lane a lost wake-up left waiting starts within a heartbeat
             if recovered:
                 self._recovered += len(recovered)
                 logger.warning("ended %d runs of dead nodes as abandoned", len(recovered))

@@ -1,0 +1,458 @@
+"""Cluster-wide session lanes: any node accepts a run, any node may run it (DESIGN R1-R4).
+
+A workspace of a cluster node gets a :class:`ClusterCoordinator` (made by
+:attr:`ClusterNode.coordinator_factory`). It does not run what it accepts: the run goes,
+with its call, into its session's lane in Redis (:meth:`RedisStore.accept_call`), and its
+dispatch waits for the run's terminal from whichever node ran it. Every node that runs work
+(``trio-runs serve --redis`` and ``trio-runs worker``) has a :class:`ClusterNode` claiming
+runs while it has room: the head of each ready lane becomes its session's one active run in
+the whole cluster, owned by the claiming node, and runs here under the workspace's own
+``SessionCoordinator`` (deadlines, retries, cancellation as on one machine).
+
+- **One active run per session, FIFO, cluster-wide.** A lane starts its next run only when
+  the active one's terminal is in Redis, or when recovery ended it because its node died.
+- **Cancel from anywhere.** ``cancel``, ``clear_queue`` and ``cancel_run`` on any node end
+  queued runs in Redis at once; an active run's node is told on the control stream and
+  cancels it there (its terminal is that node's, as on one machine).
+- **Node death is an ending.** A claimed run is its node's: when that node's lease expires,
+  recovery ends it abandoned and its lane goes on on the other nodes. Queued runs belong to
+  no node, so the death of the node that accepted them loses nothing.
+- **Every node's subscribers see every terminal of their workspace once**: the store shows
+  each terminal once per node, and the coordinator publishes exactly what it is shown.
+
+Nodes of one cluster must open workspaces at the same paths (run them with the same
+``--workspace-root``): a run is routed by its workspace's path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Final
+
+import attrs
+import trio
+
+from .._terminals import announcer, stamped_terminal
+from ..backend import Backend, CoordinatorFactory, Workspace
+from ..broker import Broker
+from ..context import current_run_complete_marker
+from ..coordinator import (
+    AcceptedRun,
+    CoordinatorStatistics,
+    Reservation,
+    SessionCoordinator,
+    WorkspaceResources,
+)
+from ..errors import (
+    AgentNotInitialized,
+    BackendClosed,
+    RedisUnavailable,
+    SessionMissing,
+    WorkspaceClosing,
+    WorkspaceNotFound,
+)
+from ..events import Attachment, EndReason, RunCall, RunComplete, RunProgress
+from ..ledger import RunStore
+from .store import ClaimedRun, RedisStore
+
+__all__ = ["DEFAULT_CAPACITY", "ClusterCoordinator", "ClusterNode", "ClusterNodeStatistics"]
+
+logger = logging.getLogger("trio_runs.redis")
+
+DEFAULT_CAPACITY: Final = 64
+"""Runs a node runs at once unless told otherwise."""
+
+_TICK: Final = 1.0  # a lane whose wake-up was lost starts within this (and a heartbeat)
+_RETRY_MIN: Final = 0.05
+_RETRY_MAX: Final = 1.0
+
+
+@attrs.frozen(kw_only=True)
+class ClusterNodeStatistics:
+    """A snapshot of what a :class:`ClusterNode` runs, from :meth:`ClusterNode.statistics`."""
+
+    capacity: int
+    """Runs this node runs at once, at most."""
+    running: int
+    """Claimed runs running here now."""
+    claimed_total: int
+    """Runs this node claimed since it started."""
+    refused_total: int
+    """Claimed runs that could not start here (their workspace was closing): each ended
+    cancelled with ``reason="shutdown"``."""
+
+
+class _Routed:
+    """The reservation of a routed run: a place in a lane kept in Redis, not here."""
+
+    __slots__ = ("_closed", "_owner", "call", "sequence", "session_id")
+
+    def __init__(self, owner: ClusterCoordinator, session_id: str, sequence: int, call: RunCall):
+        self._owner = owner
+        self.session_id = session_id
+        self.sequence = sequence
+        self.call = call
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._owner._routed.pop(self.call.run_id, None)
+
+    def __repr__(self) -> str:
+        return f"<routed run {self.call.run_id} session={self.session_id!r} #{self.sequence}>"
+
+
+class ClusterCoordinator:
+    """A workspace's coordinator on a cluster node; see the module docstring.
+
+    Implements ``Coordinator``, ``SupportsCancelRun``, ``SupportsLaneQueries`` and
+    ``SupportsStatistics``. ``active_run_id`` is the cluster's (as this node last heard);
+    the rest of what it says of a session (``is_session_busy``, ``queued_prompts``,
+    ``queued_run_ids``) is what this node accepted or runs: the lanes live in Redis.
+    """
+
+    def __init__(
+        self,
+        node: ClusterNode,
+        store: RedisStore,
+        local: SessionCoordinator,
+        run_completions: Broker[RunComplete],
+        path: str,
+    ) -> None:
+        self._node = node
+        self._store = store
+        self._local = local
+        self._path = path
+        self._sequence = 0
+        self._routed: dict[str, _Routed] = {}
+        store.route_workspace(path)
+        announce = announcer(run_completions)
+        self._stop_listening = store.on_workspace_terminal(path, announce)
+
+    @property
+    def local(self) -> SessionCoordinator:
+        """The coordinator that runs this workspace's claimed runs on this node."""
+        return self._local
+
+    @property
+    def path(self) -> str:
+        """The workspace path its runs are routed by."""
+        return self._path
+
+    # -- Coordinator -------------------------------------------------------------------
+
+    async def run(
+        self,
+        session_id: str,
+        prompt: str,
+        *,
+        run_id: str = "",
+        attachments: Sequence[Attachment] = (),
+        deadline: float | None = None,
+    ) -> RunComplete:
+        """The in-process path (no dispatcher): runs here, as ``SessionCoordinator.run``."""
+        return await self._local.run(
+            session_id, prompt, run_id=run_id, attachments=attachments, deadline=deadline
+        )
+
+    def begin_accepted(self, session_id: str, call: RunCall | None = None) -> Reservation:
+        """Reserve a routed run's place (its lane is in Redis); never blocks.
+
+        A run this node claimed to run here gets a place in the local coordinator's lane
+        instead. Raises ``SessionMissing`` for a blank session id and ``ValueError`` without
+        a call carrying its run id, reserving nothing.
+        """
+        if call is not None and self._node._take_claim(call.run_id):
+            return self._local.begin_accepted(session_id, call)
+        if not isinstance(session_id, str) or not session_id.strip():
+            raise SessionMissing()
+        if call is None or not call.run_id or call.session_id != session_id:
+            raise ValueError("a routed run needs its call, for its session, with its run id")
+        self._sequence += 1
+        routed = _Routed(self, session_id, self._sequence, call)
+        self._routed[call.run_id] = routed
+        return routed
+
+    async def run_accepted(self, accept: Reservation, call: RunCall) -> RunComplete:
+        """Run a claimed run here, or wait for a routed run's terminal from any node.
+
+        A routed run's wait outlasts a Redis outage (it asks again when Redis answers);
+        cancelled (the workspace's hard stop), it re-raises ``Cancelled`` having recorded
+        nothing: the backend's fallback then offers Redis a cancelled terminal, which wins
+        only if no node runs the run yet.
+        """
+        if isinstance(accept, AcceptedRun):
+            try:
+                return await self._local.run_accepted(accept, call)
+            finally:
+                self._node._finished()
+        if not isinstance(accept, _Routed) or accept._owner is not self:
+            raise ValueError(f"{accept!r} was made by another coordinator, not this one")
+        retry = _RETRY_MIN
+        while True:
+            try:
+                rc = await self._store.wait(call.run_id)
+                break
+            except RedisUnavailable:
+                await trio.sleep(retry)
+                retry = min(retry * 2, _RETRY_MAX)
+        marker = current_run_complete_marker()
+        if marker is not None:
+            marker.mark()  # published: by the node that ran it, through Redis
+        return rc
+
+    def cancel(self, session_id: str) -> None:
+        """Cluster-wide: cancel the session's active run (wherever it runs) and end its
+        queued runs cancelled (``reason="session_cancel"``). Never blocks; raises
+        ``RedisUnavailable`` (cancelling nothing) while Redis is not answering."""
+        self._local.cancel(session_id)
+        self._store.cancel_session(session_id)
+
+    def cancel_all(self) -> None:
+        """The workspace is closing: its runs running here end cancelled (``shutdown``),
+        and the runs it accepted that no node runs yet end cancelled too; runs of it that
+        other nodes run go on there."""
+        self._local.cancel_all()
+        for routed in list(self._routed.values()):
+            try:
+                self._store.drop_queued(routed.session_id, routed.call.run_id, "shutdown")
+            except RedisUnavailable:
+                break  # the fallback terminals at the hard stop will try again
+
+    def cancel_run(self, session_id: str, run_id: str) -> bool:
+        """Cluster-wide: cancel one run (queued: now; active: on its node). ``True`` if it
+        was pending. Never blocks."""
+        if self._local.cancel_run(session_id, run_id):
+            return True
+        return self._store.cancel_run(session_id, run_id)
+
+    def clear_queue(self, session_id: str) -> None:
+        """Cluster-wide: end the session's queued runs cancelled (``clear_queue``)."""
+        self._local.clear_queue(session_id)
+        self._store.clear_session(session_id)
+
+    def is_session_busy(self, session_id: str) -> bool:
+        """Whether the session has a run running or queued *on this node*."""
+        return self._local.is_session_busy(session_id)
+
+    def is_busy(self) -> bool:
+        """Whether any run runs here, or any run this node accepted is not over."""
+        return self._local.is_busy() or bool(self._routed)
+
+    def queued_prompts(self, session_id: str) -> int:
+        """Runs of the session queued *on this node* (the lane itself is in Redis)."""
+        return self._local.queued_prompts(session_id)
+
+    def queued_prompts_list(self, session_id: str) -> list[str]:
+        """Prompts of the session's runs queued *on this node*."""
+        return self._local.queued_prompts_list(session_id)
+
+    def active_run_id(self, session_id: str) -> str | None:
+        """The session's active run, whichever node runs it (as this node last heard)."""
+        return self._local.active_run_id(session_id) or self._store.active_run_id(session_id)
+
+    def queued_run_ids(self, session_id: str) -> list[str]:
+        """The session's runs this node accepted (or runs) that are not active yet."""
+        active = self.active_run_id(session_id)
+        routed = [
+            run_id
+            for run_id, routed in self._routed.items()
+            if routed.session_id == session_id and run_id != active
+        ]
+        return [*self._local.queued_run_ids(session_id), *routed]
+
+    def statistics(self) -> CoordinatorStatistics:
+        """The local coordinator's statistics: the runs that ran here."""
+        return self._local.statistics()
+
+    def __repr__(self) -> str:
+        return f"<ClusterCoordinator {self._path!r} routed={len(self._routed)}>"
+
+
+@attrs.frozen
+class _LocalResources:
+    # What the local coordinator is built on: the workspace's events and store, but a
+    # completions broker of its own, nobody's: the workspace's subscribers get each
+    # terminal once, from the store, whichever node ran the run.
+    run_completions: Broker[RunComplete]
+    events: Broker[RunProgress]
+    ledger: RunStore
+
+
+class ClusterNode:
+    """This node's share of the cluster's work: it claims routed runs while it has room
+    (``capacity`` at once) and runs each in its workspace, opened here by path.
+
+    ``agent_factory`` is the coordinator factory of one machine (``load_agent``'s): it
+    builds the ``SessionCoordinator`` that runs a workspace's claimed runs here.
+    :attr:`coordinator_factory` is the one to open workspaces with. Run :meth:`serve` in a
+    nursery to take work; a node that never serves still accepts runs for the others.
+    """
+
+    def __init__(
+        self,
+        store: RedisStore,
+        agent_factory: Callable[[WorkspaceResources], SessionCoordinator | None],
+        *,
+        capacity: int = DEFAULT_CAPACITY,
+    ) -> None:
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+        self._store = store
+        self._agent_factory = agent_factory
+        self._capacity = capacity
+        self._running = 0
+        self._claimed: set[str] = set()
+        self._claimed_total = 0
+        self._refused_total = 0
+        self._wake = trio.Event()
+        self._room = trio.Event()
+        self._early_cancels: dict[str, str] = {}
+        self._locals: dict[str, SessionCoordinator] = {}
+        store.on_work(self._wake_up)
+        store.on_control(self._cancel_here)
+        store.on_lost(self._stop_lost)
+
+    @property
+    def capacity(self) -> int:
+        """Runs this node runs at once, at most."""
+        return self._capacity
+
+    @property
+    def coordinator_factory(self) -> CoordinatorFactory:
+        """The factory for this node's workspaces: each gets a :class:`ClusterCoordinator`."""
+        return self._make
+
+    def statistics(self) -> ClusterNodeStatistics:
+        """What this node runs: capacity, running, claimed and refused counts."""
+        return ClusterNodeStatistics(
+            capacity=self._capacity,
+            running=self._running,
+            claimed_total=self._claimed_total,
+            refused_total=self._refused_total,
+        )
+
+    def _make(self, workspace: WorkspaceResources) -> ClusterCoordinator | None:
+        own = _LocalResources(Broker(), workspace.events, workspace.ledger)
+        local = self._agent_factory(own)
+        if local is None:
+            return None
+        if not isinstance(local, SessionCoordinator):
+            raise TypeError(
+                f"a cluster node runs work with a SessionCoordinator, got {local!r} from "
+                "the agent's factory"
+            )
+        if not isinstance(workspace, Workspace):
+            raise TypeError("a cluster workspace is routed by its path: open it with a Backend")
+        self._locals[workspace.path] = local
+        return ClusterCoordinator(
+            self, self._store, local, workspace.run_completions, workspace.path
+        )
+
+    # -- claiming ----------------------------------------------------------------------
+
+    async def serve(
+        self, backend: Backend, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Claim routed runs and run them in ``backend``'s workspaces, until cancelled.
+
+        Claims only while fewer than ``capacity`` claimed runs run here. A Redis outage
+        pauses claiming (nothing is lost: the lanes wait in Redis). Cancel it before the
+        backend closes, so nothing is claimed that could not start (such a run would end
+        cancelled, ``reason="shutdown"``).
+        """
+        task_status.started()
+        retry = _RETRY_MIN
+        while True:
+            with trio.move_on_after(_TICK):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            while self._running < self._capacity:
+                try:
+                    claimed = await self._store.claim(self._capacity - self._running)
+                except RedisUnavailable:
+                    await trio.sleep(retry)
+                    retry = min(retry * 2, _RETRY_MAX)
+                    break
+                retry = _RETRY_MIN
+                for run in claimed:
+                    await self._start(backend, run)
+                if not claimed:
+                    break
+            while self._running >= self._capacity:
+                self._room = trio.Event()
+                await self._room.wait()
+
+    async def _start(self, backend: Backend, claimed: ClaimedRun) -> None:
+        call = claimed.call
+        self._claimed_total += 1
+        self._running += 1
+        try:
+            workspace = await backend.create_workspace(
+                claimed.workspace_path, self.coordinator_factory
+            )
+            self._claimed.add(call.run_id)
+            backend.start_accepted(workspace.id, call)
+        except (WorkspaceClosing, WorkspaceNotFound, BackendClosed, AgentNotInitialized) as exc:
+            self._claimed.discard(call.run_id)
+            self._running -= 1
+            self._refused_total += 1
+            logger.warning("claimed run %s could not start here: %r", call.run_id, exc)
+            self._store.complete(
+                stamped_terminal(
+                    call,
+                    call.session_id,
+                    call.run_id,
+                    started_at=None,
+                    reason="shutdown",
+                    cancelled=True,
+                )
+            )
+            return
+        reason = self._early_cancels.pop(call.run_id, None)
+        if reason is not None:
+            self._cancel_here(call.run_id, call.session_id, reason)
+
+    def _take_claim(self, run_id: str) -> bool:
+        if run_id in self._claimed:
+            self._claimed.discard(run_id)
+            return True
+        return False
+
+    def _finished(self) -> None:
+        self._running -= 1
+        self._room.set()
+        self._wake.set()
+
+    def _wake_up(self) -> None:
+        self._wake.set()
+
+    # -- control -----------------------------------------------------------------------
+
+    def _cancel_here(self, run_id: str, session_id: str, reason: str) -> None:
+        # Another node (or this one) cancelled a run this node claimed: end it here, where
+        # it runs, so its terminal is this node's as on one machine.
+        why: EndReason = "session_cancel" if reason == "session_cancel" else "user"
+        for local in self._locals.values():
+            if local.cancel_run(session_id, run_id, reason=why):
+                return
+        # Claimed but not started yet (the control outran the claim's answer): on start.
+        if len(self._early_cancels) > 10_000:
+            self._early_cancels.clear()
+        self._early_cancels[run_id] = reason
+
+    def _stop_lost(self, run_ids: list[str]) -> None:
+        # Fenced: recovery ends these runs (abandoned); stop running what is no longer ours.
+        for run_id in run_ids:
+            session_id = self._store.session_of(run_id)
+            if session_id is None:
+                continue
+            for local in self._locals.values():
+                if local.cancel_run(session_id, run_id):
+                    break
