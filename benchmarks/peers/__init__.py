@@ -612,9 +612,9 @@ class Peers:
 
 
 @contextlib.contextmanager
-def running_redis(root: Path) -> Iterator[int]:
-    """The benchmark's ``redis-server`` on a free loopback port, no persistence; its port.
-    Database 0 is Celery's, 1 arq's, 2 the Redis-mode trio-runs clusters'."""
+def running_redis(root: Path) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+    """The benchmark's ``redis-server`` on a free loopback port, no persistence; its port and
+    process. Database 0 is Celery's, 1 arq's, 2 the Redis-mode trio-runs clusters'."""
     binary = redis_binary()
     port = free_port()
     redis_log = root / "redis.log"
@@ -628,7 +628,7 @@ def running_redis(root: Path) -> Iterator[int]:
     ]  # fmt: skip
     with child(redis_args, log=redis_log) as redis:
         _wait_until(lambda: _redis_answers(port), redis, "redis-server", redis_log)
-        yield port
+        yield port, redis
 
 
 @contextlib.contextmanager
@@ -732,7 +732,7 @@ def run(
     with tempfile.TemporaryDirectory(prefix="trio-runs-bench-peers-") as tmp:
         root = Path(tmp)
         with contextlib.ExitStack() as stack:
-            port = stack.enter_context(running_redis(root)) if peers or clusters else None
+            port = stack.enter_context(running_redis(root))[0] if peers or clusters else None
             the_peers = None
             if peers:
                 assert port is not None

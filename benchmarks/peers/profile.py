@@ -1,11 +1,17 @@
 """Where the time goes: cProfile of both sides of one trio-runs HTTP path, by layer.
 
 ``python -m benchmarks.peers.profile [--mode one|two|batch|multiplexed] [--clients 8]
-[--jobs 3000]`` runs ``trio-runs serve`` (the no-op agent) under ``cProfile`` and the peers
-benchmark's client loop (``benchmarks.peers.trio_runs_http``) under ``cProfile`` in this process,
-then prints each side's CPU self time (``tottime``) grouped by layer: the Trio scheduler and
-I/O manager, socket and epoll syscalls, h11, httpx/httpcore, hypercorn, Starlette, JSON
-(msgspec / json), trio-runs' own code, and the rest. Nothing of Celery or arq is needed.
+[--jobs 3000] [--redis-nodes N]`` runs ``trio-runs serve`` (the no-op agent) under ``cProfile``
+and the peers benchmark's client loop (``benchmarks.peers.trio_runs_http``) under ``cProfile``
+in this process, then prints each side's CPU self time (``tottime``) grouped by layer: the
+Trio scheduler and I/O manager, socket and epoll syscalls, h11, httpx/httpcore, hypercorn,
+Starlette, JSON (msgspec / json), coredis (the Redis client), trio-runs' own code, and the
+rest. Nothing of Celery or arq is needed.
+
+``--redis-nodes N``: the Redis mode instead, ``N`` ``serve --redis`` nodes on a private
+``redis-server`` (needs one on PATH), each under ``cProfile``, the clients spread over them as
+in the benchmark; their profiles are merged, and the CPU seconds every process used while
+the clients ran (nodes, ``redis-server``, this process) are printed against the wall time.
 
 cProfile clocks wall time: the time spent blocked in ``epoll.poll`` is idleness, listed
 apart; every other share is of the busy time. cProfile slows Python code more than C code
@@ -21,6 +27,7 @@ import cProfile
 import os
 import pstats
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -33,9 +40,11 @@ from . import child, free_port, trio_runs_http
 
 LAYERS = (
     ("trio-runs", ("trio_runs/",)),
+    ("coredis (Redis client)", ("coredis/",)),
+    ("anyio (coredis' bridge onto Trio)", ("anyio/",)),
     ("Trio scheduler + I/O manager", ("trio/_core", "trio/_")),
     ("h11", ("h11/",)),
-    ("httpx / httpcore / anyio", ("httpx/", "httpcore/", "anyio/", "sniffio/")),
+    ("httpx / httpcore", ("httpx/", "httpcore/", "sniffio/")),
     ("hypercorn", ("hypercorn/",)),
     ("Starlette", ("starlette/",)),
     ("JSON (msgspec / json)", ("msgspec", "json/", "_json")),
@@ -88,9 +97,70 @@ def print_shares(title: str, stats: pstats.Stats, top: int) -> None:
     stats.sort_stats("tottime").print_stats(top)
 
 
+def command_stats(port: int) -> dict[str, tuple[int, float]]:
+    """Redis' ``INFO commandstats``: calls and microseconds so far, by command (the commands
+    scripts run included)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10.0) as sock:
+        sock.sendall(b"INFO commandstats\r\n")
+        reply = b""
+        while b"\r\n" not in reply:  # the bulk reply's header, "$<size>"
+            reply += sock.recv(65536) or b"\r\n"
+        header, _, body = reply.partition(b"\r\n")
+        size = int(header[1:] or 0)
+        while len(body) < size:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    stats: dict[str, tuple[int, float]] = {}
+    for line in body.decode(errors="replace").splitlines():
+        if line.startswith("cmdstat_"):
+            name, rest = line.split(":", 1)
+            fields = dict(kv.split("=", 1) for kv in rest.split(","))
+            stats[name.removeprefix("cmdstat_")] = (int(fields["calls"]), float(fields["usec"]))
+    return stats
+
+
+def print_commands(
+    before: dict[str, tuple[int, float]], after: dict[str, tuple[int, float]], jobs: int
+) -> None:
+    """Redis commands per job between two :func:`command_stats` snapshots."""
+    rows = sorted(
+        (
+            (calls - before.get(name, (0, 0.0))[0], usec - before.get(name, (0, 0.0))[1], name)
+            for name, (calls, usec) in after.items()
+        ),
+        reverse=True,
+    )
+    calls = sum(r[0] for r in rows)
+    usec = sum(r[1] for r in rows)
+    print(
+        f"Redis commands while the clients ran: {calls / jobs:.1f} a job, "
+        f"{usec / jobs:.0f} us of Redis' time a job"
+    )
+    for n, spent, name in rows:
+        if n > 0:
+            print(f"   {n / jobs:6.2f} a job  {spent / n:6.1f} us each  {name}")
+    print()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` has used so far (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def profiled_server(root: Path, out: Path, db: str | None) -> Iterator[str]:
-    """``trio-runs serve`` under cProfile; its stats land in ``out`` when it stops (SIGINT)."""
+def profiled_server(
+    root: Path,
+    out: Path,
+    db: str | None,
+    extra: Sequence[str] = (),
+    name: str = "server",
+    pids: list[int] | None = None,
+) -> Iterator[str]:
+    """``trio-runs serve`` (with ``extra`` arguments) under cProfile; its stats land in ``out``
+    when it stops (SIGINT). Its pid is appended to ``pids``."""
     from . import _http_answers, _wait_until
 
     port = free_port()
@@ -104,14 +174,43 @@ def profiled_server(root: Path, out: Path, db: str | None) -> Iterator[str]:
         "--agent", "benchmarks.dispatch:trivial_agent",
         "--workspace-root", str(root / "workspaces"),
         "--drain", "0",
+        *extra,
     ]  # fmt: skip
     if db is not None:
         args += ["--db", db]
-    log = root / "server.log"
+    log = root / f"{name}.log"
     url = f"http://127.0.0.1:{port}"
     with child(args, log=log, env=env, cwd=REPO_ROOT, stop_signal=signal.SIGINT) as process:
         _wait_until(lambda: _http_answers(url), process, "trio-runs serve (profiled)", log)
+        if pids is not None:
+            pids.append(process.pid)
         yield url
+
+
+@contextlib.contextmanager
+def profiled_servers(
+    root: Path, db: str | None, nodes: int, pids: dict[str, int], ports: list[int]
+) -> Iterator[tuple[list[str], list[Path]]]:
+    """One profiled server (``nodes`` 0), or ``nodes`` Redis-mode nodes on a private
+    ``redis-server``; their URLs and profile paths. ``pids`` gets every process's pid by name,
+    ``ports`` the Redis port (if any)."""
+    from . import running_redis
+
+    with contextlib.ExitStack() as stack:
+        extra: list[str] = []
+        if nodes:
+            port, redis = stack.enter_context(running_redis(root))
+            pids["redis-server"] = redis.pid
+            ports.append(port)
+            extra = ["--redis", f"redis://127.0.0.1:{port}/2", "--redis-namespace", "profile"]
+        urls, outs = [], []
+        for k in range(max(nodes, 1)):
+            name = f"node{k}" if nodes else "server"
+            got: list[int] = []
+            outs.append(root / f"{name}.prof")
+            urls.append(stack.enter_context(profiled_server(root, outs[-1], db, extra, name, got)))
+            pids[name] = got[0]
+        yield urls, outs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -121,26 +220,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=3_000)
     p.add_argument("--db", metavar="PATH", help="the server's --db (default: its own)")
     p.add_argument("--top", type=int, default=15, help="functions listed per side")
+    p.add_argument(
+        "--redis-nodes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="profile the Redis mode: N 'serve --redis' nodes on a private redis-server",
+    )
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     with tempfile.TemporaryDirectory(prefix="trio-runs-bench-profile-") as tmp:
         root = Path(tmp)
-        out = root / "server.prof"
         client = cProfile.Profile()
-        with profiled_server(root, out, args.db) as url:
-            trio.run(trio_runs_http, url, args.clients, args.clients * 2, args.mode)  # warm
+        pids: dict[str, int] = {"this process (clients)": os.getpid()}
+        ports: list[int] = []
+        with profiled_servers(root, args.db, args.redis_nodes, pids, ports) as (urls, outs):
+            trio.run(trio_runs_http, urls, args.clients, args.clients * 2, args.mode)  # warm
+            commands = [command_stats(port) for port in ports]
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             client.enable()
-            sample = trio.run(trio_runs_http, url, args.clients, args.jobs, args.mode)
+            sample = trio.run(trio_runs_http, urls, args.clients, args.jobs, args.mode)
             client.disable()
+            used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+            commands += [command_stats(port) for port in ports]
+        where = f" on {args.redis_nodes} Redis-mode node(s)" if args.redis_nodes else ""
         print(
-            f"{args.mode}, {args.clients} clients: {sample.rate:,.0f} jobs/s under the profilers "
-            f"({sample.completed}/{sample.ended} completed)\n"
+            f"{args.mode}, {args.clients} clients{where}: {sample.rate:,.0f} jobs/s under the "
+            f"profilers ({sample.completed}/{sample.ended} completed, p99 "
+            f"{sample.p99 * 1000:.1f} ms)\n"
         )
-        if not out.exists():
-            print(f"the server wrote no profile (see {root / 'server.log'})", file=sys.stderr)
+        print(f"CPU seconds while the clients ran ({sample.wall:.2f} s wall):")
+        for name, seconds in used.items():
+            print(f"   {seconds:7.2f} s  {seconds / sample.wall * 100:5.1f} % of a core  {name}")
+        print()
+        if commands:
+            print_commands(commands[0], commands[1], sample.ended)
+        missing = [out for out in outs if not out.exists()]
+        if missing:
+            print(f"no profile written: {missing} (see the logs in {root})", file=sys.stderr)
             return 1
-        print_shares(
-            "server (trio-runs serve), self time by layer", pstats.Stats(str(out)), args.top
+        title = (
+            "server (trio-runs serve)"
+            if not args.redis_nodes
+            else (f"servers ({args.redis_nodes} Redis-mode nodes, merged)")
         )
+        print_shares(f"{title}, self time by layer", pstats.Stats(*map(str, outs)), args.top)
         print_shares("client (this process), self time by layer", pstats.Stats(client), args.top)
     return 0
 
