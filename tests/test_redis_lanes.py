@@ -9,6 +9,7 @@ through Redis. Real clock (``real_clock``), every wait bounded in real seconds.
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -118,7 +119,7 @@ async def test_a_sessions_runs_run_one_at_a_time_in_acceptance_order_on_any_node
         executions.sort(key=lambda e: e.started)
         # FIFO in acceptance order, and never two at once.
         assert [e.run_id for e in executions] == order[session_id]
-        for earlier, later in zip(executions, executions[1:], strict=False):
+        for earlier, later in itertools.pairwise(executions):
             assert earlier.ended <= later.started, (session_id, earlier, later)
     assert {e.node for e in recorder.executions} == {"a", "b"}  # both nodes ran work
     assert len(recorder.executions) == 40  # each run ran once
@@ -200,3 +201,30 @@ async def test_cancel_clear_and_cancel_one_run_work_from_any_node(
             assert sorted(rc.run_id for rc in seen[name]) == sorted(everything)
     # Only the two active runs ever ran; the queued ones never started.
     assert sorted(e.run_id for e in recorder.executions) == sorted([active, elsewhere])
+
+
+async def test_a_node_that_leaves_hands_its_queued_runs_to_the_cluster(
+    redis_url, namespace, real_clock, tmp_path
+):
+    """A node that shuts down gracefully ends what it runs, not what it accepted: runs
+    waiting in their lanes go on on the nodes that stay (a rolling restart loses nothing)."""
+    recorder = Recorder()
+    path = str(tmp_path)
+    async with cluster_node(redis_url, namespace, "stays", recorder, path, serve=False) as stays:
+        async with cluster_node(
+            redis_url, namespace, "leaves", recorder, path, serve=True, capacity=1
+        ) as leaves:
+            with trio.fail_after(BOUND):
+                running = await submit(leaves, "s", "sleep 60")
+                waiting = [await submit(leaves, "s", f"w{i}") for i in range(3)]
+                await recorder.started[running].wait()
+            with trio.fail_after(BOUND / 3):  # leaving does not wait for the lane
+                await leaves.backend.aclose()
+        ended = await stays.store.wait(running)
+        assert (ended.outcome, ended.reason) == ("cancelled", "shutdown")
+        assert all(stays.store.state(run_id) == "pending" for run_id in waiting)
+        async with cluster_node(redis_url, namespace, "joins", recorder, path, serve=True):
+            with trio.fail_after(BOUND):
+                for i, run_id in enumerate(waiting):
+                    assert (await stays.store.wait(run_id)).result == f"w{i}"
+    assert [e.node for e in recorder.executions if e.run_id in waiting] == ["joins"] * 3

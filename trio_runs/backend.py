@@ -46,6 +46,7 @@ from .errors import (
     BackendClosed,
     DuplicateRun,
     NotSupported,
+    RunHandedOff,
     UnknownRun,
     WorkspaceClosing,
     WorkspaceNotFound,
@@ -493,12 +494,18 @@ class Backend:
         handed_at = time.time()
         failure: BaseException | None = None
         returned: object = None
+        handed_off = False
         # This task is the run's alone (its context a copy of its spawner's), so the run id
         # and the marker are set for the rest of it, with nothing to restore.
         enter_run_for_task(run_id)
         try:
             try:
                 returned = await coordinator.run_accepted(accept, call)
+            except RunHandedOff:
+                # Another party (a cluster's other nodes) ends it: nothing to record here.
+                logger.info("run %s was handed off as its workspace closed", run_id)
+                handed_off = True
+                return
             except BaseException as exc:
                 failure = exc
                 self._after_failure(workspace, call, handed_at, exc)
@@ -509,7 +516,7 @@ class Backend:
         finally:
             _close_reservation(accept)
             workspace._runs.discard(run_id)
-            if self._ledger.state(run_id) == "pending":
+            if not handed_off and self._ledger.state(run_id) == "pending":
                 # Last resort, for a coordinator that flagged the marker (or returned)
                 # without publishing: the ledger, not the marker, says the run is not over.
                 self._publish_missing_terminal(workspace, call, handed_at, failure, returned)

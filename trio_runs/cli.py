@@ -894,7 +894,14 @@ def _serve(args: argparse.Namespace) -> int:
             _err(f"cannot serve on {options.host}:{options.port}: {failure}")
             return EXIT_FAILED
         raise
-    print("trio-runs: stopped; every accepted run has its terminal", flush=True)
+    if redis_url is not None:
+        print(
+            "trio-runs: stopped; every run this node ran has its terminal, and the runs "
+            "waiting in their lanes go on on the cluster's other nodes",
+            flush=True,
+        )
+    else:
+        print("trio-runs: stopped; every accepted run has its terminal", flush=True)
     return EXIT_OK
 
 

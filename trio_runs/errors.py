@@ -18,6 +18,7 @@ __all__ = [
     "InvalidSessionId",
     "NotSupported",
     "RedisUnavailable",
+    "RunHandedOff",
     "SessionMissing",
     "StoreError",
     "SubscriberOverflow",
@@ -138,6 +139,20 @@ class UnknownRun(TrioRunsError, LookupError):
 
     def __init__(self, run_id: str) -> None:
         super().__init__(f"no run with id {run_id!r} is known (never accepted, or evicted)")
+        self.run_id = run_id
+
+
+class RunHandedOff(TrioRunsError):
+    """A coordinator's ``run_accepted`` gave the run to others who will end it (a cluster:
+    the run waits in its lane in Redis for another node), so this process records nothing.
+
+    Raised only while the coordinator's workspace is closing. The backend then publishes
+    no fallback terminal and no notification: the run is not over, and is not this
+    process's to end.
+    """
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id!r} was handed to another node, which will end it")
         self.run_id = run_id
 
 

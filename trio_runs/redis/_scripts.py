@@ -136,11 +136,14 @@ BATCH = (
 --   ["accept", id, session, node]    -> "ok" | "dup" | "fenced"
 --   ["accept", id, session, node, path, call] -> the same, routed: queued in its lane
 --   ["withdraw", id, node]           -> "ok"
---   ["complete", id, session, outcome, rc, node] -> "ok" | "dup" | "fenced"
+--   ["complete", id, session, outcome, rc, node] -> "ok" | "dup" | "fenced" | "handed"
+--      ("handed": a routed run, from the node that accepted it but does not run it: only
+--      the node that claimed it, a lane op or recovery ends a routed run)
 --   ["lane", session, action, run id or "", reason] -> "ok" | "queued" | "active" | "none"
 --      action "cancel": drop the lane's queued runs and cancel its active one; "clear":
 --      drop the queued runs; "cancel_run": the one run, queued or active; "drop": the one
---      run if it is still queued.
+--      run if it is still queued; "release": a run the node (in place of the reason)
+--      claimed and could not start goes back to the head of its lane.
 -- Every op is idempotent for the node that sent it: a batch retried after a lost reply
 -- gets the answers it would have got the first time.
 local P = ARGV[1]
@@ -209,7 +212,9 @@ for i, op in ipairs(req.ops) do
     local session, outcome, rc, node = op[3], op[4], op[5], op[6]
     local recorded = redis.call('HGET', run, 'rc')
     local owner = redis.call('HGET', run, 'n')
-    if recorded then
+    if not recorded and owner ~= node and redis.call('HGET', run, 'a') == node then
+      out[i] = 'handed'
+    elseif recorded then
       if recorded == rc then
         out[i] = 'ok'
       else
@@ -248,6 +253,20 @@ for i, op in ipairs(req.ops) do
     end
     if action == 'cancel' or action == 'clear' then
       answer = 'ok'
+    elseif action == 'release' then
+      local run = P .. 'run:' .. target
+      answer = 'none'
+      if redis.call('HGET', run, 'n') == reason and redis.call('HEXISTS', run, 'rc') == 0 then
+        redis.call('HDEL', run, 'n')
+        redis.call('HSET', run, 'q', '1')
+        redis.call('SREM', P .. 'node:' .. reason .. ':runs', target)
+        redis.call('LPUSH', P .. 'lane:' .. session, target)
+        if redis.call('GET', P .. 'active:' .. session) == target then
+          redis.call('DEL', P .. 'active:' .. session)
+        end
+        redis.call('RPUSH', P .. 'ready', session)
+        answer = 'queued'
+      end
     elseif drop_queued(P, limits, target, session, reason, now) then
       answer = 'queued'
     elseif action == 'cancel_run' and redis.call('GET', P .. 'active:' .. session) == target then

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from typing import Final
 
 import attrs
 import trio
 
-from .._terminals import announcer, stamped_terminal
+from .._terminals import announcer
 from ..backend import Backend, CoordinatorFactory, Workspace
 from ..broker import Broker
 from ..context import current_run_complete_marker
@@ -48,6 +49,7 @@ from ..errors import (
     AgentNotInitialized,
     BackendClosed,
     RedisUnavailable,
+    RunHandedOff,
     SessionMissing,
     WorkspaceClosing,
     WorkspaceNotFound,
@@ -59,6 +61,12 @@ from .store import ClaimedRun, RedisStore
 __all__ = ["DEFAULT_CAPACITY", "ClusterCoordinator", "ClusterNode", "ClusterNodeStatistics"]
 
 logger = logging.getLogger("trio_runs.redis")
+
+
+class _Stop(Exception):
+    # The backend is closing: this node takes no more work.
+    pass
+
 
 DEFAULT_CAPACITY: Final = 64
 """Runs a node runs at once unless told otherwise."""
@@ -79,20 +87,21 @@ class ClusterNodeStatistics:
     claimed_total: int
     """Runs this node claimed since it started."""
     refused_total: int
-    """Claimed runs that could not start here (their workspace was closing): each ended
-    cancelled with ``reason="shutdown"``."""
+    """Claimed runs that could not start here (their workspace or the backend was
+    closing): each went back to the head of its lane for any node to claim."""
 
 
 class _Routed:
     """The reservation of a routed run: a place in a lane kept in Redis, not here."""
 
-    __slots__ = ("_closed", "_owner", "call", "sequence", "session_id")
+    __slots__ = ("_closed", "_owner", "call", "scope", "sequence", "session_id")
 
     def __init__(self, owner: ClusterCoordinator, session_id: str, sequence: int, call: RunCall):
         self._owner = owner
         self.session_id = session_id
         self.sequence = sequence
         self.call = call
+        self.scope = trio.CancelScope()  # cancelled when this node leaves the run to others
         self._closed = False
 
     @property
@@ -182,26 +191,31 @@ class ClusterCoordinator:
     async def run_accepted(self, accept: Reservation, call: RunCall) -> RunComplete:
         """Run a claimed run here, or wait for a routed run's terminal from any node.
 
-        A routed run's wait outlasts a Redis outage (it asks again when Redis answers);
-        cancelled (the workspace's hard stop), it re-raises ``Cancelled`` having recorded
-        nothing: the backend's fallback then offers Redis a cancelled terminal, which wins
-        only if no node runs the run yet.
+        A routed run's wait outlasts a Redis outage (it asks again when Redis answers).
+        When the workspace closes here, the wait for a run this node does not run ends
+        with ``RunHandedOff``: the run goes on elsewhere or waits in its lane for another
+        node. (A fallback terminal from this node, should one be offered at a hard stop,
+        is refused by Redis: a routed run is ended only by the node that runs it, by a
+        cancellation, or by recovery.)
         """
         if isinstance(accept, AcceptedRun):
             try:
                 return await self._local.run_accepted(accept, call)
             finally:
-                self._node._finished()
+                self._node._finished(call.run_id)
         if not isinstance(accept, _Routed) or accept._owner is not self:
             raise ValueError(f"{accept!r} was made by another coordinator, not this one")
         retry = _RETRY_MIN
-        while True:
-            try:
-                rc = await self._store.wait(call.run_id)
-                break
-            except RedisUnavailable:
-                await trio.sleep(retry)
-                retry = min(retry * 2, _RETRY_MAX)
+        with accept.scope:
+            while True:
+                try:
+                    rc = await self._store.wait(call.run_id)
+                    break
+                except RedisUnavailable:
+                    await trio.sleep(retry)
+                    retry = min(retry * 2, _RETRY_MAX)
+        if accept.scope.cancelled_caught:
+            raise RunHandedOff(call.run_id)
         marker = current_run_complete_marker()
         if marker is not None:
             marker.mark()  # published: by the node that ran it, through Redis
@@ -215,15 +229,13 @@ class ClusterCoordinator:
         self._store.cancel_session(session_id)
 
     def cancel_all(self) -> None:
-        """The workspace is closing: its runs running here end cancelled (``shutdown``),
-        and the runs it accepted that no node runs yet end cancelled too; runs of it that
-        other nodes run go on there."""
+        """The workspace is closing on this node: the runs running here end cancelled
+        (``reason="shutdown"``); the runs it accepted that run elsewhere, or wait in their
+        lanes, are left to the cluster (their waits here end, their runs do not)."""
         self._local.cancel_all()
-        for routed in list(self._routed.values()):
-            try:
-                self._store.drop_queued(routed.session_id, routed.call.run_id, "shutdown")
-            except RedisUnavailable:
-                break  # the fallback terminals at the hard stop will try again
+        for run_id, routed in self._routed.items():
+            if run_id not in self._node._here:
+                routed.scope.cancel()
 
     def cancel_run(self, session_id: str, run_id: str) -> bool:
         """Cluster-wide: cancel one run (queued: now; active: on its node). ``True`` if it
@@ -309,6 +321,7 @@ class ClusterNode:
         self._capacity = capacity
         self._running = 0
         self._claimed: set[str] = set()
+        self._here: set[str] = set()  # claimed runs started here, not ended yet
         self._claimed_total = 0
         self._refused_total = 0
         self._wake = trio.Event()
@@ -363,9 +376,9 @@ class ClusterNode:
         """Claim routed runs and run them in ``backend``'s workspaces, until cancelled.
 
         Claims only while fewer than ``capacity`` claimed runs run here. A Redis outage
-        pauses claiming (nothing is lost: the lanes wait in Redis). Cancel it before the
-        backend closes, so nothing is claimed that could not start (such a run would end
-        cancelled, ``reason="shutdown"``).
+        pauses claiming (nothing is lost: the lanes wait in Redis). Returns once the
+        backend is closing; a run claimed that could not start goes back to the head of
+        its lane.
         """
         task_status.started()
         retry = _RETRY_MIN
@@ -381,8 +394,15 @@ class ClusterNode:
                     retry = min(retry * 2, _RETRY_MAX)
                     break
                 retry = _RETRY_MIN
-                for run in claimed:
-                    await self._start(backend, run)
+                for index, run in enumerate(claimed):
+                    try:
+                        await self._start(backend, run)
+                    except _Stop:
+                        # The backend is closing: claim nothing more; give back the rest.
+                        for rest in claimed[index + 1 :]:
+                            with suppress(RedisUnavailable):
+                                self._store.release_claim(rest)
+                        return
                 if not claimed:
                     break
             while self._running >= self._capacity:
@@ -398,22 +418,19 @@ class ClusterNode:
                 claimed.workspace_path, self.coordinator_factory
             )
             self._claimed.add(call.run_id)
+            self._here.add(call.run_id)
             backend.start_accepted(workspace.id, call)
         except (WorkspaceClosing, WorkspaceNotFound, BackendClosed, AgentNotInitialized) as exc:
+            # Not this node's to run after all (it is closing): back to its lane's head.
             self._claimed.discard(call.run_id)
+            self._here.discard(call.run_id)
             self._running -= 1
             self._refused_total += 1
-            logger.warning("claimed run %s could not start here: %r", call.run_id, exc)
-            self._store.complete(
-                stamped_terminal(
-                    call,
-                    call.session_id,
-                    call.run_id,
-                    started_at=None,
-                    reason="shutdown",
-                    cancelled=True,
-                )
-            )
+            logger.info("claimed run %s could not start here (%r): released", call.run_id, exc)
+            with suppress(RedisUnavailable):  # then recovery frees it with this node's lease
+                self._store.release_claim(claimed)
+            if isinstance(exc, BackendClosed):
+                raise _Stop from None
             return
         reason = self._early_cancels.pop(call.run_id, None)
         if reason is not None:
@@ -425,7 +442,8 @@ class ClusterNode:
             return True
         return False
 
-    def _finished(self) -> None:
+    def _finished(self, run_id: str) -> None:
+        self._here.discard(run_id)
         self._running -= 1
         self._room.set()
         self._wake.set()

@@ -107,6 +107,7 @@ class _Run:
 
     __slots__ = (
         "accepted",
+        "borrowed",
         "call",
         "claimed",
         "completed_at",
@@ -143,6 +144,7 @@ class _Run:
         self.path: str | None = None  # routed: its workspace path (any node may run it)
         self.call: str | None = None  # routed: its call, as JSON, until Redis has it
         self.claimed = False  # routed, and claimed by this node to run here
+        self.borrowed = False  # accepted here only by that claim (another node accepted it)
 
 
 class _Op:
@@ -519,8 +521,11 @@ class RedisStore:
             call = RunCall.from_dict(json.loads(call_json))
             run = self._runs.get(run_id)
             if run is None or not run.accepted:
+                waiting = run
                 run = self._runs[run_id] = _Run(run_id, session_id, node, accepted=True)
-                run.written = True
+                run.written = run.borrowed = True
+                if waiting is not None:  # waited on here already: its waiters stay
+                    run.waiters, run.done = waiting.waiters, waiting.done
             run.node, run.path, run.claimed, run.session_id = node, path, True, session_id
             self._remote.pop(run_id, None)
             self._remote_paths.pop(run_id, None)
@@ -528,6 +533,24 @@ class RedisStore:
             claimed.append(ClaimedRun(call, path))
         self._claimed_total += len(claimed)
         return claimed
+
+    def release_claim(self, claimed: ClaimedRun) -> None:
+        """Give a claimed run that could not start here back to the head of its lane, for
+        any node to claim again (its session's order kept). Never blocks."""
+        run_id = claimed.call.run_id
+        run = self._runs.get(run_id)
+        if run is None or not run.claimed:
+            return
+        self._lane_op(claimed.call.session_id, "release", run_id, run.node)
+        run.claimed = False
+        if self._active.get(claimed.call.session_id) == run_id:
+            del self._active[claimed.call.session_id]
+        if run.borrowed:
+            run.accepted = run.borrowed = False
+            self._remote[run_id] = claimed.call.session_id
+            self._remote_paths[run_id] = claimed.workspace_path
+            if run.waiters == 0:
+                del self._runs[run_id]
 
     def _work(self) -> None:
         for listener in self._work_listeners:
@@ -855,6 +878,18 @@ class RedisStore:
                 assert rc is not None
                 if answer == "ok":
                     self._show(rc)
+                elif answer == "handed":
+                    # A routed run this node accepted and does not run: its ending is the
+                    # node's that runs it (or will). Watched from here on, like any other.
+                    run.decided = None
+                    run.on_visible = None
+                    run.accepted = False
+                    if run.session_id is not None:
+                        self._remote[op.run_id] = run.session_id
+                    if run.path is not None:
+                        self._remote_paths[op.run_id] = run.path
+                    if run.waiters == 0 and self._runs.get(op.run_id) is run:
+                        del self._runs[op.run_id]
                 elif answer == "fenced" and (not run.accepted or any(r.run is run for r in redo)):
                     # Not a zombie's terminal: a run this node never owned, or one whose
                     # acceptance is being redone under the new incarnation.
