@@ -22,6 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..errors import StoreError
 from . import metrics as prometheus
 from .batch import BatchStream
 from .openapi import openapi_document
@@ -296,6 +297,12 @@ def create_app(
         }.get(exc.status_code, str(exc.detail))
         return error_response(ApiError(exc.status_code, code, message, exc.headers))
 
+    async def on_store_error(request: Request, exc: Exception) -> Response:
+        # A store that cannot answer (Redis unreachable, a failing disk) on any route that
+        # did not say more: the request may be retried once the store is back.
+        logger.warning("%s %s: the store cannot answer: %s", request.method, request.url.path, exc)
+        return error_response(ApiError(503, "store_unavailable", str(exc), {"Retry-After": "1"}))
+
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         # Starlette re-raises after this; _Guard logs it.
         return error_response(ApiError(500, "internal_error", "internal server error (logged)"))
@@ -304,6 +311,7 @@ def create_app(
         routes=routes,
         exception_handlers={
             ApiError: on_api_error,
+            StoreError: on_store_error,
             HTTPException: on_http_error,
             Exception: on_unexpected,
         },

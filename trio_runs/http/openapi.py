@@ -188,6 +188,9 @@ _RESUME: Final = [
 ]
 _BAD_RESUME = "a malformed Last-Event-ID or last_event_id"
 _SHUTTING_DOWN = {"503": _error("the server is shutting down")}
+_STORE_DOWN = {
+    "503": _error("the run store cannot answer (store_unavailable: Redis unreachable); retry later")
+}
 _AGENTLESS = {"409": _error("the workspace has no agent")}
 
 
@@ -478,6 +481,7 @@ def _paths() -> dict[str, Any]:
                     "200": _json(RunView, "the run"),
                     "422": _error("the run id breaks the identifier rule, or a query parameter"),
                     **_NOT_FOUND,
+                    **_STORE_DOWN,
                 },
             },
         },
@@ -495,6 +499,7 @@ def _paths() -> dict[str, Any]:
                     "422": _error("the run id breaks the identifier rule, or a query parameter"),
                     "501": _error("the workspace's coordinator cannot cancel one run"),
                     **_NOT_FOUND,
+                    **_STORE_DOWN,
                 },
             },
         },
@@ -516,6 +521,7 @@ def _paths() -> dict[str, Any]:
                     "202": _json(RunView, "still not ended after timeout seconds"),
                     "422": _error("the run id breaks the identifier rule, or a bad timeout"),
                     **_NOT_FOUND,
+                    **_STORE_DOWN,
                 },
             },
         },
@@ -533,7 +539,8 @@ def _paths() -> dict[str, Any]:
                     "200": {
                         "description": (
                             "the run's progress and notifications (lossy), its run_complete "
-                            "(always), then a last end (reason run_ended) or error; a "
+                            "(always), then a last end (reason run_ended), or an error "
+                            "(store_unavailable: the store cannot answer) and end; a "
                             "': heartbeat' comment every 15 s while it runs"
                         ),
                         "content": {"text/event-stream": {"schema": _SSE_EVENT}},

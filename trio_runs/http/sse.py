@@ -47,7 +47,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ..broker import Subscription
-from ..errors import SubscriberOverflow
+from ..errors import StoreError, SubscriberOverflow
 from ..events import RunComplete
 from ._stream import prepare_stream
 from .journal import Journal, JournalEntry, Replay
@@ -424,8 +424,15 @@ class RunEventStream(_SseResponse):
                     return "run_ended"
         terminal = self._ended(run_id)
         while terminal is None:
-            with trio.move_on_after(self.heartbeat):
-                terminal = await self._wait_ended(run_id)
+            try:
+                with trio.move_on_after(self.heartbeat):
+                    terminal = await self._wait_ended(run_id)
+            except StoreError as exc:
+                # The store cannot answer (Redis unreachable): say so and end the stream;
+                # the client follows again (or waits) once the store is back.
+                error = ApiError(503, "store_unavailable", str(exc))
+                await self._send(send, encode_event(None, "error", error.body()))
+                return "store_unavailable"
             if terminal is None:
                 await self._send(send, b": heartbeat\n\n")
         await self._send(send, encode_event(None, "run_complete", terminal.to_dict()))
