@@ -7,6 +7,7 @@ is killed in teardown.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import signal
@@ -195,3 +196,26 @@ def test_a_zombie_node_is_fenced_and_every_run_still_has_one_terminal(spawn, red
     again = submit(a, "s9", "back")
     assert wait_terminal(b, again)["result"] == "back"
     assert json.loads(json.dumps(cluster_stats(redis, namespace)))["abandoned"] == len(ids)
+
+
+def test_a_dead_nodes_sessions_go_on_on_the_survivor_in_order(spawn, redis, tmp_path):
+    """R2 + R3: a session's active run is on a node that is SIGKILLed, its queued runs wait
+    in Redis; the active one ends abandoned and the queued ones then run on the survivor,
+    one at a time, in acceptance order."""
+    namespace = "c" + uuid.uuid4().hex[:12]
+    (a,) = start_nodes(spawn, tmp_path, redis.url, namespace, 1)
+    active = submit(a, "s", "sleep 60")
+    a.wait_state(active, "active")  # claimed by a: the only node yet
+    queued = [submit(a, "s", f"after {i}") for i in range(3)]
+    (b,) = start_nodes(spawn, tmp_path, redis.url, namespace, 1, first=1)
+    assert b.http.get(f"/v1/runs/{queued[0]}").json()["state"] in ("pending", "queued")
+    a.proc.send_signal(signal.SIGKILL)
+    assert wait_terminal(b, active, RECOVERY_BOUND)["abandoned"] is True
+    ended = [wait_terminal(b, run_id) for run_id in queued]
+    assert [end["result"] for end in ended] == [f"after {i}" for i in range(3)]
+    # In acceptance order, one at a time: each started after the one before ended.
+    for earlier, later in itertools.pairwise(ended):
+        assert isinstance(earlier["ended_at"], float)
+        assert isinstance(later["started_at"], float)
+        assert earlier["ended_at"] <= later["started_at"]
+    assert sorted(stream_run_ids(redis, namespace)) == sorted([active, *queued])

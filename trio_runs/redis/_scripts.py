@@ -27,7 +27,8 @@ counters.
 Routed runs (DESIGN R2: one active run per session, cluster-wide, FIFO): a run accepted with
 a workspace path is not owned by the node that accepted it (``a`` in its hash) but queued in
 its session's lane, ``P lane:<session>`` (a list, acceptance order; ``q`` marks it queued,
-``c`` holds its call, ``w`` its workspace path). ``P ready`` lists sessions whose lane may
+``c`` holds its call, ``w`` its workspace path; ``P routed`` is the set of routed runs
+without a terminal). ``P ready`` lists sessions whose lane may
 start a run; ``CLAIM`` pops them and makes the head of each lane the session's active run,
 ``P active:<session>``, owned (``n``) by the claiming node. Its terminal frees the lane (and
 readies the session again when runs wait); so does recovery, when its node dies. ``P
@@ -72,6 +73,7 @@ local function finish(P, limits, id, session, outcome, rc, owner, now)
   local path = redis.call('HGET', run, 'w')
   redis.call('HSET', run, 'rc', rc, 's', session, 'z', #rc)
   redis.call('HDEL', run, 'n', 'q', 'c')
+  redis.call('SREM', P .. 'routed', id)
   if owner then
     redis.call('SREM', P .. 'node:' .. owner .. ':runs', id)
   end
@@ -179,6 +181,7 @@ for i, op in ipairs(req.ops) do
       -- Routed: owned by no node until one claims it, so its acceptor's death loses nothing.
       local session = op[3]
       redis.call('HSET', run, 's', session, 'a', node, 'w', path, 'c', op[6], 'q', '1')
+      redis.call('SADD', P .. 'routed', id)
       if redis.call('RPUSH', P .. 'lane:' .. session, id) == 1
           and redis.call('EXISTS', P .. 'active:' .. session) == 0 then
         redis.call('RPUSH', P .. 'ready', session)
@@ -201,6 +204,7 @@ for i, op in ipairs(req.ops) do
         and redis.call('HEXISTS', run, 'rc') == 0 then
       if queued then
         redis.call('LREM', P .. 'lane:' .. redis.call('HGET', run, 's'), 1, id)
+        redis.call('SREM', P .. 'routed', id)
       end
       redis.call('DEL', run)
       redis.call('SREM', P .. 'node:' .. node .. ':runs', id)
@@ -415,9 +419,17 @@ return out
 """
 
 PENDING = r"""
--- ARGV[1] prefix: {id, session, id, session, ...} for every pending run of every node.
+-- ARGV[1] prefix: {id, session, id, session, ...} for every pending run of every node,
+-- then every routed run no node claimed yet.
 local P = ARGV[1]
 local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', P .. 'routed')) do
+  local session = redis.call('HGET', P .. 'run:' .. id, 's')
+  if session then
+    out[#out + 1] = id
+    out[#out + 1] = session
+  end
+end
 for _, set in ipairs({'nodes', 'dead'}) do
   for _, node in ipairs(redis.call('SMEMBERS', P .. set)) do
     for _, id in ipairs(redis.call('SMEMBERS', P .. 'node:' .. node .. ':runs')) do
