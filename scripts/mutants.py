@@ -246,6 +246,39 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
             ('script + "\\nCOMMIT;"', "script"),
         ],
     ),
+    "cluster-lane-never-freed": (
+        "redis/_scripts.py",
+        [("  if redis.call('GET', active) == id then\n", "  if false then\n")],
+    ),
+    "cluster-queued-run-owned-by-its-acceptor": (
+        "redis/_scripts.py",
+        [
+            (
+                "      redis.call('SADD', P .. 'routed', id)\n",
+                "      redis.call('SADD', P .. 'routed', id)\n"
+                "      redis.call('SADD', P .. 'node:' .. node .. ':runs', id)\n",
+            )
+        ],
+    ),
+    "cluster-cancel-never-reaches-the-running-node": (
+        "redis/store.py",
+        [
+            (
+                "        if node != self._lease.node_id or run is None or not run.claimed:\n",
+                "        if True:\n",
+            )
+        ],
+    ),
+    "cluster-leaving-node-cancels-queued-runs": (
+        "redis/cluster.py",
+        [
+            (
+                "            if run_id not in self._node._here:\n"
+                "                routed.scope.cancel()",
+                "            self._store.drop_queued(routed.session_id, run_id, 'shutdown')",
+            )
+        ],
+    ),
 }
 
 
