@@ -37,8 +37,12 @@ from trio_runs import (
     open_backend,
 )
 from trio_runs.agents import demo
+from trio_runs.events import END_REASONS
 from trio_runs.http import ClientError, RunningServer, RunsClient, ServeOptions, serve
 from trio_runs.http.app import create_app
+from trio_runs.http.batch import BatchStream, encode_line
+from trio_runs.http.batch import is_plain as batch_is_plain
+from trio_runs.http.client import decode_batch_line
 from trio_runs.http.openapi import openapi_document
 from trio_runs.http.schema import (
     MAX_BATCH_ITEMS,
@@ -263,6 +267,134 @@ async def test_a_malformed_item_refuses_the_whole_batch(autojump_clock, tmp_path
         )
         assert service.backend.ledger.statistics().accepted_total == 0
         assert_error(await http.get("/v1/runs/r1"), 404, "run_not_found")
+
+
+async def test_a_batch_answer_is_ascii_and_reads_back_exactly(autojump_clock, tmp_path: Path):
+    # Lines are encoded with msgspec where that gives what json writes (ASCII): a result
+    # outside ASCII falls back to json's escapes, so no raw U+2028 or NEL cuts a line for a
+    # reader that splits lines as str.splitlines does (httpx's aiter_lines among them).
+    prompts = ["plain", "caf\u00e9", "line\u2028sep", "nel\u0085", "\U0001f600 emoji"]
+    async with app_client(tmp_path) as (http, _):
+        ws = await workspace(http)
+        batch = [message(f"s{i}", prompt) for i, prompt in enumerate(prompts)]
+        response = await http.post(f"/v1/workspaces/{ws}/batches", json={"messages": batch})
+        assert response.status_code == 200
+        assert response.content.isascii()
+        got = [decode_batch_line(line) for line in response.text.splitlines() if line.strip()]
+        assert len(got) == 2 * len(prompts)
+        ended = {line.index: line.terminal for line in got if line.kind == "ended"}
+        assert {i: t.result for i, t in ended.items() if t is not None} == dict(enumerate(prompts))
+
+
+async def test_runs_already_ended_go_out_with_the_acceptances(autojump_clock, tmp_path: Path):
+    # A run whose terminal is visible when the answer starts costs no task and no write of
+    # its own: its ended line leaves with the acceptances, and a batch of such runs is one
+    # body message. Runs still going follow, each exactly once.
+    async with app_client(tmp_path) as (_, service):
+        ws_id = (await service.create_workspace(CreateWorkspace("w")))[0].id
+        done = SubmitBatch([SubmitMessage(f"s{i}", "x", f"d{i}") for i in range(3)])
+        assert await service.submit_batch(ws_id, done) == ["d0", "d1", "d2"]
+        for i in range(3):
+            await service.backend.wait_run(f"d{i}")
+        mixed = SubmitBatch(
+            [
+                SubmitMessage("t", "sleep 2", "slow"),
+                SubmitMessage("s0", "x", "d0"),  # taken: refused
+                SubmitMessage("u", "y", "quick"),
+            ]
+        )
+        mixed_results = await service.submit_batch(ws_id, mixed)
+        with trio.fail_after(TIMEOUT):
+            await service.backend.wait_run("quick")
+
+        async def answer(
+            results: list[str | ApiError], run_ids: list[str | None]
+        ) -> list[tuple[list[dict[str, Any]], bool]]:
+            sent: list[tuple[list[dict[str, Any]], bool]] = []
+
+            async def receive() -> dict[str, Any]:
+                await trio.sleep_forever()
+                raise AssertionError  # pragma: no cover
+
+            async def send(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.body":
+                    body = message["body"].decode()
+                    items = [json.loads(line) for line in body.splitlines() if line.strip()]
+                    sent.append((items, message["more_body"]))
+
+            stream = BatchStream(service, results, run_ids, heartbeat=30.0, dumps=_dumps)
+            with trio.fail_after(TIMEOUT):
+                await stream(scope={}, receive=receive, send=send)  # type: ignore[arg-type]
+            return sent
+
+        one = await answer(["d0", "d1", "d2"], ["d0", "d1", "d2"])
+        assert len(one) == 1
+        assert one[0][1] is False
+        kinds = [(item["kind"], item["index"]) for item in one[0][0]]
+        assert kinds == [(kind, i) for kind in ("accepted", "ended") for i in range(3)]
+
+        two = await answer(mixed_results, ["slow", "d0", "quick"])
+        first, last = two[0], two[-1]
+        assert [(i["kind"], i["index"]) for i in first[0]] == [
+            ("accepted", 0),
+            ("refused", 1),
+            ("accepted", 2),
+            ("ended", 2),
+        ]
+        assert first[1] is True
+        assert last[1] is False
+        later = [item for items, _ in two[1:] for item in items]
+        assert [(i["kind"], i["index"]) for i in later] == [("ended", 0)]
+        assert later[0]["run"]["terminal"]["result"] == "sleep 2"
+
+
+def _dumps(body: object) -> bytes:
+    return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
+
+
+def test_a_line_is_what_json_writes_whichever_encoder_wrote_it():
+    plain = {"kind": "ended", "index": 1, "run": {"result": [1, 2.5, -0.0, 10**30, None, True]}}
+    for fast in (True, False):
+        line = encode_line(plain, plain=fast)
+        assert json.loads(line) == plain
+        assert line.endswith(b"\n")
+        assert line.count(b"\n") == 1
+        for text in ["caf\u00e9", "a\u2028b", "\ud800 lone surrogate"]:
+            body = {"kind": "ended", "index": 0, "run": {"result": text}}
+            line = encode_line(body, plain=fast)
+            assert line == _dumps(body) + b"\n"
+            assert line.isascii()
+            assert json.loads(line)["run"]["result"] == text
+    # Not JSON, and not declared plain: refused by the strict encoder, never converted.
+    for bad in [{1, 2}, b"x", float("nan")]:
+        with pytest.raises((TypeError, ValueError)):
+            encode_line({"kind": "ended", "index": 0, "run": {"result": bad}})
+
+
+def test_a_terminal_is_encoded_fast_only_when_plain():
+    # What the batch sends for a terminal is json's text whichever way it was encoded, and
+    # only a terminal whose result is a scalar or a flat container goes the fast way.
+    results: list[object] = [
+        "s",
+        7,
+        10**40,
+        2.5,
+        None,
+        True,
+        {"a": 1, "b": "x"},
+        [1, "two", 3.0],
+        {"deep": {"er": [1]}},
+        list(range(100)),
+    ]
+    fast = []
+    for i, result in enumerate(results):
+        rc = RunComplete("s", f"r{i}", result=result, ended_at=1.5, labels={"k": "v"})
+        fast.append(batch_is_plain(rc))
+        body = {"kind": "ended", "index": i, "run": {"terminal": rc.to_dict()}}
+        assert encode_line(body, plain=fast[-1]) == _dumps(body) + b"\n"
+    assert fast == [True] * 8 + [False, False]
+    assert not batch_is_plain(RunComplete("s", "r", result=1, ended_at=float("nan")))
+    assert not batch_is_plain(RunComplete("s", "r", result=1, labels={"k": 1}))  # type: ignore[dict-item]
 
 
 JSON = {"content-type": "application/json"}
@@ -580,3 +712,127 @@ def test_a_batch_is_schema_valid_exactly_when_the_server_decodes_it(body: dict[s
         status = error.status
     assert status in {200, 422}
     assert BATCH_SCHEMA.is_valid(body) == (status == 200), body
+
+
+# -- the client's decoding of a batch's lines ------------------------------------------------
+
+
+def legacy_line(text: str) -> tuple[str, int, RunComplete | ClientError | None]:
+    """What the client did before its msgspec fast path: the reference it must agree with."""
+    line = json.loads(text)
+    kind, index = line["kind"], int(line["index"])
+    if kind == "ended":
+        return kind, index, RunComplete.from_dict(line["run"]["terminal"])
+    if kind == "refused":
+        error = line["error"]
+        return (
+            kind,
+            index,
+            ClientError(int(line["status"]), str(error["code"]), str(error["message"])),
+        )
+    return kind, index, None
+
+
+def outcome(decode: Any, text: str) -> tuple[str, ...]:
+    # Type-exact: json's text of the terminal tells 1 from 1.0 from true.
+    try:
+        kind, index, item = decode(text)
+    except (ValueError, KeyError, TypeError) as exc:
+        return ("raised", "ValueError" if isinstance(exc, ValueError) else type(exc).__name__)
+    if isinstance(item, RunComplete):
+        return (kind, str(index), json.dumps(item.to_dict()))
+    if isinstance(item, ClientError):
+        return (kind, str(index), repr((item.status, item.code, item.message)))
+    return (kind, str(index))
+
+
+def fast_line(text: str) -> tuple[str, int, RunComplete | ClientError | None]:
+    line = decode_batch_line(text)
+    return line.kind, line.index, line.terminal if line.kind == "ended" else line.refusal
+
+
+_scalar = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=4)
+)
+_json = st.recursive(
+    _scalar,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_time = st.none() | st.floats(allow_nan=False, allow_infinity=False) | st.integers(0, 2**40)
+_terminal = st.fixed_dictionaries(
+    {"session_id": st.text(max_size=3) | _json, "run_id": st.text(max_size=3) | _json},
+    optional={
+        "result": _json,
+        "error": st.none() | st.text(max_size=3) | _json,
+        "cancelled": st.booleans() | _json,
+        "abandoned": st.booleans() | _json,
+        "timed_out": st.booleans() | _json,
+        "reason": st.none() | st.sampled_from(sorted(END_REASONS)) | _json,
+        "accepted_at": _time | _json,
+        "started_at": _time,
+        "ended_at": _time,
+        "attempt": st.integers(-1, 3) | _json,
+        "labels": st.dictionaries(st.text(max_size=2), st.text(max_size=2), max_size=2) | _json,
+        "unknown": _json,
+    },
+)
+_line = st.fixed_dictionaries(
+    {
+        "kind": st.sampled_from(["ended", "accepted", "refused", "future"]),
+        "index": st.integers(0, 3),
+    },
+    optional={
+        "run": st.fixed_dictionaries(
+            {"run_id": st.text(max_size=2)}, optional={"terminal": _terminal}
+        )
+        | _json,
+        "run_id": st.text(max_size=2),
+        "status": st.integers(400, 599) | st.sampled_from(["409"]) | _json,
+        "error": st.fixed_dictionaries(
+            {"code": st.text(max_size=3), "message": st.text(max_size=3)}
+        )
+        | _json,
+    },
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(line=_line, special=st.sampled_from(["", "\u2028", "\ud800", "1e999", "NaN"]))
+def test_the_client_decodes_a_batch_line_exactly_as_it_always_did(
+    line: dict[str, Any], special: str
+):
+    # The msgspec fast path accepts and refuses exactly what json.loads + from_dict did, and
+    # decodes to the same values, whatever the line (odd types, unknown fields and kinds, an
+    # escaped lone surrogate, numbers JSON cannot hold exactly).
+    text = json.dumps(line)
+    if special in ("1e999", "NaN") and "run" in line and isinstance(line["run"], dict):
+        text = text.replace('"run_id"', f'"x": {special}, "run_id"', 1)
+    elif special:
+        text = text.replace('"kind"', f'"note": "{special}", "kind"', 1)
+    assert outcome(fast_line, text) == outcome(legacy_line, text), text
+
+
+def test_a_well_formed_line_decodes_straight_into_its_terminal():
+    rc = RunComplete(
+        "s", "r", result={"a": [1, 2.5]}, error=None, ended_at=3.0, attempt=2, labels={"k": "v"}
+    )
+    text = json.dumps({"kind": "ended", "index": 4, "run": {"terminal": rc.to_dict(), "x": 1}})
+    line = decode_batch_line(text)
+    assert (line.kind, line.index) == ("ended", 4)
+    assert line.terminal is not None
+    assert line.terminal.to_dict() == rc.to_dict()
+    refused = decode_batch_line(
+        '{"kind":"refused","index":1,"run_id":"r","status":409,'
+        '"error":{"code":"duplicate_run","message":"taken"}}'
+    )
+    assert refused.refusal is not None
+    assert (refused.refusal.status, refused.refusal.code) == (409, "duplicate_run")
+    with pytest.raises(ValueError, match="unknown end reason"):
+        decode_batch_line(text.replace('"attempt"', '"reason": "bogus", "attempt"'))
