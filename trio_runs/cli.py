@@ -715,7 +715,27 @@ def _build_parser() -> argparse.ArgumentParser:
         help="a waiter without its terminal after this long counts as hung (default: 30)",
     )
     demo.add_argument("--no-live", action="store_true", help="no live display, only the table")
+    demo.add_argument(
+        "--nodes",
+        type=_cluster_nodes,
+        default=None,
+        metavar="N",
+        help="run the demo across N >= 2 local node processes ('serve --redis' nodes, the "
+        "last a 'worker' from 3 on) on a redis-server it starts, and kill one of them "
+        "(SIGKILL) mid-demo: its runs must end abandoned within the lease, the runs queued "
+        "behind them must go on elsewhere. Needs redis-server on PATH and the redis extra",
+    )
     return parser
+
+
+def _cluster_nodes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"a cluster needs at least 2 nodes, got {value}")
+    return value
 
 
 @contextmanager
@@ -1377,10 +1397,26 @@ def _runs_table(runs: Sequence[RunView]) -> str:
 def _demo(args: argparse.Namespace) -> int:
     # The demo extra is the http extra and rich, its live display and table.
     _require("demo", (*_HTTP_MODULES, "rich"))
+    redis_binary = None
+    if args.nodes is not None:
+        # The cluster demo starts a redis-server of its own and node processes that need
+        # the redis extra: say so before starting anything.
+        redis_binary = shutil.which("redis-server")
+        if redis_binary is None:
+            raise _UsageError(
+                "demo --nodes needs redis-server on PATH, to start a private one: install it "
+                "(Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install redis)"
+            )
+        _require("redis", ("coredis",))
     from .http import demo
 
     return demo.main(
-        runs=args.runs, seed=args.seed, hang_after=args.hang_after, live=not args.no_live
+        runs=args.runs,
+        seed=args.seed,
+        hang_after=args.hang_after,
+        live=not args.no_live,
+        nodes=args.nodes,
+        redis_binary=redis_binary,
     )
 
 

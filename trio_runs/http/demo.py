@@ -18,10 +18,11 @@ import logging
 import os
 import random
 import shutil
+import signal
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Final, Literal
 
@@ -37,9 +38,11 @@ from ..agents import DemoAgent
 from ..coordinator import new_run_id
 from ..events import RunComplete
 from .client import ClientError, RunsClient, ServerLost, SseEvent
+from .cluster_demo import MIN_RUNS as CLUSTER_MIN_RUNS
+from .cluster_demo import ClusterDemoError, ClusterDemoReport, run_cluster_demo
 from .server import RunningServer, ServeOptions, serve
 
-__all__ = ["DemoReport", "main", "run_demo"]
+__all__ = ["DemoReport", "cluster_report_tables", "main", "report_table", "run_demo"]
 
 logger = logging.getLogger("trio_runs.http")
 
@@ -445,9 +448,25 @@ def report_table(report: DemoReport) -> Table:
     return table
 
 
-def main(*, runs: int = 120, seed: int = 0, hang_after: float = 30.0, live: bool = True) -> int:
-    """Run the demo with a live display and the closing table; returns the exit status."""
+def main(
+    *,
+    runs: int = 120,
+    seed: int = 0,
+    hang_after: float = 30.0,
+    live: bool = True,
+    nodes: int | None = None,
+    redis_binary: str | None = None,
+) -> int:
+    """Run the demo with a live display and the closing table; returns the exit status.
+
+    With ``nodes``, the cluster demo (:mod:`trio_runs.http.cluster_demo`) on
+    ``redis_binary``, a ``redis-server``.
+    """
     console = Console()
+    if nodes is not None:
+        if redis_binary is None:
+            raise ValueError("the cluster demo needs a redis-server")
+        return _cluster_main(console, nodes, runs, seed, hang_after, live, redis_binary)
     if runs < MIN_RUNS:
         console.print(f"trio-runs demo: --runs must be at least {MIN_RUNS}", style="red")
         return 2
@@ -480,5 +499,184 @@ def main(*, runs: int = 120, seed: int = 0, hang_after: float = 30.0, live: bool
     console.print(
         "[green bold]OK:[/] every accepted run ended exactly once and every waiter saw it "
         f"({report.duplicates_suppressed} second terminal(s) suppressed by the ledger)"
+    )
+    return 0
+
+
+# -- the cluster demo's display --------------------------------------------------------------
+
+
+def cluster_report_tables(report: ClusterDemoReport) -> tuple[Table, Table]:
+    """The cluster demo's closing tables: the nodes, then the promises and their counts."""
+    nodes = Table(title=f"nodes (redis {report.redis_url}, lease {report.lease_ttl:g}s)")
+    for column in ("node", "role", "pid", "url", "ran", "end"):
+        right = column in ("pid", "ran")
+        nodes.add_column(column, justify="right" if right else "left", no_wrap=True)
+    for node in report.nodes:
+        end = f"[red]{node.fate}[/]" if node.fate.startswith("killed") else node.fate
+        nodes.add_row(node.name, node.role, str(node.pid), node.url or "-", str(node.ran), end)
+
+    table = Table(title=f"trio-runs demo --nodes {len(report.nodes)}", show_lines=False)
+    table.add_column("", style="bold")
+    table.add_column("count", justify="right")
+    table.add_column("must be", justify="left")
+    ok = "[green]ok[/]"
+
+    def check(value: int) -> str:
+        return ok if value == 0 else "[red bold]0: VIOLATED[/]"
+
+    def equal(value: int, expected: int) -> str:
+        return ok if value == expected else f"[red bold]{expected}: VIOLATED[/]"
+
+    table.add_row("accepted", str(report.accepted), f"{report.planned} (all)")
+    table.add_row("completed", str(report.outcomes["completed"]), "")
+    table.add_row("failed", str(report.outcomes["failed"]), "")
+    table.add_row("cancelled", str(report.outcomes["cancelled"]), "")
+    table.add_row("waiters returned (on every serve node)", str(report.waiters_returned), "")
+    table.add_row("hung", str(report.hung), check(report.hung))
+    table.add_row("duplicate terminals", str(report.duplicates), check(report.duplicates))
+    table.add_row(
+        "terminals twice on a node's stream",
+        str(report.streamed_twice),
+        check(report.streamed_twice),
+    )
+    table.add_row(
+        "terminals missing from a node's stream",
+        str(report.missing_from_stream),
+        check(report.missing_from_stream),
+    )
+    table.add_row("unexpected outcomes", str(report.unexpected), check(report.unexpected))
+    table.add_row(
+        "runs the killed node was running",
+        str(report.killed_running),
+        ok if report.killed_running else "[red bold]> 0: VIOLATED[/]",
+    )
+    table.add_row(
+        "  ended abandoned", str(report.abandoned), equal(report.abandoned, report.killed_running)
+    )
+    late = report.abandoned_latency > report.abandoned_bound
+    table.add_row(
+        "  seconds from the kill to their terminals",
+        f"{report.abandoned_latency:.2f}",
+        ("[red bold]" if late else "[green]")
+        + f"<= {report.abandoned_bound:.2f}{': VIOLATED' if late else ''}[/]",
+    )
+    table.add_row(
+        "runs queued behind them that ran elsewhere",
+        str(report.resumed_elsewhere),
+        equal(report.resumed_elsewhere, report.resumed_expected),
+    )
+    table.add_row(
+        "sessions with two active runs",
+        str(report.overlapping_sessions),
+        check(report.overlapping_sessions),
+    )
+    table.add_row("runs that ran twice", str(report.ran_twice), check(report.ran_twice))
+    table.add_row("progress events seen (lossy)", str(report.progress_events), "")
+    table.add_row("runs/s", f"{report.runs_per_second:.1f}", f"({report.elapsed:.2f}s)")
+    return nodes, table
+
+
+async def _until_signalled(
+    demo: Callable[[], Awaitable[ClusterDemoReport]],
+) -> ClusterDemoReport | None:
+    # SIGTERM and SIGHUP end the demo as Ctrl-C does: the demo is cancelled, which stops every
+    # process it started (they are in process groups of their own, and would outlive a demo
+    # killed by the signal's default action). None: interrupted.
+    result: list[ClusterDemoReport] = []
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def run() -> None:
+                result.append(await demo())
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+    return result[0] if result else None
+
+
+def _cluster_main(
+    console: Console,
+    nodes: int,
+    runs: int,
+    seed: int,
+    hang_after: float,
+    live: bool,
+    redis_binary: str,
+) -> int:
+    if nodes < 2:
+        console.print("trio-runs demo: --nodes must be at least 2", style="red")
+        return 2
+    if runs < CLUSTER_MIN_RUNS:
+        console.print(f"trio-runs demo: --runs must be at least {CLUSTER_MIN_RUNS}", style="red")
+        return 2
+    started = time.monotonic()
+    display = Live(console=console, auto_refresh=False, transient=True)
+    show_live = live and console.is_terminal
+
+    def tick(counters: dict[str, int]) -> None:
+        if show_live:
+            display.update(_live_view(counters, runs, time.monotonic() - started), refresh=True)
+
+    def step(line: str) -> None:
+        console.print(f"  {line}")
+
+    worker = " (the last a worker)" if nodes >= 3 else ""
+    console.print(
+        f"trio-runs demo --nodes {nodes}: redis-server and {nodes} node processes{worker}, "
+        f"{runs} client runs over HTTP on random nodes, waited on from others; one node "
+        "killed (SIGKILL) mid-demo while it runs work"
+    )
+    if show_live:
+        display.start()
+    try:
+        report = trio.run(
+            partial(
+                _until_signalled,
+                partial(
+                    run_cluster_demo,
+                    nodes,
+                    runs,
+                    redis_binary=redis_binary,
+                    seed=seed,
+                    hang_after=hang_after,
+                    on_tick=tick,
+                    on_step=step,
+                ),
+            )
+        )
+    except ClusterDemoError as exc:
+        console.print(f"[red bold]FAILED:[/] the cluster did not start: {exc}")
+        return 1
+    except BaseExceptionGroup as group:
+        # Ctrl-C lands in whichever task runs, and comes out of its nurseries in a group.
+        _, rest = group.split(KeyboardInterrupt)
+        if rest is not None:
+            raise
+        report = None
+    except KeyboardInterrupt:
+        report = None
+    finally:
+        if show_live:
+            display.stop()
+    if report is None:
+        console.print("interrupted: every process the demo started was stopped")
+        return 130
+    for table in cluster_report_tables(report):
+        console.print(table)
+    problems = report.violations
+    if problems:
+        console.print("[red bold]FAILED:[/] " + "; ".join(problems))
+        console.print(f"the nodes' and Redis's logs and the agents' journal: {report.logs}")
+        return 1
+    console.print(
+        f"[green bold]OK:[/] every accepted run ended exactly once and every waiter on every "
+        f"node saw it; the killed node's {report.abandoned} runs ended abandoned "
+        f"{report.abandoned_latency:.1f}s after the kill and the {report.resumed_elsewhere} "
+        "runs queued behind them ran on other nodes; no session ever had two active runs; "
+        "every process stopped"
     )
     return 0
