@@ -40,7 +40,7 @@ from trio_runs.agents import demo
 from trio_runs.events import END_REASONS
 from trio_runs.http import ClientError, RunningServer, RunsClient, ServeOptions, serve
 from trio_runs.http.app import create_app
-from trio_runs.http.batch import BatchStream, encode_line
+from trio_runs.http.batch import GATHER_SECONDS, BatchStream, encode_line
 from trio_runs.http.batch import is_plain as batch_is_plain
 from trio_runs.http.client import decode_batch_line
 from trio_runs.http.openapi import openapi_document
@@ -346,6 +346,46 @@ async def test_runs_already_ended_go_out_with_the_acceptances(autojump_clock, tm
         later = [item for items, _ in two[1:] for item in items]
         assert [(i["kind"], i["index"]) for i in later] == [("ended", 0)]
         assert later[0]["run"]["terminal"]["result"] == "sleep 2"
+
+
+async def test_lines_ending_close_together_leave_in_one_message(autojump_clock, tmp_path: Path):
+    # Runs ending within GATHER_SECONDS of one another share a write; a run ending later
+    # still gets its line as it ends (streamed, not held for the batch), and the last line
+    # ends the body at once.
+    async with app_client(tmp_path) as (_, service):
+        ws_id = (await service.create_workspace(CreateWorkspace("w")))[0].id
+        gap = GATHER_SECONDS / 2
+        batch = SubmitBatch(
+            [
+                SubmitMessage("a", "sleep 1", "r0"),
+                SubmitMessage("b", f"sleep {1 + gap}", "r1"),
+                SubmitMessage("c", "sleep 3", "r2"),
+            ]
+        )
+        results = await service.submit_batch(ws_id, batch)
+        start = trio.current_time()
+        sent: list[tuple[float, list[int], bool]] = []
+
+        async def receive() -> dict[str, Any]:
+            await trio.sleep_forever()
+            raise AssertionError  # pragma: no cover
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                body = message["body"].decode()
+                ended = [json.loads(x)["index"] for x in body.splitlines() if '"ended"' in x]
+                sent.append((trio.current_time() - start, ended, message["more_body"]))
+
+        stream = BatchStream(service, results, ["r0", "r1", "r2"], heartbeat=30.0, dumps=_dumps)
+        with trio.fail_after(TIMEOUT):
+            await stream(scope={}, receive=receive, send=send)  # type: ignore[arg-type]
+        assert [(ended, more) for _, ended, more in sent] == [
+            ([], True),
+            ([0, 1], True),
+            ([2], False),
+        ]
+        assert 1 <= sent[1][0] <= 1 + 2 * GATHER_SECONDS
+        assert 3 <= sent[2][0] < 3 + GATHER_SECONDS
 
 
 def _dumps(body: object) -> bytes:

@@ -7,7 +7,8 @@ JSON object per line (:data:`~trio_runs.http.schema.BatchLine`):
 - first one line per message, in order: ``accepted`` (with its run id) or ``refused`` (the
   typed error a single submission would have had);
 - then one ``ended`` line per accepted run, with its run view and terminal, in the order the
-  runs end, each exactly once; the body ends after the last one.
+  runs end, each exactly once; the body ends after the last one. Lines of runs ending within
+  :data:`GATHER_SECONDS` (1 ms) of one another leave together, in one write.
 
 A blank line is a heartbeat, sent every ``heartbeat`` seconds while nothing else is, so that
 a client can tell a long run from a dead connection. How a batch stream ends otherwise:
@@ -45,9 +46,13 @@ from ._stream import prepare_stream
 from .schema import ApiError
 from .service import RunService
 
-__all__ = ["NDJSON", "BatchStream", "encode_line", "is_plain"]
+__all__ = ["GATHER_SECONDS", "NDJSON", "BatchStream", "encode_line", "is_plain"]
 
 NDJSON: Final = "application/x-ndjson"
+
+GATHER_SECONDS: Final = 0.001
+"""How long an ``ended`` line may wait for the lines of runs ending right after it, so they
+leave in one write (the last line of a batch never waits)."""
 
 _encode: Final = msgspec.json.Encoder().encode
 _SCALARS: Final = frozenset((str, int, bool, type(None)))
@@ -194,13 +199,20 @@ class BatchStream(Response):
                 nursery.start_soon(self._wait_one, index, run_id, ready, wake)
             while left:
                 if not ready:
-                    # Only the wait is bounded by the heartbeat, never a send (cancelling one
-                    # half-way would corrupt the body; the connection bounds the send).
+                    # Only the waits are bounded (by the heartbeat, the gathering window),
+                    # never a send (cancelling one half-way would corrupt the body; the
+                    # connection bounds the send).
                     with trio.move_on_after(self.heartbeat):
                         await wake.park()
-                # Every line already waiting goes in the same message: runs of a batch tend
-                # to end together (one durable flush), and each message is a socket write of
-                # its own (the writes are most of the server's cost per batch).
+                if ready and len(ready) < left:
+                    # Runs of a batch tend to end close together (one durable commit, one
+                    # session's lane running them back to back) and each message is a socket
+                    # write of its own, the biggest cost a batch has per message: the lines
+                    # ending within GATHER_SECONDS of the first go in one message. The last
+                    # line never waits.
+                    with trio.move_on_after(GATHER_SECONDS):
+                        while len(ready) < left:
+                            await wake.park()
                 body = b"".join(ready) if ready else b"\n"
                 left -= len(ready)
                 ready.clear()
