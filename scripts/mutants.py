@@ -279,6 +279,23 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
             )
         ],
     ),
+    # R2: a session's lane starts a run only while none of its runs is active. Without both
+    # guards a run accepted behind an active one is readied and claimed at once.
+    "cluster-session-runs-two-at-once": (
+        "redis/_scripts.py",
+        [
+            (
+                "      if redis.call('RPUSH', P .. 'lane:' .. session, id) == 1\n"
+                "          and redis.call('EXISTS', P .. 'active:' .. session) == 0 then\n",
+                "      if redis.call('RPUSH', P .. 'lane:' .. session, id) >= 1 then\n",
+            ),
+            (
+                "  if redis.call('EXISTS', P .. 'active:' .. session) == 0 then\n"
+                "    while true do\n",
+                "  if true then\n    while true do\n",
+            ),
+        ],
+    ),
 }
 
 
