@@ -171,7 +171,7 @@ def test_a_zombie_node_is_fenced_and_every_run_still_has_one_terminal(spawn, red
     abandoned; the zombie's own terminals are refused and counted, never a second one."""
     namespace = "c" + uuid.uuid4().hex[:12]
     (a,) = start_nodes(spawn, tmp_path, redis.url, namespace, 1)
-    ids = [submit(a, f"s{i}", "sleep 2") for i in range(3)]
+    ids = [submit(a, f"s{i}", "sleep 8") for i in range(3)]  # still running when a stops
     for run_id in ids:
         a.wait_state(run_id, "active")  # claimed by a: the only node yet
     (b,) = start_nodes(spawn, tmp_path, redis.url, namespace, 1, first=1)
@@ -219,3 +219,24 @@ def test_a_dead_nodes_sessions_go_on_on_the_survivor_in_order(spawn, redis, tmp_
         assert isinstance(later["started_at"], float)
         assert earlier["ended_at"] <= later["started_at"]
     assert sorted(stream_run_ids(redis, namespace)) == sorted([active, *queued])
+
+
+def test_a_node_stopped_with_sigterm_leaves_cleanly_and_its_queued_runs_go_on(
+    spawn, redis, tmp_path
+):
+    """A graceful stop (a rolling restart): the node exits 0, its running run ends
+    cancelled (shutdown), and the runs it accepted that wait in their lane run elsewhere."""
+    namespace = "c" + uuid.uuid4().hex[:12]
+    (a,) = start_nodes(spawn, tmp_path, redis.url, namespace, 1)
+    running = submit(a, "s", "sleep 60")
+    a.wait_state(running, "active")
+    waiting = [submit(a, "s", f"w{i}") for i in range(2)]
+    a.proc.send_signal(signal.SIGTERM)
+    out, err = a.proc.communicate(timeout=BOUND)
+    assert a.proc.returncode == 0, err
+    assert "runs waiting in their lanes go on" in out
+    assert "Traceback" not in err
+    (b,) = start_nodes(spawn, tmp_path, redis.url, namespace, 1, first=1)
+    end = wait_terminal(b, running)
+    assert (end["cancelled"], end["reason"]) == (True, "shutdown")
+    assert [wait_terminal(b, run_id)["result"] for run_id in waiting] == ["w0", "w1"]

@@ -256,12 +256,21 @@ async def test_sixteen_labels_at_the_limits_are_fine(backend: Backend):
 # -- listing on the backend's stores -------------------------------------------------------
 
 
-@pytest.fixture(params=["RunLedger", "SqliteLedger"])
+@pytest.fixture(params=["RunLedger", "SqliteLedger", "RedisStore"])
 async def listing_backend(
     request: pytest.FixtureRequest, tmp_path: Path, real_clock
 ) -> AsyncIterator[Backend]:
     if request.param == "RunLedger":
         async with open_backend(RunLedger()) as backend:
+            yield backend
+    elif request.param == "RedisStore":
+        from trio_runs.redis import open_redis_store
+
+        url, namespace = request.getfixturevalue("redis_url"), request.getfixturevalue("namespace")
+        async with (
+            open_redis_store(url, namespace=namespace) as store,
+            open_backend(store) as backend,
+        ):
             yield backend
     else:
         async with (

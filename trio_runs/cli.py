@@ -864,7 +864,9 @@ def _serve(args: argparse.Namespace) -> int:
         raise _UsageError(str(exc)) from None
 
     async def serve_main() -> None:
-        async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
+        # The cluster's store (and its tasks) opens before, and closes after, the nursery
+        # the server runs in: nurseries must close in the reverse order they opened.
+        async with AsyncExitStack() as stack:
             run_store = store
             coordinator_factory = factory
             node_work = None
@@ -880,11 +882,12 @@ def _serve(args: argparse.Namespace) -> int:
                         ),
                     )
                 )
-                _err(f"trio-runs: node {joined.node_id} joined {redis_url}")
+                _err(f"node {joined.node_id} joined {redis_url}")
                 run_store = joined
                 node = redis.ClusterNode(joined, factory, capacity=args.capacity)
                 coordinator_factory = node.coordinator_factory
                 node_work = node.serve
+            nursery = await stack.enter_async_context(trio.open_nursery())
             server = await nursery.start(
                 partial(
                     http.serve,
@@ -952,7 +955,7 @@ def _worker(args: argparse.Namespace) -> int:
             trio.open_nursery() as nursery,
         ):
             node = redis.ClusterNode(store, factory, capacity=args.capacity)
-            _err(f"trio-runs: worker {store.node_id} joined {redis_url}; agent {agent}")
+            _err(f"worker {store.node_id} joined {redis_url}; agent {agent}")
             print(
                 f"trio-runs: worker running up to {args.capacity} runs at once; "
                 "Ctrl-C or SIGTERM to stop",
@@ -962,7 +965,7 @@ def _worker(args: argparse.Namespace) -> int:
                 nursery.start_soon(node.serve, backend)
                 async for _ in signals:
                     break
-            _err("trio-runs: worker stopping: cancelling its runs")
+            _err("worker stopping: cancelling its runs")
             nursery.cancel_scope.cancel()
 
     try:
@@ -970,7 +973,7 @@ def _worker(args: argparse.Namespace) -> int:
     except (RedisUnavailable, BaseExceptionGroup) as raised:
         failure = _sole_leaf(raised)
         if isinstance(failure, RedisUnavailable):
-            _err(f"trio-runs: {failure}")
+            _err(str(failure))
             return EXIT_FAILED
         raise
     print("trio-runs: worker stopped; every run it claimed has its terminal", flush=True)

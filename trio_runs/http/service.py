@@ -323,7 +323,23 @@ class RunService:
         """
         if self.backend.ledger.state(run_id) == "ending":
             await self.backend.ledger.flush()
-        return await self._detailed(self.run(run_id))
+        return await self._detailed(await self._located(run_id))
+
+    async def _located(self, run_id: str) -> RunView:
+        # `run`, and for a run this process never heard of, what its store holds: a
+        # cluster's store knows every node's runs, so a node started later still answers.
+        try:
+            return self.run(run_id)
+        except ApiError as exc:
+            store = self.backend.ledger
+            if exc.status != 404 or not isinstance(store, SupportsRunListing):
+                raise
+            info = await self._store_call(store.run_info, run_id)
+            if info is None:
+                raise
+            if info.terminal is not None:
+                self._delivered(run_id)
+            return self._info_view(info)
 
     async def _detailed(self, view: RunView) -> RunView:
         # An ended run's terminal carries its metadata; a running one's is in the store.
@@ -411,7 +427,7 @@ class RunService:
         during shutdown (it starts no work); a terminal it reports counts as collected.
         Waits only for the store to make what it decided durable.
         """
-        self.run(run_id)
+        await self._located(run_id)
         try:
             self.backend.cancel_run(run_id)
         except NotSupported as exc:
@@ -436,12 +452,12 @@ class RunService:
 
         Answers at once for a run that already ended; 404 ``run_not_found`` for an unknown id.
         """
-        view = self.run(run_id)
+        view = await self._located(run_id)
         if view.terminal is None:
             # UnknownRun: evicted meanwhile; the lookup below says 404.
             with trio.move_on_after(seconds), contextlib.suppress(UnknownRun):
                 await self.backend.wait_run(run_id)
-            view = self.run(run_id)
+            view = await self._located(run_id)
         return await self._detailed(view)
 
     def _delivered(self, run_id: str) -> None:
@@ -584,7 +600,7 @@ class RunService:
 
         404 ``run_not_found``.
         """
-        self.run(run_id)
+        await self._located(run_id)
         journal: Journal | None = None
         workspace = self.backend.workspace_of(run_id)
         if workspace is not None and self._journal_host is not None:

@@ -27,8 +27,13 @@ counters.
 Routed runs (DESIGN R2: one active run per session, cluster-wide, FIFO): a run accepted with
 a workspace path is not owned by the node that accepted it (``a`` in its hash) but queued in
 its session's lane, ``P lane:<session>`` (a list, acceptance order; ``q`` marks it queued,
-``c`` holds its call, ``w`` its workspace path; ``P routed`` is the set of routed runs
-without a terminal). ``P ready`` lists sessions whose lane may
+``c`` holds its call; ``P routed`` is the set of routed runs without a terminal).
+
+Listing: ``P index`` is a sorted set of every run still held, all of score 0, ordered by its
+member ``<accepted_at, %020.6f>|<run id>`` (``k`` in the run's hash), so newest first is
+``ZREVRANGEBYLEX`` and a page's cursor is a member; a run's hash keeps ``w`` its workspace
+path, ``m`` its metadata (JSON: ``accepted_at``, ``labels``) and ``t`` when a node claimed
+it. ``P ready`` lists sessions whose lane may
 start a run; ``CLAIM`` pops them and makes the head of each lane the session's active run,
 ``P active:<session>``, owned (``n``) by the claiming node. Its terminal frees the lane (and
 readies the session again when runs wait); so does recovery, when its node dies. ``P
@@ -41,6 +46,8 @@ __all__ = [
     "BATCH",
     "CLAIM",
     "HEARTBEAT",
+    "INFO",
+    "LIST",
     "PENDING",
     "READ",
     "RECOVER",
@@ -95,6 +102,8 @@ local function finish(P, limits, id, session, outcome, rc, owner, now)
     if count > limits.count or bytes > limits.bytes or tonumber(oldest[2]) < now - limits.age then
       local gone = P .. 'run:' .. oldest[1]
       local size = tonumber(redis.call('HGET', gone, 'z') or '0')
+      local member = redis.call('HGET', gone, 'k')
+      if member then redis.call('ZREM', P .. 'index', member) end
       redis.call('ZREM', P .. 'order', oldest[1])
       redis.call('DEL', gone)
       redis.call('DECRBY', P .. 'bytes', size)
@@ -135,12 +144,14 @@ BATCH = (
     _FINISH
     + r"""
 -- ARGV[1] prefix; ARGV[2] JSON {limits, ops}; each op is
---   ["accept", id, session, node]    -> "ok" | "dup" | "fenced"
---   ["accept", id, session, node, path, call] -> the same, routed: queued in its lane
+--   ["accept", id, session, node, routed, path, call, meta, member] -> "ok" | "dup" |
+--      "fenced"; routed (a boolean): queued in its lane with its call; path, call and meta
+--      (JSON: accepted_at, labels) may be ""; member is its place in the index
 --   ["withdraw", id, node]           -> "ok"
 --   ["complete", id, session, outcome, rc, node] -> "ok" | "dup" | "fenced" | "handed"
 --      ("handed": a routed run, from the node that accepted it but does not run it: only
 --      the node that claimed it, a lane op or recovery ends a routed run)
+--   ["started", id, unix seconds] -> "ok": when its agent began (for listings)
 --   ["lane", session, action, run id or "", reason] -> "ok" | "queued" | "active" | "none"
 --      action "cancel": drop the lane's queued runs and cancel its active one; "clear":
 --      drop the queued runs; "cancel_run": the one run, queued or active; "drop": the one
@@ -170,17 +181,26 @@ for i, op in ipairs(req.ops) do
   local kind, id = op[1], op[2]
   local run = P .. 'run:' .. id
   if kind == 'accept' then
-    local node, path = op[4], op[5]
+    local node, routed, path, meta, member = op[4], op[5], op[6], op[8], op[9]
     if redis.call('HGET', run, 'n') == node or redis.call('HGET', run, 'a') == node then
       out[i] = 'ok'
     elseif redis.call('EXISTS', run) == 1 then
       out[i] = 'dup'
     elseif not alive(node) then
       out[i] = 'fenced'
-    elseif path then
+    else
+      -- What a listing shows of it: its place in acceptance order, workspace and metadata.
+      redis.call('ZADD', P .. 'index', 0, member)
+      redis.call('HSET', run, 'k', member)
+      if path ~= '' then redis.call('HSET', run, 'w', path) end
+      if meta ~= '' then redis.call('HSET', run, 'm', meta) end
+    end
+    if out[i] then
+      -- decided above
+    elseif routed then
       -- Routed: owned by no node until one claims it, so its acceptor's death loses nothing.
       local session = op[3]
-      redis.call('HSET', run, 's', session, 'a', node, 'w', path, 'c', op[6], 'q', '1')
+      redis.call('HSET', run, 's', session, 'a', node, 'c', op[7], 'q', '1')
       redis.call('SADD', P .. 'routed', id)
       if redis.call('RPUSH', P .. 'lane:' .. session, id) == 1
           and redis.call('EXISTS', P .. 'active:' .. session) == 0 then
@@ -206,6 +226,8 @@ for i, op in ipairs(req.ops) do
         redis.call('LREM', P .. 'lane:' .. redis.call('HGET', run, 's'), 1, id)
         redis.call('SREM', P .. 'routed', id)
       end
+      local member = redis.call('HGET', run, 'k')
+      if member then redis.call('ZREM', P .. 'index', member) end
       redis.call('DEL', run)
       redis.call('SREM', P .. 'node:' .. node .. ':runs', id)
       redis.call('XADD', P .. 'accepted', 'MAXLEN', '~', limits.stream, '*', 'id', id, 'w', '1')
@@ -237,6 +259,11 @@ for i, op in ipairs(req.ops) do
       finish(P, limits, id, session, outcome, rc, owner, now)
       out[i] = 'ok'
     end
+  elseif kind == 'started' then
+    if redis.call('EXISTS', run) == 1 and redis.call('HEXISTS', run, 'rc') == 0 then
+      redis.call('HSET', run, 't', op[3])
+    end
+    out[i] = 'ok'
   elseif kind == 'lane' then
     local session, action, target, reason = op[2], op[3], op[4], op[5]
     local lane = P .. 'lane:' .. session
@@ -309,7 +336,8 @@ while claimed < max do
       local run = P .. 'run:' .. id
       if redis.call('HEXISTS', run, 'q') == 1 and redis.call('HEXISTS', run, 'rc') == 0 then
         redis.call('SET', P .. 'active:' .. session, id)
-        redis.call('HSET', run, 'n', node)
+        local t = redis.call('TIME')
+        redis.call('HSET', run, 'n', node, 't', t[1] .. '.' .. string.format('%06d', t[2]))
         redis.call('HDEL', run, 'q')
         redis.call('SADD', P .. 'node:' .. node .. ':runs', id)
         -- Every node learns which run of the session is active (``x``: the node running it).
@@ -329,6 +357,62 @@ if claimed > 0 then
   redis.call('HINCRBY', P .. 'stats', 'claimed', claimed)
 end
 return out
+"""
+
+LIST = r"""
+-- ARGV[1] prefix; ARGV[2] JSON {before, path, session, state, lk, lv, want, scan}: runs of
+-- the index strictly before member `before` ("" for the newest), newest first, matching
+-- every filter given ("" for any); stops after `want` matches or `scan` index entries.
+-- Returns {where to go on from ("" once the index is exhausted), then for each match:
+-- id, s, w, m, t, rc, k}.
+local P = ARGV[1]
+local q = cjson.decode(ARGV[2])
+local out = {''}
+local from = '+'
+if q.before ~= '' then from = '(' .. q.before end
+local matched, scanned, last, exhausted = 0, 0, '', false
+while not exhausted and matched < q.want and scanned < q.scan do
+  local batch = redis.call('ZREVRANGEBYLEX', P .. 'index', from, '-', 'LIMIT', 0, 100)
+  local stopped = false
+  for _, member in ipairs(batch) do
+    scanned = scanned + 1
+    last = member
+    local id = string.sub(member, string.find(member, '|', 1, true) + 1)
+    local f = redis.call('HMGET', P .. 'run:' .. id, 's', 'w', 'm', 't', 'rc')
+    local ok = f[1] ~= false
+    if ok and q.session ~= '' and f[1] ~= q.session then ok = false end
+    if ok and q.path ~= '' and f[2] ~= q.path then ok = false end
+    if ok and q.state == 'pending' and f[5] then ok = false end
+    if ok and q.state == 'terminal' and not f[5] then ok = false end
+    if ok and q.lk ~= '' then
+      local labels = (f[3] and cjson.decode(f[3]).labels) or {}
+      if type(labels) ~= 'table' or labels[q.lk] ~= q.lv then ok = false end
+    end
+    if ok then
+      out[#out + 1] = id
+      for j = 1, 5 do out[#out + 1] = f[j] or '' end
+      out[#out + 1] = member
+      matched = matched + 1
+    end
+    if matched >= q.want or scanned >= q.scan then
+      stopped = true
+      break
+    end
+  end
+  if not stopped and #batch < 100 then exhausted = true end
+  from = '(' .. last
+end
+if not exhausted then out[1] = last end
+return out
+"""
+
+INFO = r"""
+-- ARGV[1] prefix, ARGV[2] run id: {s, w, m, t, rc, k} ("" for each field absent), or
+-- nil for a run Redis does not hold.
+local f = redis.call('HMGET', ARGV[1] .. 'run:' .. ARGV[2], 's', 'w', 'm', 't', 'rc', 'k')
+if not f[1] then return false end
+for j = 1, 6 do f[j] = f[j] or '' end
+return f
 """
 
 REGISTER = r"""

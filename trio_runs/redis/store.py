@@ -53,7 +53,16 @@ from .._histogram import HistogramRecorder
 from .._terminals import non_cancelled_leaves
 from ..errors import DuplicateRun, RedisUnavailable, UnknownRun
 from ..events import EndReason, RunCall, RunComplete
-from ..ledger import LedgerStatistics, OnVisible, RunState
+from ..ledger import (
+    LedgerStatistics,
+    OnVisible,
+    RunInfo,
+    RunPage,
+    RunQuery,
+    RunState,
+    decode_cursor,
+    encode_cursor,
+)
 from . import _scripts
 from ._client import UNREACHABLE, connect, namespace_prefix
 from .lease import DEFAULT_LEASE_TTL, NodeLease, RetentionLimits
@@ -66,6 +75,8 @@ _MAX_BATCH: Final = 512
 _BLOCK_MS: Final = 1000
 _BACKOFF_MIN: Final = 0.05
 _BACKOFF_MAX: Final = 1.0
+_LIST_SCAN: Final = 2000  # index entries one listing call reads at most (Redis is single-threaded)
+_LIST_CALLS: Final = 10  # calls one page takes at most before it is returned short
 _FAILED: Final[tuple[type[BaseException], ...]] = (*UNREACHABLE, trio.TooSlowError)
 
 
@@ -114,10 +125,13 @@ class _Run:
         "decided",
         "done",
         "lost",
+        "member",
+        "meta",
         "node",
         "on_visible",
         "path",
         "refused",
+        "routed",
         "run_id",
         "session_id",
         "terminal",
@@ -141,8 +155,11 @@ class _Run:
         self.done: trio.Event | None = None
         self.waiters = 0
         self.completed_at = 0.0
-        self.path: str | None = None  # routed: its workspace path (any node may run it)
+        self.path: str | None = None  # the workspace it was accepted in, if told
+        self.routed = False  # in its session's lane in Redis: any node may run it
         self.call: str | None = None  # routed: its call, as JSON, until Redis has it
+        self.meta: str | None = None  # what a listing shows: accepted_at, labels (JSON)
+        self.member = ""  # its place in the listing index
         self.claimed = False  # routed, and claimed by this node to run here
         self.borrowed = False  # accepted here only by that claim (another node accepted it)
 
@@ -156,7 +173,7 @@ class _Op:
         self.run = run
         self.seq = seq
         self.rc: RunComplete | None = None
-        self.lane: list[object] | None = None  # a lane op's wire form
+        self.lane: list[object] | None = None  # the wire form of a lane op or a start time
         self.dropped = False
 
 
@@ -204,6 +221,8 @@ class RedisStore:
         self._accepted_key = prefix + "accepted"
         self._pending = client.register_script(_scripts.PENDING)
         self._claim = client.register_script(_scripts.CLAIM)
+        self._info = client.register_script(_scripts.INFO)
+        self._list = client.register_script(_scripts.LIST)
         self._control_key = prefix + "control"
         # Local knowledge.
         self._runs: dict[str, _Run] = {}
@@ -343,12 +362,88 @@ class RedisStore:
         construction. Never blocks.
         """
         run = self._accept(call.run_id, call.session_id)
+        run.path = workspace_path
+        run.member = _index_member(call.accepted_at, call.run_id)
+        meta: dict[str, object] = {}
+        if call.accepted_at is not None:
+            meta["accepted_at"] = call.accepted_at
+        if call.labels:
+            meta["labels"] = dict(call.labels)
+        run.meta = json.dumps(meta) if meta else None
         if workspace_path is not None and workspace_path in self._routed:
-            run.path = workspace_path
+            run.routed = True
             run.call = json.dumps(call.to_dict())
 
     def mark_started(self, run_id: str, started_at: float) -> None:
-        """A no-op: a terminal carries its start time, and Redis lists no runs yet."""
+        """Note in Redis (with the next write batch) when the run's agent began, for
+        listings on every node; a no-op for a run this node did not accept or claim."""
+        run = self._runs.get(run_id)
+        if run is None or not run.accepted or run.decided is not None:
+            return
+        self._enqueue("started", run_id, run).lane = ["started", run_id, repr(started_at)]
+
+    # -- SupportsRunListing: what Redis holds, from any node ---------------------------
+
+    async def run_info(self, run_id: str) -> RunInfo | None:
+        """The run as Redis holds it (pending on any node, or ended and retained), or
+        ``None``. One bounded Redis call; raises ``RedisUnavailable``."""
+        raw = await self._call(self._info(args=[self._prefix, run_id]))
+        if not raw:
+            return None
+        state = self.state(run_id)
+        return _run_info(run_id, cast(list[object], raw), pending=state or "pending")
+
+    async def list_runs(self, query: RunQuery) -> RunPage:
+        """One page of the runs Redis holds matching ``query``, newest accepted first.
+
+        Reads the cluster's index in bounded steps (each one Redis call of at most
+        ``_LIST_SCAN`` entries; ``RedisUnavailable`` if Redis does not answer). A filter
+        that matches rarely may give a short page with a ``next_cursor``: go on from it.
+        ``ValueError`` for a malformed cursor.
+        """
+        before = ""
+        if query.cursor is not None:
+            at, run_id = decode_cursor(query.cursor)
+            before = _index_member(at, run_id)
+        label_key, label_value = query.label or ("", "")
+        want = query.limit + 1
+        found: list[RunInfo] = []
+        members: list[str] = []
+        scanned_calls = 0
+        while True:
+            request = {
+                "before": before,
+                "path": query.workspace_path or "",
+                "session": query.session_id or "",
+                "state": query.state or "",
+                "lk": label_key,
+                "lv": label_value,
+                "want": want - len(found),
+                "scan": _LIST_SCAN,
+            }
+            flat = cast(
+                list[object],
+                await self._call(self._list(args=[self._prefix, json.dumps(request)])),
+            )
+            scanned_calls += 1
+            for index in range(1, len(flat) - 6, 7):
+                run_id = str(flat[index])
+                found.append(_run_info(run_id, flat[index + 1 : index + 6]))
+                members.append(str(flat[index + 6]))
+            before = str(flat[0])
+            if len(found) >= want or not before or scanned_calls >= _LIST_CALLS:
+                break
+        if len(found) >= want:
+            last = found[query.limit - 1]
+            return RunPage(
+                runs=tuple(found[: query.limit]),
+                next_cursor=encode_cursor(last.accepted_at, last.run_id),
+            )
+        if not before:
+            return RunPage(runs=tuple(found), next_cursor=None)
+        # The scan budget ran out: a short page, and where the next one goes on from.
+        at_text, _, run_id = before.partition("|")
+        return RunPage(runs=tuple(found), next_cursor=encode_cursor(float(at_text), run_id))
 
     def _accept(self, run_id: str, session_id: str) -> _Run:
         if not self._connected:
@@ -366,6 +461,7 @@ class RedisStore:
             run.session_id, run.node, run.accepted = session_id, self._lease.node_id, True
         else:
             run = self._runs[run_id] = _Run(run_id, session_id, self._lease.node_id, accepted=True)
+        run.member = _index_member(None, run_id)
         self._accepted_total += 1
         self._enqueue("accept", run_id, run)
         with suppress(RuntimeError):  # outside Trio: nobody will flush from this task
@@ -527,6 +623,7 @@ class RedisStore:
                 if waiting is not None:  # waited on here already: its waiters stay
                     run.waiters, run.done = waiting.waiters, waiting.done
             run.node, run.path, run.claimed, run.session_id = node, path, True, session_id
+            run.routed = True
             self._remote.pop(run_id, None)
             self._remote_paths.pop(run_id, None)
             self._active[session_id] = run_id
@@ -829,10 +926,18 @@ class RedisStore:
     def _wire(self, op: _Op) -> list[object]:
         run = op.run
         if op.kind == "accept":
-            if run.path is not None:
-                return ["accept", op.run_id, run.session_id, run.node, run.path, run.call]
-            return ["accept", op.run_id, run.session_id, run.node]
-        if op.lane is not None:
+            return [
+                "accept",
+                op.run_id,
+                run.session_id,
+                run.node,
+                run.routed,
+                run.path or "",
+                run.call or "",
+                run.meta or "",
+                run.member,
+            ]
+        if op.lane is not None:  # a lane op, or a start time
             return op.lane
         if op.kind == "withdraw":
             return ["withdraw", op.run_id, run.node]
@@ -847,12 +952,12 @@ class RedisStore:
         work = False
         for op, answer in zip(ops, answers, strict=True):
             run = op.run
-            if op.kind == "lane":
+            if op.kind in ("lane", "started"):
                 continue
             if op.kind == "accept":
                 if answer == "ok":
                     run.written = True
-                    if run.path is not None:
+                    if run.routed:
                         run.call = None  # Redis holds it now
                         work = True
                     elif run.node != self._lease.node_id and not run.lost:
@@ -921,12 +1026,7 @@ class RedisStore:
         logger.error("node %s was fenced (its lease expired); going on as %s", old, self.node_id)
         lost = []
         for run_id, run in self._runs.items():
-            if (
-                run.accepted
-                and run.node == old
-                and run.written
-                and (run.path is None or run.claimed)
-            ):
+            if run.accepted and run.node == old and run.written and (not run.routed or run.claimed):
                 run.lost = True
                 lost.append(run_id)
         self._lose(lost)
@@ -1124,6 +1224,35 @@ class RedisStore:
             f"<RedisStore node={self.node_id} pending={len(self.pending_run_ids())} "
             f"queued={len(self._ops)}>"
         )
+
+
+def _index_member(accepted_at: float | None, run_id: str) -> str:
+    # Lexicographic order of the members is listing order: (accepted_at, run_id).
+    return f"{float(accepted_at or 0.0):020.6f}|{run_id}"
+
+
+def _run_info(run_id: str, fields: list[object], *, pending: RunState = "pending") -> RunInfo:
+    session_id, path, meta_json, claimed_at, rc_json = (str(field) for field in fields[:5])
+    meta = cast(dict[str, object], json.loads(meta_json)) if meta_json else {}
+    terminal = RunComplete.from_json(rc_json) if rc_json else None
+    accepted_at = meta.get("accepted_at")
+    labels = meta.get("labels")
+    started_at: float | None
+    if terminal is not None:
+        started_at = terminal.started_at
+    else:
+        started_at = float(claimed_at) if claimed_at else None
+    return RunInfo(
+        run_id=run_id,
+        session_id=session_id,
+        workspace_path=path or None,
+        state="terminal" if terminal is not None else pending,
+        accepted_at=float(accepted_at) if isinstance(accepted_at, int | float) else None,
+        started_at=started_at,
+        attempt=terminal.attempt if terminal is not None else 1,
+        labels=cast(dict[str, str], labels) if isinstance(labels, dict) else {},
+        terminal=terminal,
+    )
 
 
 def _stream_id(identifier: str) -> tuple[int, int]:
