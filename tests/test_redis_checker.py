@@ -18,23 +18,27 @@ submission times, choices and fault schedule; the machine's timing is not replay
   cluster's terminal stream (``{NS}:terminals``, read with ``XRANGE``), and no id that was
   never submitted has one. Its waiter (``GET /v1/runs/{id}/wait`` on another node) got that
   terminal. Each event-stream subscriber (``GET /v1/runs/{id}/events`` on another node) whose
-  stream ran to its ``end`` event saw exactly one ``run_complete``, equal to it; a stream cut
-  because its node was killed or stopped (or Redis was down) may hold at most that one
-  terminal, and is opened again on another node. A terminal that is not abandoned is the
-  one the prompt asks for (``noop``/``sleep`` completed with the prompt as result,
-  ``fail`` failed).
+  stream ran to its ``end`` event with reason ``run_ended`` saw exactly one ``run_complete``,
+  equal to it; a stream cut because its node was killed or stopped, or cut or ended with
+  reason ``store_unavailable`` while Redis was down, may hold at most that one terminal, and
+  is opened again on another node. Any other short end is a failure. A terminal that is not
+  abandoned is the one the prompt asks for (``noop``/``sleep`` completed with the prompt as
+  result, ``fail`` failed).
 - **R2, one active run per session.** The agent's executions of one session never overlap in
   time, with one exemption, stated precisely: an execution is *exempt* when Redis ended its
   run abandoned and its node had been SIGSTOPped, or Redis had been down, at some moment
   before the execution ended. Such an execution is a zombie's: the cluster has already given
   its run its ending, the session's lane has moved on, and whatever the fenced node still
   does is refused (below). An execution with no ``end`` line ends at the moment its node was
-  SIGKILLed (or, still running, at the moment of the check).
+  SIGKILLed (or, still running, at the moment of the check). And FIFO: of two runs of one
+  session that did not end abandoned, one acknowledged before the other's first submission
+  was sent starts first.
 - **R3, node death is an ending.** A run whose execution was cut by a SIGKILL ends
-  abandoned; an abandoned terminal is only ever given to a run whose accepting node was
-  killed or stopped, or that was pending while Redis was down. A run cut by SIGKILL reaches
-  its waiter within ``RECOVERY_BOUND`` of the kill (lease, one sweep, slack) unless Redis was
-  down meanwhile.
+  abandoned; an abandoned terminal is only ever given to a run that was pending while some
+  node was killed or stopped or Redis was down (with cluster-wide routing the node that
+  claimed a run may die before its agent starts, so the claimant cannot be named). A run
+  cut by SIGKILL reaches its waiter within ``RECOVERY_BOUND`` of the kill (lease, one sweep,
+  slack) unless Redis was down meanwhile.
 - **R4, zombies are fenced.** The terminals a zombie's agents produce after SIGCONT are
   refused and counted: Redis's ``fenced`` and ``duplicates`` statistics (``{NS}:stats``)
   plus the surviving nodes' ``trio_runs_duplicate_terminals_suppressed_total`` reach at least
@@ -49,7 +53,7 @@ submission times, choices and fault schedule; the machine's timing is not replay
   "not acknowledged, and a retry with the same run id is safe": so a retry answers ``202`` or
   ``409 duplicate_run`` and the run then has exactly one terminal; an id left unacknowledged
   (its retry was not made) has at most one terminal, and without one it is unknown (404) on
-  every node — never half-accepted, pending forever.
+  every live node within its run's bound — never half-accepted, pending forever.
 
 ``SESSIONS_ON_ANY_NODE`` picks where a session's runs are submitted: ``False`` keeps each
 session on one node slot (the node-local lanes hold R2 until cluster-wide routing lands);
@@ -137,13 +141,14 @@ class Run:
     ahead: float  # seconds of work queued in its session up to it
     acked: bool = False
     acked_at: int = 0
+    first_sent_at: int = 0  # when its first submission request was sent
     submit_pid: int = 0
     attempts: list[str] = dataclasses.field(default_factory=list)
     terminal: dict[str, Any] | None = None  # what its waiter got
     seen_at: int = 0
-    streams: list[tuple[list[dict[str, Any]], bool, int]] = dataclasses.field(
+    streams: list[tuple[list[dict[str, Any]], str, int]] = dataclasses.field(
         default_factory=list
-    )  # (terminals, ran to `end`, node pid)
+    )  # (terminals, its `end` event's reason or "" if cut, node pid)
 
     @property
     def bound(self) -> float:
@@ -226,6 +231,9 @@ class Node:
             raise AssertionError(f"node did not start: {self.stderr_path.read_text()[-3000:]}")
         return url
 
+    def stderr_text(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)
@@ -245,9 +253,9 @@ class Answer:
     t1: int
 
 
-async def read_stream(response: httpx.Response, terminals: list[dict[str, Any]]) -> bool:
-    """Read an event stream, appending each ``run_complete`` to ``terminals``; whether it
-    reached its ``end`` event (``False``: the connection ended first)."""
+async def read_stream(response: httpx.Response, terminals: list[dict[str, Any]]) -> str:
+    """Read an event stream, appending each ``run_complete`` to ``terminals``; the data of
+    its ``end`` event (``""``: the connection ended first)."""
     event, data = "message", ""
     async with contextlib.aclosing(response.aiter_lines()) as lines:
         async for line in lines:
@@ -255,13 +263,24 @@ async def read_stream(response: httpx.Response, terminals: list[dict[str, Any]])
                 if event == "run_complete":
                     terminals.append(json.loads(data))
                 elif event == "end":
-                    return True
+                    return data or "end"
                 event, data = "message", ""
             elif line.startswith("event:"):
                 event = line[6:].strip()
             elif line.startswith("data:"):
                 data += line[5:].strip()
-    return False
+    return ""
+
+
+def end_reason(data: str) -> str:
+    """The ``reason`` of an ``end`` event's data (``""`` for no ``end``)."""
+    if not data:
+        return ""
+    try:
+        reason = json.loads(data).get("reason")
+    except (ValueError, AttributeError):
+        return data
+    return str(reason)
 
 
 class Cluster:
@@ -427,6 +446,7 @@ class Cluster:
             if node is None or not node.workspace:
                 await trio.sleep(0.1)
                 continue
+            run.first_sent_at = run.first_sent_at or now()
             answer = await self.call(
                 node,
                 "POST",
@@ -487,7 +507,7 @@ class Cluster:
         while trio.current_time() < deadline:
             _, node = await self.pick_other(run.slot, rng)
             terminals: list[dict[str, Any]] = []
-            ended = False
+            ended = ""  # the data of its `end` event, once it came
             problem = ""
             t0 = now()
             with trio.move_on_at(deadline):
@@ -512,17 +532,21 @@ class Cluster:
                 except httpx.TransportError as exc:
                     problem = repr(exc)
             t1 = now()
-            run.streams.append((terminals, ended, node.pid))
-            if ended:
+            reason = end_reason(ended)
+            run.streams.append((terminals, reason, node.pid))
+            if reason == "run_ended":
                 return
+            # Ended short of its run's end: by its node's death or stop (cut), or by Redis
+            # going away (cut, or a loud `end` saying store_unavailable). Open it again.
             if self.timeline.node_faulted(node.pid, t0, t1):
-                self.cut["node"] += 1
-            elif self.timeline.redis_down(t0, t1):
-                self.cut["redis"] += 1
+                self.cut[f"node ({reason or 'cut'})"] += 1
+            elif self.timeline.redis_down(t0, t1) and reason in ("", "store_unavailable"):
+                self.cut[f"redis ({reason or 'cut'})"] += 1
             else:
                 self.violation(
-                    f"the event stream of {run.run_id} on healthy node {node.pid} ended without "
-                    f"'end' ({problem or 'closed'}; {len(terminals)} terminals)"
+                    f"the event stream of {run.run_id} on healthy node {node.pid} ended short "
+                    f"of its run's end ({reason or problem or 'closed'}; "
+                    f"{len(terminals)} terminals; Redis down: {self.timeline.redis_down(t0, t1)})"
                 )
                 return
             await trio.sleep(0.2)
@@ -684,7 +708,55 @@ class Cluster:
             )  # fmt: skip
         return found
 
+    async def settle_unacknowledged(self, run: Run) -> None:
+        """Wait (bounded) until a run whose submission was never acknowledged is either
+        ended (it was accepted after all: the terminal checks then hold it to one terminal)
+        or unknown to every live node (never accepted): never pending past the bound."""
+        deadline = trio.current_time() + run.bound
+        answers: list[Answer] = []
+        while trio.current_time() < deadline:
+            answers = [
+                await self.call(node, "GET", f"/v1/runs/{run.run_id}", SUBMIT_BOUND)
+                for node in self.slots
+                if node is not None
+            ]
+            if all(a.status == 404 for a in answers) or any(
+                a.status == 200 and a.body.get("terminal") for a in answers
+            ):
+                return
+            await trio.sleep(0.5)
+        self.violation(
+            f"unacknowledged run {run.run_id} (attempts {run.attempts}) is neither ended nor "
+            f"unknown {run.bound:.0f}s on: {[(a.status, a.body) for a in answers]}"
+        )
+
+    def pids(self) -> set[int]:
+        return {node.pid for node in self.procs}
+
+    def dump_timeline(self) -> None:
+        # For whoever reads a failure: the faults, with the wall clock of the nodes' logs.
+        wall, mono = time.time(), now()
+        (self.tmp / "timeline.json").write_text(
+            json.dumps(
+                {
+                    "wall_minus_monotonic_s": wall - mono / 1e9,
+                    "nodes": [[n.slot, n.pid, n.stderr_path.name] for n in self.procs],
+                    "kills": self.timeline.kills,
+                    "stops": self.timeline.stops,
+                    "outages": self.timeline.outages,
+                    "runs": [dataclasses.asdict(run) for run in self.runs],
+                },
+                indent=1,
+            )
+        )
+
     async def check(self) -> dict[str, object]:
+        await trio.to_thread.run_sync(self.dump_timeline)
+        # R5: an unacknowledged submission is never half-accepted (settled before the
+        # terminals are read: one accepted after all may still be running).
+        for run in self.runs:
+            if not run.acked:
+                await self.settle_unacknowledged(run)
         checked_at = now()
         terminals = await trio.to_thread.run_sync(self.terminals)
         stats = await trio.to_thread.run_sync(self.stats)
@@ -710,10 +782,11 @@ class Cluster:
             (rc,) = ends
             if run.terminal is not None and key(run.terminal) != key(rc):
                 self.violation(f"the waiter of {run.run_id} got {run.terminal}, Redis holds {rc}")
-            for seen, ended, pid in run.streams:
-                if len(seen) > 1 or (ended and len(seen) != 1):
+            for seen, reason, pid in run.streams:
+                if len(seen) > 1 or (reason == "run_ended" and len(seen) != 1):
                     self.violation(
-                        f"a stream of {run.run_id} on node {pid} carried {len(seen)} terminals"
+                        f"a stream of {run.run_id} on node {pid} carried {len(seen)} terminals "
+                        f"(end: {reason or 'none, cut'})"
                     )
                 if any(key(t) != key(rc) for t in seen):
                     self.violation(f"a stream of {run.run_id} showed {seen}, Redis holds {rc}")
@@ -724,30 +797,20 @@ class Cluster:
                     good = rc.get("result") == run.prompt and rc.get("error") is None
                 if not good:
                     self.violation(f"run {run.run_id} ({run.prompt!r}) ended as {rc}")
-        # R5: an unacknowledged submission is never half-accepted.
-        unknown = [r for r in self.runs if not r.acked and not terminals.get(r.run_id)]
-        for run in unknown:
-            for node in filter(None, self.slots):
-                answer = await self.call(node, "GET", f"/v1/runs/{run.run_id}", SUBMIT_BOUND)
-                if answer.status != 404:
-                    self.violation(
-                        f"unacknowledged run {run.run_id} (attempts {run.attempts}), no terminal, "
-                        f"is {answer.status} {answer.body} on node {node.pid}"
-                    )
         # R3: abandoned only for a reason; a run cut by SIGKILL ends abandoned.
         by_run = {run_id: ends[0] for run_id, ends in terminals.items() if ends}
         for run_id, rc in by_run.items():
             run = runs.get(run_id)
             if run is None or not rc.get("abandoned"):
                 continue
+            # With cluster-wide routing the node that claimed a run may die before its agent
+            # starts (no diary line names it): any node's fault while the run was pending
+            # explains an abandonment.
             seen = run.seen_at or checked_at
-            ran_on = {e.pid for e in executions if e.run_id == run_id}
+            pending = (run.first_sent_at, seen)
             reason = (
-                any(
-                    self.timeline.node_faulted(pid, run.acked_at, seen)
-                    for pid in {run.submit_pid, *ran_on}
-                )
-                or self.timeline.redis_down(run.acked_at or 0, seen)
+                any(self.timeline.node_faulted(pid, *pending) for pid in self.pids())
+                or self.timeline.redis_down(*pending)
                 or not run.acked
             )
             if not reason:
@@ -805,6 +868,23 @@ class Cluster:
             for a, b in itertools.pairwise(held):
                 if b.start < a.end:
                     self.violation(f"session {session}: executions overlap: {a} and {b}")
+            # FIFO: a run acknowledged before another's first submission was sent was
+            # accepted first, so it starts first (runs ended abandoned are not held to it).
+            fifo = [
+                (runs[e.run_id], e)
+                for e in held
+                if e.run_id in runs
+                and runs[e.run_id].acked
+                and not by_run.get(e.run_id, {}).get("abandoned")
+            ]
+            for run_a, a in fifo:
+                for run_b, b in fifo:
+                    if run_a.acked_at < run_b.first_sent_at and b.start < a.start:
+                        self.violation(
+                            f"session {session}: run {run_b.run_id} ({run_b.prompt!r}) started "
+                            f"before {run_a.run_id} ({run_a.prompt!r}), acknowledged before it "
+                            "was submitted"
+                        )
         # R4: a zombie's terminals are refused and counted.
         alive = {node.pid for node in self.slots if node is not None}
         zombie_ends = [e for e in executions if exempt(e) and e.ended and e.pid in alive]
@@ -820,6 +900,14 @@ class Cluster:
                 f"{len(zombie_ends)} zombie executions ended, only {counted} refusals counted "
                 f"({stats}, suppressed {suppressed})"
             )
+        # R5: no request met an unhandled error (a 500, or a stream cut with a traceback).
+        tracebacks = 0
+        for node in self.procs:
+            text = await trio.to_thread.run_sync(node.stderr_text)
+            tracebacks += text.count("Traceback (most recent call last)")
+            for line in text.splitlines():
+                if "unhandled error in" in line:
+                    self.violation(f"node {node.pid} logged: {line}")
         outcomes: Counter[str] = Counter()
         for rc in by_run.values():
             outcomes[
@@ -843,6 +931,7 @@ class Cluster:
             "cluster stats": stats,
             "suppressed on live nodes": suppressed,
             "503 answers": self.unavailable,
+            "tracebacks logged by nodes": tracebacks,
             "answers": self.answers,
             "streams": sum(len(r.streams) for r in self.runs),
             "streams cut by a fault": dict(self.cut),
@@ -887,7 +976,8 @@ async def checked(cluster: Cluster, seconds: float, bound: float) -> dict[str, o
     print(json.dumps(figures, indent=2))
     assert not cluster.violations, (
         f"seed {cluster.seed} ({SEED_ENV}={cluster.seed} replays it): "
-        f"{len(cluster.violations)} violations:\n"
+        f"{len(cluster.violations)} violations, by kind "
+        f"{dict(Counter(' '.join(v.split()[:2]) for v in cluster.violations))}:\n"
         + "\n".join(cluster.violations[:40])
         + f"\nfigures: {figures}"
     )
@@ -931,7 +1021,10 @@ def test_a_wait_on_another_node_while_redis_is_down_is_a_503(
     try:
         a, b = cluster_tests.start_nodes(started, tmp_path, redis_server.url, namespace, 2)
         run_id = cluster_tests.submit(a, "s", "sleep 30")
-        b.wait_state(run_id, "pending")
+        deadline = time.monotonic() + e2e.START_BOUND
+        while b.http.get(f"/v1/runs/{run_id}").status_code != 200:  # B knows the run
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         redis_server.kill()
         for _ in range(3):
             started_at = time.monotonic()
@@ -943,3 +1036,58 @@ def test_a_wait_on_another_node_while_redis_is_down_is_a_503(
     finally:
         for item in started:
             item.kill()
+
+
+def diary_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_zombie_stops_a_run_it_claimed_from_another_node(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """R4: node B runs a run accepted by node A (cluster-wide routing); B is stopped past its
+    lease, the run ends abandoned, and when B comes back it stops that run (it no longer
+    owns it) within ``FENCE_BOUND`` instead of running it to its end."""
+    namespace = "z" + uuid.uuid4().hex[:12]
+    diary = tmp_path / "diary.jsonl"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "TRIO_RUNS_CLUSTER_AGENT_LOG": str(diary),
+    }
+    (tmp_path / "w").mkdir()
+    flags = ["--redis", redis_server.url, "--redis-namespace", namespace, "--lease-ttl", str(TTL)]
+    started: list[e2e.Server] = []
+    try:
+        for _ in range(2):
+            started.append(e2e.Server(tmp_path, *flags, "--agent", AGENT, env=env))
+        for node in started:
+            node.wait_url()
+        a, b = started
+        on_b = ""
+        for attempt in range(20):  # until B claims one of A's runs
+            run_id = cluster_tests.submit(a, f"z{attempt}", "sleep 30")
+            deadline = time.monotonic() + e2e.START_BOUND
+            while not (pids := [d["pid"] for d in diary_lines(diary) if d["run"] == run_id]):
+                assert time.monotonic() < deadline, f"run {run_id} never started"
+                time.sleep(0.05)
+            if pids[0] == b.proc.pid:
+                on_b = run_id
+                break
+        if not on_b:
+            pytest.skip("node B never claimed a run accepted by node A")
+        b.proc.send_signal(signal.SIGSTOP)
+        try:
+            ended = cluster_tests.wait_terminal(a, on_b, RECOVERY_BOUND)
+        finally:
+            b.proc.send_signal(signal.SIGCONT)
+        resumed = time.monotonic()
+        assert ended["abandoned"] is True
+        while not any(d["ev"] == "end" and d["run"] == on_b for d in diary_lines(diary)):
+            assert time.monotonic() - resumed < FENCE_BOUND, (
+                f"zombie B still runs {on_b}, abandoned in Redis, {FENCE_BOUND}s after SIGCONT"
+            )
+            time.sleep(0.05)
+    finally:
+        for node in started:
+            node.kill()
