@@ -66,24 +66,32 @@ def run_demo(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-# The demo's own check fails today on one broken promise (see the xfail reason); everything
-# else it checks holds. Remove the mark once the fix lands.
-KNOWN_BUG = pytest.mark.xfail(
-    reason="a run that fails in prepare is published twice on the event stream of the "
-    "serve --redis node that ran it (run_complete twice): the demo's 'terminals twice on a "
-    "node's stream' row",
-    strict=False,
-)
+# A known bug the demo finds today (reported to the lead): a run that fails in prepare is
+# published twice on the event stream of the serve --redis node that ran it. Until it is
+# fixed the demo exits 1 with that one problem; every other promise must still hold.
+KNOWN_PROBLEM = "ended twice on a node's event stream"
+KNOWN_ROW = "terminals twice on a node's stream"
 
 
-@KNOWN_BUG
 def test_demo_across_three_nodes_keeps_every_promise_with_a_node_killed():
     needs_redis_server()
+    env = without_trio_runs_settings()
+    env["COLUMNS"] = "240"  # one line per table row and per message
     started = time.monotonic()
-    done = run_demo("--nodes", "3")
+    done = run_demo("--nodes", "3", env=env)
     elapsed = time.monotonic() - started
     out = done.stdout
-    assert done.returncode == 0, f"{out}\n{done.stderr}"
+    problems = [line for line in out.splitlines() if line.startswith("FAILED:")]
+    if done.returncode == 1 and problems:
+        # Only the known problem may be there.
+        assert ";" not in problems[0], out
+        assert KNOWN_PROBLEM in problems[0], out
+        violated = [line for line in out.splitlines() if "VIOLATED" in line]
+        assert all(KNOWN_ROW in line for line in violated), out
+    else:
+        assert done.returncode == 0, f"{out}\n{done.stderr}"
+        assert "OK: every accepted run ended exactly once" in out
+        assert "VIOLATED" not in out
     # The cluster: Redis, two serve nodes and a worker, node0 killed while it ran work.
     assert "redis-server on redis://127.0.0.1:" in out
     assert "node0 (serve, pid " in out
@@ -91,10 +99,19 @@ def test_demo_across_three_nodes_keeps_every_promise_with_a_node_killed():
     assert "node2 (worker, pid " in out
     assert "killed node0 with SIGKILL" in out
     assert "killed (SIGKILL)" in out
-    assert out.count("stopped") >= 2  # node1 and node2, after SIGTERM, exit 0
-    assert "OK: every accepted run ended exactly once" in out
-    assert "ended abandoned" in out
-    assert "VIOLATED" not in out
+    assert out.count("stopped") >= 2  # node1 and node2 exit 0 after SIGTERM
+    rows = {
+        cells[0]: cells[1]
+        for line in out.splitlines()
+        if len(cells := [c.strip() for c in line.strip("│ ").split("│")]) >= 3
+    }
+    assert rows["accepted"] == "120"
+    assert rows["hung"] == "0"
+    assert rows["runs the killed node was running"] == "3"
+    assert rows["ended abandoned"] == "3"
+    assert rows["runs queued behind them that ran elsewhere"] == "6"
+    assert rows["sessions with two active runs"] == "0"
+    assert rows["runs that ran twice"] == "0"
     assert elapsed < DEMO_BOUND
 
 
