@@ -47,7 +47,8 @@ class Node:
 
 class Recorder:
     """The agent of every node: records each execution (node, start, end) on Trio's clock,
-    which all nodes of this process share. ``sleep S`` sleeps, anything else returns."""
+    which all nodes of this process share. ``sleep S`` sleeps, ``steps N`` emits N progress
+    items; every run returns its prompt."""
 
     def __init__(self) -> None:
         self.executions: list[Execution] = []
@@ -59,6 +60,10 @@ class Recorder:
             self.executions.append(execution)
             self.started[call.run_id].set()
             try:
+                if call.prompt.startswith("steps "):
+                    for step in range(int(call.prompt.split()[1])):
+                        ctx.emit({"step": step})
+                        await trio.sleep(0)
                 if call.prompt.startswith("sleep "):
                     await trio.sleep(float(call.prompt.split()[1]))
                     await trio.sleep(0)
@@ -228,3 +233,35 @@ async def test_a_node_that_leaves_hands_its_queued_runs_to_the_cluster(
                 for i, run_id in enumerate(waiting):
                     assert (await stays.store.wait(run_id)).result == f"w{i}"
     assert [e.node for e in recorder.executions if e.run_id in waiting] == ["joins"] * 3
+
+
+async def test_progress_of_a_run_on_another_node_reaches_this_nodes_subscribers(
+    redis_url, namespace, real_clock, tmp_path
+):
+    """Progress is lossy, but what a run emits on the node that runs it reaches the other
+    nodes' subscribers of its workspace, in order, and before its terminal: it is written
+    with the node's ordered writes, ahead of the terminal."""
+    recorder = Recorder()
+    path = str(tmp_path)
+    async with (
+        cluster_node(redis_url, namespace, "front", recorder, path, serve=False) as front,
+        cluster_node(redis_url, namespace, "worker", recorder, path, serve=True) as worker,
+    ):
+        async with (
+            front.workspace.events.subscribe() as progress,
+            front.workspace.run_completions.subscribe() as ends,
+        ):
+            with trio.fail_after(BOUND):
+                run_id = await submit(front, "s", "steps 50")
+                assert (await ends.receive()).payload.run_id == run_id
+                seen = []
+                while True:
+                    try:
+                        seen.append(progress.receive_nowait().payload)
+                    except trio.WouldBlock:
+                        break
+        assert [item.payload for item in seen] == [{"step": step} for step in range(50)]
+        assert {item.run_id for item in seen} == {run_id}
+        assert worker.store.redis_statistics().progress_forwarded == 50
+        # The node that ran it published it to its own subscribers once, not twice.
+        assert front.store.redis_statistics().progress_forwarded == 0

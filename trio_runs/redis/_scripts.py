@@ -37,7 +37,8 @@ it. ``P ready`` lists sessions whose lane may
 start a run; ``CLAIM`` pops them and makes the head of each lane the session's active run,
 ``P active:<session>``, owned (``n``) by the claiming node. Its terminal frees the lane (and
 readies the session again when runs wait); so does recovery, when its node dies. ``P
-control`` streams cancellations of active runs to the nodes running them.
+control`` streams cancellations of active runs to the nodes running them; ``P progress``
+streams the progress routed runs emit (lossy, trimmed), for the other nodes' subscribers.
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ BATCH = (
 --      ("handed": a routed run, from the node that accepted it but does not run it: only
 --      the node that claimed it, a lane op or recovery ends a routed run)
 --   ["started", id, unix seconds] -> "ok": when its agent began (for listings)
+--   ["progress", path, progress JSON] -> "ok": for the other nodes' subscribers (lossy)
 --   ["lane", session, action, run id or "", reason] -> "ok" | "queued" | "active" | "none"
 --      action "cancel": drop the lane's queued runs and cancel its active one; "clear":
 --      drop the queued runs; "cancel_run": the one run, queued or active; "drop": the one
@@ -259,6 +261,10 @@ for i, op in ipairs(req.ops) do
       finish(P, limits, id, session, outcome, rc, owner, now)
       out[i] = 'ok'
     end
+  elseif kind == 'progress' then
+    redis.call('XADD', P .. 'progress', 'MAXLEN', '~', limits.stream, '*', 'p', op[2],
+               'd', op[3])
+    out[i] = 'ok'
   elseif kind == 'started' then
     if redis.call('EXISTS', run) == 1 and redis.call('HEXISTS', run, 'rc') == 0 then
       redis.call('HSET', run, 't', op[3])

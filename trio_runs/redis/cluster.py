@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import suppress
+from functools import partial
 from typing import Final
 
 import attrs
@@ -54,7 +55,7 @@ from ..errors import (
     WorkspaceClosing,
     WorkspaceNotFound,
 )
-from ..events import Attachment, EndReason, RunCall, RunComplete, RunProgress
+from ..events import Attachment, EndReason, EventType, RunCall, RunComplete, RunProgress
 from ..ledger import RunStore
 from .store import ClaimedRun, RedisStore
 
@@ -131,7 +132,7 @@ class ClusterCoordinator:
         node: ClusterNode,
         store: RedisStore,
         local: SessionCoordinator,
-        run_completions: Broker[RunComplete],
+        workspace: WorkspaceResources,
         path: str,
     ) -> None:
         self._node = node
@@ -141,8 +142,8 @@ class ClusterCoordinator:
         self._sequence = 0
         self._routed: dict[str, _Routed] = {}
         store.route_workspace(path)
-        announce = announcer(run_completions)
-        self._stop_listening = store.on_workspace_terminal(path, announce)
+        store.on_workspace_terminal(path, announcer(workspace.run_completions))
+        store.on_workspace_progress(path, partial(workspace.events.publish, EventType.CREATED))
 
     @property
     def local(self) -> SessionCoordinator:
@@ -287,6 +288,19 @@ class ClusterCoordinator:
         return f"<ClusterCoordinator {self._path!r} routed={len(self._routed)}>"
 
 
+class _Forwarding(Broker[RunProgress]):
+    # The progress broker a workspace's local coordinator publishes to: the workspace's own
+    # (this node's subscribers), and the cluster's progress stream (the other nodes').
+    def __init__(self, target: Broker[RunProgress], forward: Callable[[RunProgress], None]) -> None:
+        super().__init__()
+        self._target = target
+        self._forward = forward
+
+    def publish(self, type: EventType, payload: RunProgress) -> None:
+        self._target.publish(type, payload)
+        self._forward(payload)
+
+
 @attrs.frozen
 class _LocalResources:
     # What the local coordinator is built on: the workspace's events and store, but a
@@ -328,6 +342,7 @@ class ClusterNode:
         self._room = trio.Event()
         self._early_cancels: dict[str, str] = {}
         self._locals: dict[str, SessionCoordinator] = {}
+
         store.on_work(self._wake_up)
         store.on_control(self._cancel_here)
         store.on_lost(self._stop_lost)
@@ -352,7 +367,9 @@ class ClusterNode:
         )
 
     def _make(self, workspace: WorkspaceResources) -> ClusterCoordinator | None:
-        own = _LocalResources(Broker(), workspace.events, workspace.ledger)
+        path = workspace.path if isinstance(workspace, Workspace) else ""
+        events = _Forwarding(workspace.events, partial(self._forward, path))
+        own = _LocalResources(Broker(), events, workspace.ledger)
         local = self._agent_factory(own)
         if local is None:
             return None
@@ -364,9 +381,7 @@ class ClusterNode:
         if not isinstance(workspace, Workspace):
             raise TypeError("a cluster workspace is routed by its path: open it with a Backend")
         self._locals[workspace.path] = local
-        return ClusterCoordinator(
-            self, self._store, local, workspace.run_completions, workspace.path
-        )
+        return ClusterCoordinator(self, self._store, local, workspace, workspace.path)
 
     # -- claiming ----------------------------------------------------------------------
 
@@ -435,6 +450,11 @@ class ClusterNode:
         reason = self._early_cancels.pop(call.run_id, None)
         if reason is not None:
             self._cancel_here(call.run_id, call.session_id, reason)
+
+    def _forward(self, path: str, progress: RunProgress) -> None:
+        # With the store's ordered writes: a run's progress reaches Redis before its
+        # terminal, so another node never drops the last of it as late.
+        self._store.forward_progress(path, progress)
 
     def _take_claim(self, run_id: str) -> bool:
         if run_id in self._claimed:

@@ -52,7 +52,7 @@ from .._encoding import checked_terminal
 from .._histogram import HistogramRecorder
 from .._terminals import non_cancelled_leaves
 from ..errors import DuplicateRun, RedisUnavailable, UnknownRun
-from ..events import EndReason, RunCall, RunComplete
+from ..events import EndReason, RunCall, RunComplete, RunProgress
 from ..ledger import (
     LedgerStatistics,
     OnVisible,
@@ -76,6 +76,7 @@ _BLOCK_MS: Final = 1000
 _BACKOFF_MIN: Final = 0.05
 _BACKOFF_MAX: Final = 1.0
 _LIST_SCAN: Final = 2000  # index entries one listing call reads at most (Redis is single-threaded)
+_MAX_PROGRESS: Final = 10_000  # progress items waiting for Redis, at most (then dropped)
 _LIST_CALLS: Final = 10  # calls one page takes at most before it is returned short
 _FAILED: Final[tuple[type[BaseException], ...]] = (*UNREACHABLE, trio.TooSlowError)
 
@@ -111,6 +112,10 @@ class RedisStoreStatistics:
     """Routed runs this node claimed from their lanes to run here."""
     control_total: int = 0
     """Cancellations of runs active here that other nodes asked for (control stream)."""
+    progress_forwarded: int = 0
+    """Progress items of runs running here written for the other nodes' subscribers."""
+    progress_dropped: int = 0
+    """Progress items not forwarded: too many were waiting for Redis already."""
 
 
 class _Run:
@@ -162,6 +167,10 @@ class _Run:
         self.member = ""  # its place in the listing index
         self.claimed = False  # routed, and claimed by this node to run here
         self.borrowed = False  # accepted here only by that claim (another node accepted it)
+
+
+_PROGRESS_RUN: Final = _Run("", None, "", accepted=False)
+"""What a progress op names as its run: none of this node's (its item is all it writes)."""
 
 
 class _Op:
@@ -222,6 +231,7 @@ class RedisStore:
         self._pending = client.register_script(_scripts.PENDING)
         self._claim = client.register_script(_scripts.CLAIM)
         self._info = client.register_script(_scripts.INFO)
+        self._progress_key = prefix + "progress"
         self._list = client.register_script(_scripts.LIST)
         self._control_key = prefix + "control"
         # Local knowledge.
@@ -250,6 +260,7 @@ class RedisStore:
         self._last_id = "0-0"
         self._last_accepted_id = "0-0"
         self._last_control_id = "0-0"
+        self._last_progress_id = "0-0"
         self._resync = trio.Event()
         # Counters.
         self._accepted_total = 0
@@ -271,10 +282,14 @@ class RedisStore:
         self._remote_paths: dict[str, str] = {}
         self._active: dict[str, str] = {}  # session -> its active routed run, as last heard
         self._path_listeners: dict[str, list[Callable[[RunComplete], object]]] = {}
+        self._progress_listeners: dict[str, list[Callable[[RunProgress], object]]] = {}
         self._work_listeners: list[Callable[[], object]] = []
         self._control_listeners: list[Callable[[str, str, str], object]] = []
         self._claimed_total = 0
         self._control_total = 0
+        self._progress_queued = 0
+        self._progress_forwarded = 0
+        self._progress_dropped = 0
 
     # -- introspection -----------------------------------------------------------------
 
@@ -324,6 +339,8 @@ class RedisStore:
             stream_entries=self._stream_entries,
             claimed_total=self._claimed_total,
             control_total=self._control_total,
+            progress_forwarded=self._progress_forwarded,
+            progress_dropped=self._progress_dropped,
         )
 
     async def cluster_statistics(self) -> dict[str, int]:
@@ -542,6 +559,34 @@ class RedisStore:
                 listeners.remove(callback)
 
         return stop
+
+    def on_workspace_progress(
+        self, path: str, callback: Callable[[RunProgress], object]
+    ) -> Callable[[], None]:
+        """Call ``callback(progress)`` for the progress that routed runs of the workspace at
+        ``path`` emit on *other* nodes (lossy: what the stream still held when this node
+        read it; never after the run's terminal was shown here). Returns the call that stops
+        it."""
+        listeners = self._progress_listeners.setdefault(path, [])
+        listeners.append(callback)
+
+        def stop() -> None:
+            with suppress(ValueError):
+                listeners.remove(callback)
+
+        return stop
+
+    def forward_progress(self, path: str, progress: RunProgress) -> None:
+        """Queue ``progress`` of a routed run running here for the other nodes' subscribers
+        of the workspace at ``path``: written with this node's next batch, so before the
+        run's terminal. Lossy: dropped (and counted) while ``_MAX_PROGRESS`` items wait for
+        Redis already; the stream keeps about ``limits.count`` entries. Never blocks."""
+        if self._progress_queued >= _MAX_PROGRESS:
+            self._progress_dropped += 1
+            return
+        self._progress_queued += 1
+        wire: list[object] = ["progress", path, json.dumps(progress.to_dict())]
+        self._enqueue("progress", progress.run_id, _PROGRESS_RUN).lane = wire
 
     def on_work(self, callback: Callable[[], object]) -> None:
         """Call ``callback()`` whenever a lane may have a run to claim: a routed run was
@@ -952,6 +997,10 @@ class RedisStore:
         work = False
         for op, answer in zip(ops, answers, strict=True):
             run = op.run
+            if op.kind == "progress":
+                self._progress_queued -= 1
+                self._progress_forwarded += 1
+                continue
             if op.kind in ("lane", "started"):
                 continue
             if op.kind == "accept":
@@ -1074,6 +1123,7 @@ class RedisStore:
                             key: self._last_id,
                             self._accepted_key: self._last_accepted_id,
                             self._control_key: self._last_control_id,
+                            self._progress_key: self._last_progress_id,
                         },
                         count=_MAX_BATCH,
                         block=_BLOCK_MS,
@@ -1104,6 +1154,9 @@ class RedisStore:
             for entry in (found or {}).get(self._control_key, ()):
                 self._last_control_id = str(entry.identifier)
                 self._control(entry.field_values)
+            for entry in (found or {}).get(self._progress_key, ()):
+                self._last_progress_id = str(entry.identifier)
+                self._remote_progress(entry.field_values)
             for entry in (found or {}).get(key, ()):
                 self._last_id = str(entry.identifier)
                 self._stream_entries += 1
@@ -1120,6 +1173,24 @@ class RedisStore:
                 work = work or path is not None
             if work:
                 self._work()
+
+    def _remote_progress(self, fields: Mapping[str | bytes, object]) -> None:
+        listeners = self._progress_listeners.get(str(fields.get("p")))
+        if not listeners:
+            return
+        try:
+            progress = RunProgress.from_dict(json.loads(str(fields.get("d"))))
+        except ValueError:
+            logger.warning("a malformed progress entry on the stream: %r", fields)
+            return
+        run = self._runs.get(progress.run_id)
+        if progress.run_id in self._terminals or (run is not None and run.claimed):
+            return  # over already (lossy: late progress is dropped), or emitted here
+        for listener in listeners:
+            try:
+                listener(progress)
+            except Exception:
+                logger.exception("a progress listener failed for run %s", progress.run_id)
 
     def _control(self, fields: Mapping[str | bytes, object]) -> None:
         # A cancellation of an active routed run: only the node that claimed it acts on it.
@@ -1172,6 +1243,16 @@ class RedisStore:
             self._last_accepted_id
         ):
             self._last_accepted_id = "0-0"
+        # Controls and progress are not replayed: after a loss they go on from the newest.
+        for attribute, key in (
+            ("_last_control_id", self._control_key),
+            ("_last_progress_id", self._progress_key),
+        ):
+            with trio.fail_after(self._timeout):
+                last = await self._client.xrevrange(key, "+", "-", count=1)
+            newest_id = str(last[0].identifier) if last else "0-0"
+            if _stream_id(newest_id) < _stream_id(getattr(self, attribute)):
+                setattr(self, attribute, newest_id)
         waiting = [run_id for run_id, run in self._runs.items() if run.terminal is None]
         await self._fetch([*waiting, *self._remote])
         self._work()
@@ -1181,6 +1262,8 @@ class RedisStore:
             newest = await self._client.xrevrange(self._stream_key, "+", "-", count=1)
             accepted = await self._client.xrevrange(self._accepted_key, "+", "-", count=1)
             control = await self._client.xrevrange(self._control_key, "+", "-", count=1)
+            progress = await self._client.xrevrange(self._progress_key, "+", "-", count=1)
+            self._last_progress_id = str(progress[0].identifier) if progress else "0-0"
             self._last_id = str(newest[0].identifier) if newest else "0-0"
             self._last_accepted_id = str(accepted[0].identifier) if accepted else "0-0"
             self._last_control_id = str(control[0].identifier) if control else "0-0"
