@@ -17,9 +17,12 @@ import time
 import uuid
 from pathlib import Path
 
+import attrs
 import pytest
 import test_e2e as e2e
 from redis_server import BINARY, RedisServer, required
+
+from trio_runs.http import cluster_demo
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -191,3 +194,86 @@ def test_worker_runs_work_a_serve_node_accepted(spawn, tmp_path: Path):
         worker.finish(BOUND)
         assert worker.code == 0, worker.err
         assert "worker stopped" in worker.out
+
+
+# -- the demo's own checks catch what they are for (no Redis, no processes) -----------------
+
+
+def write_journal(directory: Path, pid: int, lines: list[tuple[str, str, str, float]]) -> None:
+    text = "".join(f"{kind}\t{run}\t{session}\t{at}\n" for kind, run, session, at in lines)
+    (directory / f"{pid}.log").write_text(text)
+
+
+def test_the_journal_check_finds_two_active_runs_of_one_session(tmp_path: Path):
+    write_journal(tmp_path, 1, [("start", "r1", "s", 1.0), ("end", "r1", "s", 2.0)])
+    write_journal(tmp_path, 2, [("start", "r2", "s", 2.5), ("end", "r2", "s", 3.0)])
+    write_journal(tmp_path, 3, [("start", "r3", "t", 1.0), ("end", "r3", "t", 5.0)])
+    spans = cluster_demo.read_journal(str(tmp_path))
+    assert cluster_demo.overlapping_sessions(spans, killed_pid=0, killed_at=0.0) == 0
+    # r4 of session s starts on node 3 while r2 runs on node 2.
+    write_journal(
+        tmp_path,
+        3,
+        [("start", "r3", "t", 1.0), ("end", "r3", "t", 5.0), ("start", "r4", "s", 2.9)],
+    )
+    spans = cluster_demo.read_journal(str(tmp_path))
+    assert cluster_demo.overlapping_sessions(spans, killed_pid=0, killed_at=0.0) == 1
+
+
+def test_a_killed_nodes_unended_run_stops_at_the_kill(tmp_path: Path):
+    # Node 1 died at 4.0 while r1 ran (no end line; a line cut short by the kill is ignored).
+    (tmp_path / "1.log").write_text("start\tr1\ts\t1.0\nend\tr1\t")
+    write_journal(tmp_path, 2, [("start", "r2", "s", 5.0), ("end", "r2", "s", 6.0)])
+    spans = cluster_demo.read_journal(str(tmp_path))
+    assert [(s.run_id, s.end) for s in spans] == [("r1", None), ("r2", 6.0)]
+    assert cluster_demo.overlapping_sessions(spans, killed_pid=1, killed_at=4.0) == 0
+    # Had the next run started before the node died, that would be two at once.
+    assert cluster_demo.overlapping_sessions(spans, killed_pid=1, killed_at=5.5) == 1
+    # A run of a live node with no end line never stopped: anything after it overlaps.
+    assert cluster_demo.overlapping_sessions(spans, killed_pid=9, killed_at=4.0) == 1
+
+
+def test_the_report_names_every_broken_promise():
+    report = cluster_demo.ClusterDemoReport(
+        redis_url="redis://127.0.0.1:1/0",
+        namespace="n",
+        lease_ttl=2.0,
+        nodes=(
+            cluster_demo.NodeSummary("node0", "serve", 1, "http://x", 3, "killed (SIGKILL)"),
+            cluster_demo.NodeSummary("node1", "worker", 2, "", 9, "exited with status 1"),
+        ),
+        planned=10,
+        accepted=10,
+        refused=0,
+        outcomes={"completed": 7, "failed": 3, "cancelled": 0},
+        waiters_returned=20,
+        hung=0,
+        duplicates=0,
+        streamed_twice=0,
+        missing_from_stream=0,
+        unexpected=0,
+        killed_running=3,
+        abandoned=3,
+        abandoned_latency=9.0,
+        abandoned_bound=5.0,
+        resumed_elsewhere=5,
+        resumed_expected=6,
+        overlapping_sessions=1,
+        ran_twice=0,
+        progress_events=0,
+        elapsed=1.0,
+    )
+    problems = "; ".join(report.violations)
+    assert "ended 9.0s after the kill (bound 5.0s)" in problems
+    assert "1 run(s) queued behind the killed node's did not run on another node" in problems
+    assert "1 session(s) had two active runs" in problems
+    assert "node1 (worker) exited with status 1" in problems
+    assert len(report.violations) == 4
+    healthy = attrs.evolve(
+        report,
+        abandoned_latency=1.0,
+        resumed_elsewhere=6,
+        overlapping_sessions=0,
+        nodes=report.nodes[:1],
+    )
+    assert healthy.violations == []

@@ -58,8 +58,11 @@ __all__ = [
     "ClusterDemoError",
     "ClusterDemoReport",
     "JournalAgent",
+    "JournalSpan",
     "NodeSummary",
     "agent",
+    "overlapping_sessions",
+    "read_journal",
     "run_cluster_demo",
 ]
 
@@ -501,16 +504,22 @@ async def _cluster(scratch: str, redis_binary: str) -> AsyncIterator[_Cluster]:
 
 
 @attrs.frozen(slots=True)
-class _Span:
+class JournalSpan:
+    """One run's time in its agent on one node process, from :class:`JournalAgent`'s journal."""
+
     run_id: str
     session_id: str
     pid: int
+    """The node process that ran it."""
     start: float
     end: float | None
+    """``None``: no end line (the node died while the run ran)."""
 
 
-def _read_journal(directory: str) -> list[_Span]:
-    spans: list[_Span] = []
+def read_journal(directory: str) -> list[JournalSpan]:
+    """Every span the journal in ``directory`` records, node by node. Blocking file I/O: call
+    it in a thread from async code. A run started twice on one node gives two spans."""
+    spans: list[JournalSpan] = []
     for path in sorted(glob.glob(os.path.join(directory, "*.log"))):
         pid = int(os.path.basename(path).split(".")[0])
         started: dict[str, tuple[str, float]] = {}
@@ -523,19 +532,23 @@ def _read_journal(directory: str) -> list[_Span]:
                 kind, run_id, session_id, at = fields
                 if kind == "start":
                     if run_id in started:  # the same run started twice on one node
-                        spans.append(_Span(run_id, session_id, pid, float(at), float(at)))
+                        spans.append(JournalSpan(run_id, session_id, pid, float(at), float(at)))
                     started[run_id] = (session_id, float(at))
                 elif kind == "end":
                     ended[run_id] = float(at)
         spans += [
-            _Span(run_id, session_id, pid, at, ended.get(run_id))
+            JournalSpan(run_id, session_id, pid, at, ended.get(run_id))
             for run_id, (session_id, at) in started.items()
         ]
     return spans
 
 
-def _overlapping_sessions(spans: list[_Span], killed_pid: int, killed_at: float) -> int:
-    # A run of the killed node that never wrote its end stopped when the node died.
+def overlapping_sessions(spans: list[JournalSpan], killed_pid: int, killed_at: float) -> int:
+    """How many sessions had two runs in their agents at once (R2 says: none).
+
+    A span of ``killed_pid`` without an end stopped at ``killed_at``, when its node died; one
+    of any other node without an end never stopped.
+    """
     by_session: defaultdict[str, list[tuple[float, float]]] = defaultdict(list)
     for span in spans:
         end = span.end
@@ -804,7 +817,7 @@ async def _drive(
                     await trio.sleep(0.02)
             observers.cancel_scope.cancel()
 
-    spans = await trio.to_thread.run_sync(_read_journal, cluster.journal)
+    spans = await trio.to_thread.run_sync(read_journal, cluster.journal)
     return _report(cluster, records, live, seen, spans, killed_at, len(clients))
 
 
@@ -813,7 +826,7 @@ def _report(
     records: list[_Run],
     live: Counter[str],
     seen: defaultdict[tuple[int, str], int],
-    spans: list[_Span],
+    spans: list[JournalSpan],
     killed_at: float,
     observers: int,
 ) -> ClusterDemoReport:
@@ -899,7 +912,7 @@ def _report(
         abandoned_bound=LEASE_TTL + LEASE_TTL / 3 + RECOVERY_SLACK,
         resumed_elsewhere=resumed,
         resumed_expected=resumed_expected,
-        overlapping_sessions=_overlapping_sessions(spans, victim.process.pid, killed_at),
+        overlapping_sessions=overlapping_sessions(spans, victim.process.pid, killed_at),
         ran_twice=sum(1 for n in starts.values() if n > 1),
         progress_events=live["progress"],
         elapsed=0.0,
