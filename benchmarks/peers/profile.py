@@ -11,7 +11,11 @@ rest. Nothing of Celery or arq is needed.
 ``--redis-nodes N``: the Redis mode instead, ``N`` ``serve --redis`` nodes on a private
 ``redis-server`` (needs one on PATH), each under ``cProfile``, the clients spread over them as
 in the benchmark; their profiles are merged, and the CPU seconds every process used while
-the clients ran (nodes, ``redis-server``, this process) are printed against the wall time.
+the clients ran (nodes, ``redis-server``, this process) are printed against the wall time,
+with the Redis commands a job took (``INFO commandstats``).
+
+``--cpu-only``: no cProfile anywhere (it slows Python several times over): jobs/s, p99, the
+CPU milliseconds each process spent per job and Redis' commands per job, as measured.
 
 cProfile clocks wall time: the time spent blocked in ``epoll.poll`` is idleness, listed
 apart; every other share is of the busy time. cProfile slows Python code more than C code
@@ -153,21 +157,22 @@ def cpu_seconds(pid: int) -> float:
 @contextlib.contextmanager
 def profiled_server(
     root: Path,
-    out: Path,
+    out: Path | None,
     db: str | None,
     extra: Sequence[str] = (),
     name: str = "server",
     pids: list[int] | None = None,
 ) -> Iterator[str]:
     """``trio-runs serve`` (with ``extra`` arguments) under cProfile; its stats land in ``out``
-    when it stops (SIGINT). Its pid is appended to ``pids``."""
+    when it stops (SIGINT); ``out`` None: not profiled. Its pid is appended to ``pids``."""
     from . import _http_answers, _wait_until
 
     port = free_port()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    profiler = [] if out is None else ["-m", "cProfile", "-o", str(out)]
     args = [
-        sys.executable, "-m", "cProfile", "-o", str(out),
+        sys.executable, *profiler,
         "-m", "trio_runs", "serve",
         "--host", "127.0.0.1",
         "--port", str(port),
@@ -189,7 +194,12 @@ def profiled_server(
 
 @contextlib.contextmanager
 def profiled_servers(
-    root: Path, db: str | None, nodes: int, pids: dict[str, int], ports: list[int]
+    root: Path,
+    db: str | None,
+    nodes: int,
+    pids: dict[str, int],
+    ports: list[int],
+    profile: bool = True,
 ) -> Iterator[tuple[list[str], list[Path]]]:
     """One profiled server (``nodes`` 0), or ``nodes`` Redis-mode nodes on a private
     ``redis-server``; their URLs and profile paths. ``pids`` gets every process's pid by name,
@@ -207,8 +217,9 @@ def profiled_servers(
         for k in range(max(nodes, 1)):
             name = f"node{k}" if nodes else "server"
             got: list[int] = []
-            outs.append(root / f"{name}.prof")
-            urls.append(stack.enter_context(profiled_server(root, outs[-1], db, extra, name, got)))
+            out = root / f"{name}.prof" if profile else None
+            outs += [] if out is None else [out]
+            urls.append(stack.enter_context(profiled_server(root, out, db, extra, name, got)))
             pids[name] = got[0]
         yield urls, outs
 
@@ -227,33 +238,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N",
         help="profile the Redis mode: N 'serve --redis' nodes on a private redis-server",
     )
+    p.add_argument(
+        "--cpu-only",
+        action="store_true",
+        help="no cProfile: CPU per job of every process and Redis commands per job only",
+    )
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    profile = not args.cpu_only
     with tempfile.TemporaryDirectory(prefix="trio-runs-bench-profile-") as tmp:
         root = Path(tmp)
         client = cProfile.Profile()
         pids: dict[str, int] = {"this process (clients)": os.getpid()}
         ports: list[int] = []
-        with profiled_servers(root, args.db, args.redis_nodes, pids, ports) as (urls, outs):
+        with profiled_servers(root, args.db, args.redis_nodes, pids, ports, profile) as (
+            urls,
+            outs,
+        ):
             trio.run(trio_runs_http, urls, args.clients, args.clients * 2, args.mode)  # warm
             commands = [command_stats(port) for port in ports]
             before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-            client.enable()
+            if profile:
+                client.enable()
             sample = trio.run(trio_runs_http, urls, args.clients, args.jobs, args.mode)
             client.disable()
             used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
             commands += [command_stats(port) for port in ports]
         where = f" on {args.redis_nodes} Redis-mode node(s)" if args.redis_nodes else ""
         print(
-            f"{args.mode}, {args.clients} clients{where}: {sample.rate:,.0f} jobs/s under the "
-            f"profilers ({sample.completed}/{sample.ended} completed, p99 "
+            f"{args.mode}, {args.clients} clients{where}: {sample.rate:,.0f} jobs/s"
+            f"{' under the profilers' if profile else ''} ({sample.completed}/{sample.ended} "
+            "completed, p99 "
             f"{sample.p99 * 1000:.1f} ms)\n"
         )
         print(f"CPU seconds while the clients ran ({sample.wall:.2f} s wall):")
         for name, seconds in used.items():
-            print(f"   {seconds:7.2f} s  {seconds / sample.wall * 100:5.1f} % of a core  {name}")
+            print(
+                f"   {seconds:7.2f} s  {seconds / sample.wall * 100:5.1f} % of a core  "
+                f"{seconds / sample.ended * 1000:6.3f} ms a job  {name}"
+            )
         print()
         if commands:
             print_commands(commands[0], commands[1], sample.ended)
+        if not profile:
+            return 0
         missing = [out for out in outs if not out.exists()]
         if missing:
             print(f"no profile written: {missing} (see the logs in {root})", file=sys.stderr)
