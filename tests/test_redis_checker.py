@@ -649,16 +649,33 @@ class Cluster:
         for slot in range(NODES):
             await self.start_node(slot)
         self.plan(seconds, SESSIONS)
-        async with trio.open_nursery() as nursery:
-            self.load_started = trio.current_time()
-            nursery.start_soon(self.load, nursery)
-            if self.soak:
-                nursery.start_soon(self.soak_faults, seconds, nursery)
-            else:
-                kinds = ["kill", "stop", "redis"]
-                self.rng.shuffle(kinds)
-                nursery.start_soon(self.faults, kinds, seconds, nursery)
-        # Every task is bounded by its run's bound: the nursery closing is the drain.
+        async with trio.open_nursery() as watching:
+            watching.start_soon(self.watch_nodes)
+            async with trio.open_nursery() as nursery:
+                self.load_started = trio.current_time()
+                nursery.start_soon(self.load, nursery)
+                if self.soak:
+                    nursery.start_soon(self.soak_faults, seconds, nursery)
+                else:
+                    kinds = ["kill", "stop", "redis"]
+                    self.rng.shuffle(kinds)
+                    nursery.start_soon(self.faults, kinds, seconds, nursery)
+            # Every task is bounded by its run's bound: the nursery closing is the drain.
+            watching.cancel_scope.cancel()
+
+    async def watch_nodes(self) -> None:
+        """Fail the run at once when a node exits that the checker did not kill (a crash),
+        instead of letting every request to it time out."""
+        while True:
+            await trio.sleep(0.25)
+            for node in self.procs:
+                code = node.proc.poll()
+                if code is not None and node.pid not in self.timeline.kills:
+                    tail = (await trio.to_thread.run_sync(node.stderr_text))[-3000:]
+                    raise AssertionError(
+                        f"seed {self.seed}: node {node.pid} (slot {node.slot}) exited by itself "
+                        f"with {code}:\n{tail}"
+                    )
 
     # -- the checks -------------------------------------------------------------------
 
@@ -751,7 +768,6 @@ class Cluster:
         )
 
     async def check(self) -> dict[str, object]:
-        await trio.to_thread.run_sync(self.dump_timeline)
         # R5: an unacknowledged submission is never half-accepted (settled before the
         # terminals are read: one accepted after all may still be running).
         for run in self.runs:
@@ -963,24 +979,32 @@ def seed_for(test: str) -> int:
     return int(given) if given else random.SystemRandom().randrange(1 << 32)
 
 
+def failure(cluster: Cluster, figures: object) -> str:
+    violations = cluster.violations
+    kinds = dict(Counter(" ".join(v.split()[:2]) for v in violations))
+    return (
+        f"seed {cluster.seed} ({SEED_ENV}={cluster.seed} replays it; the faults and the diary "
+        f"are in {cluster.tmp}): {len(violations)} violations, by kind {kinds}:\n"
+        + "\n".join(violations[:40])
+        + f"\nfigures: {figures}"
+    )
+
+
 async def checked(cluster: Cluster, seconds: float, bound: float) -> dict[str, object]:
     try:
         with trio.fail_after(bound):
             await cluster.run(seconds)
             figures = await cluster.check()
+    except trio.TooSlowError:
+        raise AssertionError(f"not done within {bound}s: " + failure(cluster, None)) from None
     finally:
         for node in cluster.procs:
             with trio.move_on_after(5):
                 await node.http.aclose()
         gc.collect()  # the cut requests' generators are finalised here, under the filter
+        await trio.to_thread.run_sync(cluster.dump_timeline)
     print(json.dumps(figures, indent=2))
-    assert not cluster.violations, (
-        f"seed {cluster.seed} ({SEED_ENV}={cluster.seed} replays it): "
-        f"{len(cluster.violations)} violations, by kind "
-        f"{dict(Counter(' '.join(v.split()[:2]) for v in cluster.violations))}:\n"
-        + "\n".join(cluster.violations[:40])
-        + f"\nfigures: {figures}"
-    )
+    assert not cluster.violations, failure(cluster, figures)
     return figures
 
 
