@@ -30,6 +30,7 @@ import contextlib
 import cProfile
 import os
 import pstats
+import shutil
 import signal
 import socket
 import sys
@@ -243,6 +244,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="no cProfile: CPU per job of every process and Redis commands per job only",
     )
+    p.add_argument(
+        "--save",
+        metavar="DIR",
+        help="also keep the profiles (server or node<K>.prof, client.prof) in DIR",
+    )
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     profile = not args.cpu_only
     with tempfile.TemporaryDirectory(prefix="trio-runs-bench-profile-") as tmp:
@@ -290,6 +296,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.redis_nodes
             else (f"servers ({args.redis_nodes} Redis-mode nodes, merged)")
         )
+        if args.save:
+            keep = Path(args.save)
+            keep.mkdir(parents=True, exist_ok=True)
+            for out in outs:
+                shutil.copy(out, keep / out.name)
+            client.dump_stats(str(keep / "client.prof"))
         print_shares(f"{title}, self time by layer", pstats.Stats(*map(str, outs)), args.top)
         print_shares("client (this process), self time by layer", pstats.Stats(client), args.top)
     return 0
