@@ -7,20 +7,23 @@ It starts a private ``redis-server`` (a free loopback port, a temporary director
 
 - ``node0`` starts alone with room for a few runs only, and gets long runs ("doomed") with
   runs queued behind them in the same sessions: it runs the long ones, nobody else can;
-- the other nodes join; the mixed load goes to random serve nodes and every run is waited
-  on from several of them (the node that accepted it and another): completions, failures
-  before start and mid-run, a session's queue cleared and its run cancelled from *other*
-  nodes, one run cancelled by id from another node, late waiters after the end; an observer
-  follows the event stream on every serve node;
-- once a third of the load has ended, ``node0`` is killed with SIGKILL while it runs work.
+- the other nodes join; the mixed load goes to random serve nodes, node0 included, and
+  every run is waited on from the node that accepted it and another: completions, failures
+  before start and mid-run, a session's queue cleared and its active run cancelled from
+  *other* nodes, one run cancelled by id from another node, late waiters after the end; an
+  observer follows the event stream on every serve node that lives to the end;
+- once a third of the load has ended, ``node0`` is killed with SIGKILL while it runs work
+  and clients are using it: their waiters go on waiting on another node, a submission it
+  may or may not have accepted is sent again elsewhere under the same run id.
 
 Every promise is then checked: each accepted run ended exactly once (every waiter on every
 node saw the same terminal; every node's event stream carried it once), as its scenario
 dictates; the killed node's runs ended ``failed`` and ``abandoned`` within the lease TTL, a
-sweep interval and some slack for a busy machine; the runs queued behind them ran on other
-nodes; no session ever had two runs running at once, and no run ran twice — both from a
-journal the nodes' agent (:data:`agent`) writes as runs start and end. Every process it
-started is stopped when it returns, also on errors and Ctrl-C.
+sweep interval and some slack for a busy machine; the runs it had accepted (those queued
+behind its own among them) ran on other nodes; no session ever had two runs running at
+once, and no run ran twice — both from a journal the nodes' agent (:data:`agent`) writes as
+runs start and end. Every process it started is stopped when it returns, also on errors,
+Ctrl-C and SIGTERM.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ MIN_RUNS: Final = 24
 WORKSPACE: Final = "cluster-demo"
 _START_BOUND: Final = 30.0  # a node process to announce itself (a busy machine is slow)
 _STOP_GRACE: Final = 10.0  # a node to stop after SIGTERM before it is killed
+_VICTIM_TIMEOUT: Final = 5.0  # node0's clients' liveness bound: its death is noticed in 5 s
 _REDIS_START_BOUND: Final = 10.0
 _URL = re.compile(r"serving on (http://[^\s;]+)")
 
@@ -180,8 +184,13 @@ class ClusterDemoReport:
     """Seconds from the kill to the last of its runs' terminals reaching a waiter."""
     abandoned_bound: float
     resumed_elsewhere: int
-    """Runs queued behind the killed node's runs that then ran on another node."""
+    """Runs the killed node accepted (the ones queued behind its own among them) that ran
+    and completed on another node."""
     resumed_expected: int
+    reattached: int
+    """Waiters that were waiting on the killed node and went on waiting on another one."""
+    resubmitted: int
+    """Submissions to the killed node that died with it, sent again (same run id) to another."""
     overlapping_sessions: int
     """Sessions that had two runs running at once (from the journal): must be 0."""
     ran_twice: int
@@ -230,8 +239,8 @@ class ClusterDemoReport:
             )
         if self.resumed_elsewhere != self.resumed_expected:
             problems.append(
-                f"{self.resumed_expected - self.resumed_elsewhere} run(s) queued behind the "
-                "killed node's did not run on another node"
+                f"{self.resumed_expected - self.resumed_elsewhere} run(s) the killed node "
+                "accepted did not run on another node"
             )
         if self.overlapping_sessions:
             problems.append(f"{self.overlapping_sessions} session(s) had two active runs")
@@ -657,27 +666,47 @@ async def _drive(
         # can be (it is full until it dies).
         victim = await cluster.start_node("node0", "serve", capacity=len(workload.doomed))
         step(f"node0 (serve, pid {victim.process.pid}) on {victim.url}: the node to be killed")
+        # node0's client notices its death within a few seconds (its liveness bound); the
+        # survivors' keep the usual bound, generous for a busy machine.
         first = await stack.enter_async_context(
-            RunsClient(victim.url, timeout=10.0, max_connections=None)
+            RunsClient(victim.url, timeout=_VICTIM_TIMEOUT, max_connections=None)
         )
         victim_ws = (await first.create_workspace(WORKSPACE)).id
+        clients = [first]  # index 0: node0, then the other serve nodes
+        workspaces = [victim_ws]
 
-        async def submit(plan: _Plan, node: int, client: RunsClient, workspace: str) -> _Run:
+        def lost_to_the_kill(node: int, exc: Exception) -> bool:
+            # node0's answers lost because it was killed: the client goes to another node.
+            return node == 0 and victim.killed and isinstance(exc, ServerLost)
+
+        async def submit(plan: _Plan, node: int) -> _Run:
             run = _Run(plan, new_run_id(), node)
             records.append(run)
-            try:
-                await client.submit(workspace, plan.session_id, plan.prompt, run.run_id)
-            except (ClientError, ServerLost) as exc:
-                live["refused"] += 1
-                logger.error("demo: submission refused: %s", exc)
-                return run
+            resubmitting = False
+            while True:
+                try:
+                    await clients[run.node].submit(
+                        workspaces[run.node],
+                        plan.session_id,
+                        plan.prompt,
+                        run.run_id,
+                        resubmitting=resubmitting,
+                    )
+                    break
+                except (ClientError, ServerLost) as exc:
+                    if not lost_to_the_kill(run.node, exc):
+                        live["refused"] += 1
+                        logger.error("demo: submission refused: %s", exc)
+                        return run
+                    # Maybe accepted before node0 died: the same run id again elsewhere is
+                    # safe, its duplicate_run is that acceptance (never a second run).
+                    run.node, resubmitting = rng.choice(survivors), True
+                    live["resubmitted"] += 1
             run.accepted = True
             live["accepted"] += 1
             return run
 
-        doomed = [
-            await submit(plan, 0, first, victim_ws) for lane in workload.doomed for plan in lane
-        ]
+        doomed = [await submit(plan, 0) for lane in workload.doomed for plan in lane]
         for run in doomed:
             if run.plan.kind == "doomed":
                 await _until_active(first, run.run_id, hang_after)
@@ -693,26 +722,38 @@ async def _drive(
         for node in cluster.nodes[1:]:
             where = f"on {node.url}" if node.url else "(no HTTP)"
             step(f"{node.name} ({node.role}, pid {node.process.pid}) {where}")
-        serving = [node for node in cluster.nodes[1:] if node.role == "serve"]
-        clients = [
-            await stack.enter_async_context(RunsClient(n.url, timeout=10.0, max_connections=None))
-            for n in serving
-        ]
-        workspaces = [(await client.create_workspace(WORKSPACE)).id for client in clients]
+        for node in cluster.nodes[1:]:
+            if node.role == "serve":
+                client = RunsClient(node.url, timeout=10.0, max_connections=None)
+                clients.append(await stack.enter_async_context(client))
+                workspaces.append((await client.create_workspace(WORKSPACE)).id)
+        survivors = list(range(1, len(clients)))
+
+        def serving() -> list[int]:
+            # The serve nodes: node0 too while it lives.
+            return survivors if victim.killed else [0, *survivors]
+
+        def any_node() -> int:
+            return rng.choice(serving())
 
         def others(node: int) -> int:
             # Another serve node than ``node`` where there is one.
-            choices = [k for k in range(len(clients)) if k != node] or [node]
-            return rng.choice(choices)
+            return rng.choice([k for k in serving() if k != node] or [node])
 
         async def waiter(run: _Run, node: int) -> None:
             with trio.move_on_after(hang_after) as bound:
-                try:
-                    rc = await clients[node].wait_terminal(run.run_id)
-                except (ClientError, ServerLost) as exc:
-                    logger.error("demo: waiter for %s failed: %s", run.run_id, exc)
-                    live["hung"] += 1
-                    return
+                while True:
+                    try:
+                        rc = await clients[node].wait_terminal(run.run_id)
+                        break
+                    except (ClientError, ServerLost) as exc:
+                        if not lost_to_the_kill(node, exc):
+                            logger.error("demo: waiter for %s failed: %s", run.run_id, exc)
+                            live["hung"] += 1
+                            return
+                        # Its node died: wait on another, as any client would.
+                        node = rng.choice(survivors)
+                        live["reattached"] += 1
             if bound.cancelled_caught:
                 live["hung"] += 1
                 return
@@ -734,33 +775,34 @@ async def _drive(
                     seen[node, data["run_id"]] += 1
 
         async with trio.open_nursery() as observers:
-            for k, client in enumerate(clients):
-                follow = partial(client.stream_events, workspaces[k], partial(observe, k))
+            # On every serve node that lives to the end (node0's stream dies with it).
+            for k in survivors:
+                follow = partial(clients[k].stream_events, workspaces[k], partial(observe, k))
                 await observers.start(follow)
 
             async with trio.open_nursery() as load:
                 for run in doomed:
-                    load.start_soon(waiter, run, rng.randrange(len(clients)))
-                    load.start_soon(waiter, run, rng.randrange(len(clients)))
+                    load.start_soon(waiter, run, rng.choice(survivors))
+                    load.start_soon(waiter, run, rng.choice(survivors))
 
                 async def single(plan: _Plan) -> None:
-                    node = rng.randrange(len(clients))
-                    run = await submit(plan, node, clients[node], workspaces[node])
+                    run = await submit(plan, any_node())
                     if run.accepted:
-                        load.start_soon(waiter, run, node)
-                        await waiter(run, others(node))
+                        load.start_soon(waiter, run, run.node)
+                        await waiter(run, others(run.node))
 
                 async def lane(plans: list[_Plan]) -> None:
                     # Submitted to one node; its queue cleared on another, its active run
-                    # cancelled on a third (where there is one).
-                    node = rng.randrange(len(clients))
-                    group = [await submit(p, node, clients[node], workspaces[node]) for p in plans]
+                    # cancelled on a third (where there is one). On the nodes that live.
+                    node = rng.choice(survivors)
+                    group = [await submit(plan, node) for plan in plans]
                     for run in group:
                         if run.accepted:
                             load.start_soon(waiter, run, node)
                             load.start_soon(waiter, run, others(node))
                     await _until_active(clients[node], group[0].run_id, hang_after)
-                    clearing, cancelling = others(node), others(node)
+                    clearing = rng.choice([k for k in survivors if k != node] or [node])
+                    cancelling = rng.choice([k for k in survivors if k != node] or [node])
                     try:
                         session = plans[0].session_id
                         await clients[clearing].clear_queue(workspaces[clearing], session)
@@ -771,14 +813,15 @@ async def _drive(
 
                 async def cancel_one(plans: list[_Plan]) -> None:
                     # The active run cancelled by id on another node; the session goes on.
-                    node = rng.randrange(len(clients))
-                    group = [await submit(p, node, clients[node], workspaces[node]) for p in plans]
+                    node = rng.choice(survivors)
+                    group = [await submit(plan, node) for plan in plans]
                     for run in group:
                         if run.accepted:
                             load.start_soon(waiter, run, others(node))
                     await _until_active(clients[node], group[0].run_id, hang_after)
+                    cancelling = rng.choice([k for k in survivors if k != node] or [node])
                     try:
-                        await clients[others(node)].cancel_run(group[0].run_id)
+                        await clients[cancelling].cancel_run(group[0].run_id)
                     except (ClientError, ServerLost) as exc:
                         live["refused"] += 1
                         logger.error("demo: cancelling run %s failed: %s", group[0].run_id, exc)
@@ -791,7 +834,7 @@ async def _drive(
                     await cluster.kill(victim)
                     step(
                         f"killed node0 with SIGKILL at {killed_at - started:.1f}s, while it ran "
-                        f"{len(workload.doomed)} runs"
+                        f"{len(workload.doomed)} runs and clients were using it"
                     )
 
                 for plans in workload.lanes:
@@ -802,23 +845,23 @@ async def _drive(
                     load.start_soon(single, plan)
                 load.start_soon(kill_mid_demo)
 
-            # Late waiters: every run once more, long after it ended, on any serve node.
+            # Late waiters: every run once more, long after it ended, on a surviving node.
             async with trio.open_nursery() as late:
                 for run in records:
                     if run.accepted:
-                        late.start_soon(waiter, run, rng.randrange(len(clients)))
+                        late.start_soon(waiter, run, rng.choice(survivors))
             # Every node's stream carries every terminal of the workspace: wait (bounded)
             # for the last ones to arrive before the observers stop.
             accepted = [run.run_id for run in records if run.accepted]
             with trio.move_on_after(5.0):
                 while True:
-                    if all(seen[k, r] for k in range(len(clients)) for r in accepted):
+                    if all(seen[k, r] for k in survivors for r in accepted):
                         break
                     await trio.sleep(0.02)
             observers.cancel_scope.cancel()
 
     spans = await trio.to_thread.run_sync(read_journal, cluster.journal)
-    return _report(cluster, records, live, seen, spans, killed_at, len(clients))
+    return _report(cluster, records, live, seen, spans, killed_at, survivors)
 
 
 def _report(
@@ -828,7 +871,7 @@ def _report(
     seen: defaultdict[tuple[int, str], int],
     spans: list[JournalSpan],
     killed_at: float,
-    observers: int,
+    observers: list[int],
 ) -> ClusterDemoReport:
     victim = cluster.nodes[0]
     pids = {node.process.pid: node for node in cluster.nodes}
@@ -842,7 +885,7 @@ def _report(
     for run in records:
         if not run.accepted:
             continue
-        counts = [seen[k, run.run_id] for k in range(observers)]
+        counts = [seen[k, run.run_id] for k in observers]
         if len(set(run.terminals)) > 1:
             duplicates += 1
             logger.error("demo: run %s ended more than once: %s", run.run_id, set(run.terminals))
@@ -875,7 +918,8 @@ def _report(
                 " (abandoned)" if terminal.abandoned else "",
                 run.plan.expected,
             )
-        if run.plan.kind == "behind doomed":
+        if run.node == 0 and run.plan.kind != "doomed" and run.plan.expected == "completed":
+            # Accepted by node0, which was full: it ran elsewhere, before or after the kill.
             resumed_expected += 1
             node = pids.get(where.get(run.run_id, -1))
             if terminal.outcome == "completed" and node is not None and node is not victim:
@@ -912,6 +956,8 @@ def _report(
         abandoned_bound=LEASE_TTL + LEASE_TTL / 3 + RECOVERY_SLACK,
         resumed_elsewhere=resumed,
         resumed_expected=resumed_expected,
+        reattached=live["reattached"],
+        resubmitted=live["resubmitted"],
         overlapping_sessions=overlapping_sessions(spans, victim.process.pid, killed_at),
         ran_twice=sum(1 for n in starts.values() if n > 1),
         progress_events=live["progress"],

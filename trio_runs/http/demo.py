@@ -562,10 +562,12 @@ def cluster_report_tables(report: ClusterDemoReport) -> tuple[Table, Table]:
         + f"<= {report.abandoned_bound:.2f}{': VIOLATED' if late else ''}[/]",
     )
     table.add_row(
-        "runs queued behind them that ran elsewhere",
+        "runs it accepted that ran elsewhere",
         str(report.resumed_elsewhere),
         equal(report.resumed_elsewhere, report.resumed_expected),
     )
+    table.add_row("waiters on it that went on on another node", str(report.reattached), "")
+    table.add_row("submissions to it sent again elsewhere", str(report.resubmitted), "")
     table.add_row(
         "sessions with two active runs",
         str(report.overlapping_sessions),
@@ -675,8 +677,8 @@ def _cluster_main(
     console.print(
         f"[green bold]OK:[/] every accepted run ended exactly once and every waiter on every "
         f"node saw it; the killed node's {report.abandoned} runs ended abandoned "
-        f"{report.abandoned_latency:.1f}s after the kill and the {report.resumed_elsewhere} "
-        "runs queued behind them ran on other nodes; no session ever had two active runs; "
+        f"{report.abandoned_latency:.1f}s after the kill, the {report.resumed_elsewhere} "
+        "runs it had accepted ran on other nodes; no session ever had two active runs; "
         "every process stopped"
     )
     return 0
