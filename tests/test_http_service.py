@@ -118,7 +118,7 @@ async def test_a_workspace_without_an_agent_is_409(autojump_clock, tmp_path: Pat
             with refused(409, "agent_not_initialized"):
                 await service.submit(ws.id, SubmitMessage("s", "p"))
             with refused(409, "agent_not_initialized"):
-                service.cancel_session(ws.id, "s")
+                await service.cancel_session(ws.id, "s")
             view = service.session(ws.id, "s")
             assert not view.busy
             assert view.queued == ()
@@ -167,12 +167,12 @@ async def test_cancel_and_clear_queue(autojump_clock, tmp_path: Path):
         active = await service.submit(ws.id, SubmitMessage("s", "sleep 100"))
         queued = [await service.submit(ws.id, SubmitMessage("s", f"q{i}")) for i in range(2)]
         await trio.testing.wait_all_tasks_blocked()
-        view = service.clear_queue(ws.id, "s")
+        view = await service.clear_queue(ws.id, "s")
         assert view.active == active
         assert view.queued == ()
         for run_id in queued:
             assert service.run(run_id).state == "cancelled"
-        service.cancel_session(ws.id, "s")
+        await service.cancel_session(ws.id, "s")
         assert (await service.wait(active, 10)).state == "cancelled"
         with refused(404, "workspace_not_found"):
             service.session("nope", "s")
@@ -267,8 +267,8 @@ async def test_metrics_count_runs_by_state(autojump_clock, tmp_path: Path):
             "trio_runs_workspaces 1.0",
         ):
             assert f"\n{line}\n" in text
-        service.cancel_session(ws.id, "a")
-        service.cancel_session(ws.id, "b")
+        await service.cancel_session(ws.id, "a")
+        await service.cancel_session(ws.id, "b")
 
 
 async def test_shutdown_ends_every_run_then_drains_until_collected(autojump_clock, tmp_path: Path):

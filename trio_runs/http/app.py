@@ -239,11 +239,13 @@ def create_app(
         return json_response(view.to_dict())
 
     async def cancel_session(request: Request) -> Response:
-        view = service.cancel_session(path(request, "workspace_id"), path(request, "session_id"))
+        view = await service.cancel_session(
+            path(request, "workspace_id"), path(request, "session_id")
+        )
         return json_response(view.to_dict())
 
     async def clear_queue(request: Request) -> Response:
-        view = service.clear_queue(path(request, "workspace_id"), path(request, "session_id"))
+        view = await service.clear_queue(path(request, "workspace_id"), path(request, "session_id"))
         return json_response(view.to_dict())
 
     async def list_runs(request: Request) -> Response:

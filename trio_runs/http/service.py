@@ -491,14 +491,23 @@ class RunService:
             tuple(QueuedRun(r, p) for r, p in zip(run_ids, prompts, strict=True)),
         )
 
-    def cancel_session(self, workspace_id: str, session_id: str) -> SessionView:
-        """Cancel the session's active run and drop its queue (each ends cancelled)."""
+    async def cancel_session(self, workspace_id: str, session_id: str) -> SessionView:
+        """Cancel the session's active run and drop its queue (each ends cancelled).
+
+        Answers once the store holds what the cancel decided, so a run accepted after the
+        answer (on any node of a cluster) is never caught by it.
+        """
         self._coordinator(workspace_id).cancel(session_id)
+        await self.backend.ledger.flush()
         return self.session(workspace_id, session_id)
 
-    def clear_queue(self, workspace_id: str, session_id: str) -> SessionView:
-        """Drop the session's queued runs (each ends cancelled); its active run goes on."""
+    async def clear_queue(self, workspace_id: str, session_id: str) -> SessionView:
+        """Drop the session's queued runs (each ends cancelled); its active run goes on.
+
+        Answers once the store holds what it decided, as :meth:`cancel_session`.
+        """
         self._coordinator(workspace_id).clear_queue(session_id)
+        await self.backend.ledger.flush()
         return self.session(workspace_id, session_id)
 
     def _coordinator(self, workspace_id: str) -> Coordinator:

@@ -27,6 +27,7 @@ Nodes of one cluster must open workspaces at the same paths (run them with the s
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from functools import partial
@@ -35,10 +36,14 @@ from typing import Final
 import attrs
 import trio
 
-from .._terminals import announcer
+from .._terminals import announcer, fallback_terminal, is_cancellation, record_terminal
 from ..backend import Backend, CoordinatorFactory, Workspace
 from ..broker import Broker
-from ..context import current_run_complete_marker
+from ..context import (
+    current_run_complete_marker,
+    mark_run_complete_published,
+    run_complete_published,
+)
 from ..coordinator import (
     AcceptedRun,
     CoordinatorStatistics,
@@ -200,8 +205,20 @@ class ClusterCoordinator:
         cancellation, or by recovery.)
         """
         if isinstance(accept, AcceptedRun):
+            handed_at = time.time()
             try:
                 return await self._local.run_accepted(accept, call)
+            except Exception as exc:
+                if not run_complete_published() and not is_cancellation(exc):
+                    # A pre-run failure (prepare): record it here, where the store shows it
+                    # and this workspace's listener announces it, once. The backend's
+                    # fallback would announce it a second time.
+                    rc = fallback_terminal(
+                        call.session_id, call.run_id, exc, call=call, started_at=handed_at
+                    )
+                    record_terminal(self._store, None, rc)
+                    mark_run_complete_published()
+                raise
             finally:
                 self._node._finished(call.run_id)
         if not isinstance(accept, _Routed) or accept._owner is not self:
@@ -251,20 +268,29 @@ class ClusterCoordinator:
         self._store.clear_session(session_id)
 
     def is_session_busy(self, session_id: str) -> bool:
-        """Whether the session has a run running or queued *on this node*."""
-        return self._local.is_session_busy(session_id)
+        """Whether the session has a run running here, or a run this node accepted that has
+        not ended (wherever it runs)."""
+        return self._local.is_session_busy(session_id) or any(
+            routed.session_id == session_id for routed in self._routed.values()
+        )
 
     def is_busy(self) -> bool:
         """Whether any run runs here, or any run this node accepted is not over."""
         return self._local.is_busy() or bool(self._routed)
 
     def queued_prompts(self, session_id: str) -> int:
-        """Runs of the session queued *on this node* (the lane itself is in Redis)."""
-        return self._local.queued_prompts(session_id)
+        """How many of :meth:`queued_run_ids` there are."""
+        return len(self.queued_run_ids(session_id))
 
     def queued_prompts_list(self, session_id: str) -> list[str]:
-        """Prompts of the session's runs queued *on this node*."""
-        return self._local.queued_prompts_list(session_id)
+        """The prompts of :meth:`queued_run_ids`, in the same order."""
+        active = self.active_run_id(session_id)
+        routed = [
+            routed.call.prompt
+            for run_id, routed in self._routed.items()
+            if routed.session_id == session_id and run_id != active
+        ]
+        return [*self._local.queued_prompts_list(session_id), *routed]
 
     def active_run_id(self, session_id: str) -> str | None:
         """The session's active run, whichever node runs it (as this node last heard)."""

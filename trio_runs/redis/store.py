@@ -661,12 +661,12 @@ class RedisStore:
             run_id, session_id, path, call_json = (str(item) for item in flat[index : index + 4])
             call = RunCall.from_dict(json.loads(call_json))
             run = self._runs.get(run_id)
-            if run is None or not run.accepted:
-                waiting = run
+            if run is None:
                 run = self._runs[run_id] = _Run(run_id, session_id, node, accepted=True)
                 run.written = run.borrowed = True
-                if waiting is not None:  # waited on here already: its waiters stay
-                    run.waiters, run.done = waiting.waiters, waiting.done
+            elif not run.accepted:
+                # Waited on here already: the same record, so its waiters see the ending.
+                run.accepted = run.written = run.borrowed = True
             run.node, run.path, run.claimed, run.session_id = node, path, True, session_id
             run.routed = True
             self._remote.pop(run_id, None)
@@ -856,6 +856,17 @@ class RedisStore:
             self._evicted += 1
         run = self._runs.pop(run_id, None)
         path = path or (run.path if run is not None else None) or remote_path
+        if (
+            run is not None
+            and run.accepted
+            and run.decided is None
+            and (run.claimed or not run.routed)
+            and not run.lost
+        ):
+            # Ended for this node while it still runs it (recovery ended it after this node's
+            # lease expired: a zombie's): it stops the run it no longer owns (R4).
+            run.lost = True
+            self._lose([run_id])
         if run is not None:
             if run.accepted or run.decided is not None:
                 self._outcomes[rc.outcome] += 1
