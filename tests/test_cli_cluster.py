@@ -69,13 +69,6 @@ def run_demo(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-# A known bug the demo finds today (reported to the lead): a run that fails in prepare is
-# published twice on the event stream of the serve --redis node that ran it. Until it is
-# fixed the demo exits 1 with that one problem; every other promise must still hold.
-KNOWN_PROBLEM = "ended twice on a node's event stream"
-KNOWN_ROW = "terminals twice on a node's stream"
-
-
 def test_demo_across_three_nodes_keeps_every_promise_with_a_node_killed():
     needs_redis_server()
     env = without_trio_runs_settings()
@@ -84,17 +77,9 @@ def test_demo_across_three_nodes_keeps_every_promise_with_a_node_killed():
     done = run_demo("--nodes", "3", env=env)
     elapsed = time.monotonic() - started
     out = done.stdout
-    problems = [line for line in out.splitlines() if line.startswith("FAILED:")]
-    if done.returncode == 1 and problems:
-        # Only the known problem may be there.
-        assert ";" not in problems[0], out
-        assert KNOWN_PROBLEM in problems[0], out
-        violated = [line for line in out.splitlines() if "VIOLATED" in line]
-        assert all(KNOWN_ROW in line for line in violated), out
-    else:
-        assert done.returncode == 0, f"{out}\n{done.stderr}"
-        assert "OK: every accepted run ended exactly once" in out
-        assert "VIOLATED" not in out
+    assert done.returncode == 0, f"{out}\n{done.stderr}"
+    assert "OK: every accepted run ended exactly once" in out
+    assert "VIOLATED" not in out
     # The cluster: Redis, two serve nodes and a worker, node0 killed while it ran work.
     assert "redis-server on redis://127.0.0.1:" in out
     assert "node0 (serve, pid " in out
