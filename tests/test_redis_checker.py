@@ -43,9 +43,10 @@ submission times, choices and fault schedule; the machine's timing is not replay
   refused and counted: Redis's ``fenced`` and ``duplicates`` statistics (``{NS}:stats``)
   plus the surviving nodes' ``trio_runs_duplicate_terminals_suppressed_total`` reach at least
   the number of exempt executions that ended on a node still alive at the check. And the
-  zombie stops the runs it no longer owns: an execution running across a SIGSTOP whose run
-  Redis ended abandoned ends within ``FENCE_BOUND`` of the SIGCONT (the stopped node's
-  victim run sleeps 15 s past it, so a zombie that goes on is seen).
+  zombie stops the runs it no longer owns: a run executing on a node through its whole
+  SIGSTOP (which lasts 2 to 3 leases) ends abandoned, and its execution ends within
+  ``FENCE_BOUND`` of the SIGCONT (the stopped node's victim run sleeps 15 s past it, so a
+  zombie that goes on is seen).
 - **R5, Redis down is loud and bounded.** Every answer from a node is JSON; never a 5xx but
   ``503`` with code ``store_unavailable``; every request to a node that was neither killed nor
   stopped meanwhile is answered within its bound (never a hang or a dropped connection); every
@@ -59,7 +60,15 @@ submission times, choices and fault schedule; the machine's timing is not replay
 session on one node slot (the node-local lanes hold R2 until cluster-wide routing lands);
 ``True`` submits each run to a random node.
 
-The CI-sized run takes about a minute. ``TRIO_RUNS_SOAK_SECONDS=N`` selects the soak: load
+Each node's log is read at the end: a line saying it met an "unhandled error" (a 500, or a
+stream cut with a traceback) is a failure. A node that exits without being killed fails the
+run at once. A waiter's (and a subscriber's) bound is its run's: the seconds of work queued
+ahead of it in its session plus ``RUN_SLACK``; a request's is its ``?timeout=`` (or the
+submission's flush bound) plus ``REQUEST_SLACK``.
+
+At the end of the module, minimal reproductions of what the checker found, one fault each.
+
+The CI-sized run takes about 30 s. ``TRIO_RUNS_SOAK_SECONDS=N`` selects the soak: load
 and faults for ``N`` seconds, then the same checks; it prints its figures (runs, faults by
 kind, abandoned, fenced, waiter latencies). Every wait is bounded in real time and every
 process started is killed in teardown.
@@ -67,6 +76,7 @@ process started is killed in teardown.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import gc
@@ -78,6 +88,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -850,10 +861,22 @@ class Cluster:
                         f"run {execution.run_id}, cut by SIGKILL, ended {late:.1f}s after the "
                         f"kill (bound {RECOVERY_BOUND}s)"
                     )
-        # R4: a zombie stops the runs it no longer owns (those Redis ended abandoned).
+        # R4: a run its node held through a whole stop (past the lease) ends abandoned, and
+        # the zombie stops the runs it no longer owns.
         for pid, stopped, resumed in self.timeline.stops:
             for execution in executions:
                 rc = by_run.get(execution.run_id)
+                if (
+                    execution.pid == pid
+                    and execution.start < stopped
+                    and execution.end > resumed
+                    and rc is not None
+                    and not rc.get("abandoned")
+                ):
+                    self.violation(
+                        f"run {execution.run_id} ran on node {pid} through its stop past the "
+                        f"lease, yet ended {rc}"
+                    )
                 if (
                     execution.pid == pid
                     and execution.start < stopped
@@ -1115,3 +1138,88 @@ def test_a_zombie_stops_a_run_it_claimed_from_another_node(
     finally:
         for node in started:
             node.kill()
+
+
+def test_a_run_lost_to_fencing_ends_abandoned_not_cancelled_by_a_user(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """R3/R4: Redis away for three leases fences the node; the run it was running is no
+    longer its own, so it ends abandoned (recovery's ending) — never ``cancelled`` with
+    reason ``user``, which nobody asked for."""
+    namespace = "f" + uuid.uuid4().hex[:12]
+    started: list[e2e.Server | e2e.Client] = []
+    try:
+        (a,) = cluster_tests.start_nodes(started, tmp_path, redis_server.url, namespace, 1)
+        run_id = cluster_tests.submit(a, "s", "sleep 30")
+        a.wait_state(run_id, "active")
+        redis_server.kill()
+        time.sleep(3 * TTL)
+        redis_server.start()
+        ended = cluster_tests.wait_terminal(a, run_id, RECOVERY_BOUND + UNAVAILABLE_AFTER)
+        assert ended.get("abandoned") is True, json.dumps(ended)
+    finally:
+        for item in started:
+            item.kill()
+
+
+def test_a_lost_claim_reply_does_not_wedge_its_session(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """R1/R2: Redis killed (and restarted from its AOF) while a node claims runs as fast as
+    they come: a claim Redis ran but whose reply the node never got must still end in a
+    terminal, and its session's lane must go on. Statistical: five restarts under a storm
+    of no-op runs over 40 sessions; every acknowledged run must end within the bound."""
+    namespace = "l" + uuid.uuid4().hex[:12]
+    started: list[e2e.Server | e2e.Client] = []
+    acked: list[str] = []
+    stop = threading.Event()
+
+    def storm(worker: int) -> None:
+        with httpx.Client(base_url=node.url, timeout=REQUEST_SLACK + UNAVAILABLE_AFTER) as http:
+            workspace = http.post("/v1/workspaces", json={"path": "w"}).json()["id"]
+            count = 0
+            while not stop.is_set():
+                count += 1
+                run_id = uuid.uuid4().hex
+                try:
+                    response = http.post(
+                        f"/v1/workspaces/{workspace}/messages",
+                        json={"session_id": f"l{worker}-{count % 5}", "prompt": "noop",
+                              "run_id": run_id},
+                    )  # fmt: skip
+                except httpx.TransportError:
+                    continue
+                if response.status_code == 202:
+                    acked.append(run_id)
+                else:
+                    time.sleep(0.05)
+
+    try:
+        (node,) = cluster_tests.start_nodes(started, tmp_path, redis_server.url, namespace, 1)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(storm, worker) for worker in range(8)]
+            try:
+                for _ in range(5):
+                    time.sleep(1.0)
+                    redis_server.restart()
+                time.sleep(1.0)
+            finally:
+                stop.set()
+            for future in futures:
+                future.result(timeout=30)
+        deadline = time.monotonic() + RECOVERY_BOUND + 10
+        missing = list(acked)
+        while missing and time.monotonic() < deadline:
+            missing = [
+                run_id
+                for run_id in missing
+                if node.http.get(f"/v1/runs/{run_id}").json().get("state") not in (
+                    "completed", "failed", "cancelled"
+                )
+            ]  # fmt: skip
+            time.sleep(0.2)
+        assert not missing, f"{len(missing)} of {len(acked)} acknowledged runs never ended"
+    finally:
+        stop.set()
+        for item in started:
+            item.kill()
