@@ -1045,6 +1045,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.markdown and not report.skipped:
         from .table import markdown
 
-        Path(args.markdown).write_text(markdown(report.to_json()) + "\n", encoding="utf-8")
+        # With --json, the table's heading line (date, load, commit) comes from that file.
+        document = json.loads(Path(args.json).read_text(encoding="utf-8")) if args.json else None
+        table = markdown(report.to_json(), document)
+        Path(args.markdown).write_text(table + "\n", encoding="utf-8")
         print(f"wrote {args.markdown}")
     return 1 if args.check and missed else 0

@@ -58,12 +58,13 @@ def markdown(bench: dict[str, Any], document: dict[str, Any] | None = None) -> s
     out: list[str] = []
     if document is not None:
         machine = document["machine"]
+        # The file is written at the end of the run: its "at start" load is the end's.
         load = ", ".join(f"{x:.2f}" for x in machine.get("loadavg_at_start", []))
         params = bench["params"]
         out += [
-            f"Measured {document['generated_at']}, load {load} at the start, trio-runs "
-            f"{machine['versions']['trio_runs_git']}, {params['jobs']} jobs a measurement, "
-            f"{params['reps']} repetitions, {document['seconds']:.0f} s.",
+            f"Written {document['generated_at']} at the end of the run, load {load} then, "
+            f"trio-runs {machine['versions']['trio_runs_git']}, {params['jobs']} jobs a "
+            f"measurement, {params['reps']} repetitions, {document['seconds']:.0f} s.",
             "",
         ]
     out.append("| system | " + " | ".join(columns) + " |")
