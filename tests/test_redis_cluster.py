@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import signal
 import subprocess
@@ -89,6 +90,8 @@ def start_nodes(
     namespace: str,
     count: int,
     first: int = 0,
+    *extra: str,
+    env: dict[str, str] | None = None,
 ) -> list[e2e.Server]:
     nodes = [
         e2e.Server(
@@ -99,6 +102,8 @@ def start_nodes(
             namespace,
             "--lease-ttl",
             str(TTL),
+            *extra,
+            env=env,
         )
         for i in range(first, first + count)
     ]
@@ -240,3 +245,35 @@ def test_a_node_stopped_with_sigterm_leaves_cleanly_and_its_queued_runs_go_on(
     end = wait_terminal(b, running)
     assert (end["cancelled"], end["reason"]) == (True, "shutdown")
     assert [wait_terminal(b, run_id)["result"] for run_id in waiting] == ["w0", "w1"]
+
+
+def test_a_dead_nodes_run_runs_again_elsewhere_when_its_workspace_reruns(spawn, redis, tmp_path):
+    """R3, "or re-run by policy": with an agent whose coordinator says after_crash="rerun",
+    a run whose node dies goes back to the head of its lane and runs again on a survivor
+    (its terminal says attempt 2); the runs queued behind it wait for it."""
+    namespace = "c" + uuid.uuid4().hex[:12]
+    log = tmp_path / "starts.log"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+        ),
+        "RERUN_AGENT_LOG": str(log),
+    }
+    agent = ("--agent", "rerun_agent:plugin")
+    (a,) = start_nodes(spawn, tmp_path, redis.url, namespace, 1, 0, *agent, env=env)
+    first = submit(a, "s", "sleep 3")
+    a.wait_state(first, "active")  # claimed by a: the only node yet
+    behind = submit(a, "s", "sleep 0")
+    (b,) = start_nodes(spawn, tmp_path, redis.url, namespace, 1, 1, *agent, env=env)
+    a.proc.send_signal(signal.SIGKILL)
+    again = wait_terminal(b, first, RECOVERY_BOUND + 5)
+    assert (again["result"], again.get("attempt")) == ("slept 3", 2), again
+    after = wait_terminal(b, behind)
+    assert after["result"] == "slept 0"
+    assert isinstance(after["started_at"], float)
+    assert isinstance(again["ended_at"], float)
+    assert again["ended_at"] <= after["started_at"]  # its lane waited for it
+    assert log.read_text().split() == [first, first, behind]
+    assert cluster_stats(redis, namespace).get("rerun") == 1
+    assert sorted(stream_run_ids(redis, namespace)) == sorted([first, behind])

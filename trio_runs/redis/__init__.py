@@ -10,13 +10,14 @@ Needs the ``redis`` extra (``coredis``).
 from __future__ import annotations
 
 from .cluster import DEFAULT_CAPACITY, ClusterCoordinator, ClusterNode, ClusterNodeStatistics
-from .lease import ABANDONED_ERROR, DEFAULT_LEASE_TTL, NodeLease, RetentionLimits
+from .lease import ABANDONED_ERROR, DEFAULT_LEASE_TTL, MAX_EXECUTIONS, NodeLease, RetentionLimits
 from .store import ClaimedRun, RedisStore, RedisStoreStatistics, open_redis_store
 
 __all__ = [
     "ABANDONED_ERROR",
     "DEFAULT_CAPACITY",
     "DEFAULT_LEASE_TTL",
+    "MAX_EXECUTIONS",
     "ClaimedRun",
     "ClusterCoordinator",
     "ClusterNode",

@@ -145,9 +145,10 @@ BATCH = (
     _FINISH
     + r"""
 -- ARGV[1] prefix; ARGV[2] JSON {limits, ops}; each op is
---   ["accept", id, session, node, routed, path, call, meta, member] -> "ok" | "dup" |
---      "fenced"; routed (a boolean): queued in its lane with its call; path, call and meta
---      (JSON: accepted_at, labels) may be ""; member is its place in the index
+--   ["accept", id, session, node, routed, path, call, meta, member, rerun] -> "ok" |
+--      "dup" | "fenced"; routed (a boolean): queued in its lane with its call; path, call
+--      and meta (JSON: accepted_at, labels) may be ""; member is its place in the index;
+--      rerun (a boolean): its node's death puts it back at its lane's head (``r``)
 --   ["withdraw", id, node]           -> "ok"
 --   ["complete", id, session, outcome, rc, node] -> "ok" | "dup" | "fenced" | "handed"
 --      ("handed": a routed run, from the node that accepted it but does not run it: only
@@ -203,6 +204,7 @@ for i, op in ipairs(req.ops) do
       -- Routed: owned by no node until one claims it, so its acceptor's death loses nothing.
       local session = op[3]
       redis.call('HSET', run, 's', session, 'a', node, 'c', op[7], 'q', '1')
+      if op[10] then redis.call('HSET', run, 'r', '1') end
       redis.call('SADD', P .. 'routed', id)
       if redis.call('RPUSH', P .. 'lane:' .. session, id) == 1
           and redis.call('EXISTS', P .. 'active:' .. session) == 0 then
@@ -323,8 +325,8 @@ return out
 
 CLAIM = r"""
 -- ARGV: prefix, node, max, stream length. Pops ready sessions and makes the head of each
--- one's lane its active run, owned by this node: {"ok", id, session, path, call, ...} (at
--- most max runs), or {"fenced"} when the node no longer holds its lease.
+-- one's lane its active run, owned by this node: {"ok", id, session, path, call, reruns,
+-- ...} (at most max runs), or {"fenced"} when the node no longer holds its lease.
 local P, node, max, stream = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 if redis.call('EXISTS', P .. 'lease:' .. node) == 0 then
   return {'fenced'}
@@ -353,6 +355,7 @@ while claimed < max do
         out[#out + 1] = session
         out[#out + 1] = redis.call('HGET', run, 'w')
         out[#out + 1] = redis.call('HGET', run, 'c')
+        out[#out + 1] = redis.call('HGET', run, 'e') or '0'
         claimed = claimed + 1
         break
       end
@@ -459,8 +462,10 @@ return 1
 RECOVER = (
     _FINISH
     + r"""
--- ARGV[1] prefix; ARGV[2] JSON {limits, error, max}. Every run of a node whose lease is
--- gone gets one abandoned terminal; returns {run ids recovered}.
+-- ARGV[1] prefix; ARGV[2] JSON {limits, error, max, executions}. Every run of a node whose
+-- lease is gone gets one abandoned terminal, or, a routed run whose workspace reruns what a
+-- crash interrupted (``r``), goes back to the head of its lane for its next execution (``e``
+-- counts the reruns) unless it had `executions` already; returns {run ids recovered}.
 local P = ARGV[1]
 local req = cjson.decode(ARGV[2])
 local now = now_ms()
@@ -477,7 +482,21 @@ for _, node in ipairs(redis.call('SMEMBERS', P .. 'dead')) do
   for _, id in ipairs(redis.call('SRANDMEMBER', key, req.max - #done)) do
     local run = P .. 'run:' .. id
     local session = redis.call('HGET', run, 's')
-    if session and redis.call('HEXISTS', run, 'rc') == 0 then
+    local reruns = tonumber(redis.call('HGET', run, 'e') or '0')
+    if session and redis.call('HEXISTS', run, 'rc') == 0 and redis.call('HGET', run, 'r') == '1'
+        and redis.call('HEXISTS', run, 'c') == 1 and reruns + 1 < req.executions then
+      redis.call('HSET', run, 'q', '1', 'e', reruns + 1)
+      redis.call('HDEL', run, 'n', 't')
+      redis.call('SREM', key, id)
+      redis.call('SADD', P .. 'routed', id)
+      if redis.call('GET', P .. 'active:' .. session) == id then
+        redis.call('DEL', P .. 'active:' .. session)
+      end
+      redis.call('LPUSH', P .. 'lane:' .. session, id)
+      redis.call('RPUSH', P .. 'ready', session)
+      redis.call('HINCRBY', P .. 'stats', 'rerun', 1)
+      done[#done + 1] = id
+    elseif session and redis.call('HEXISTS', run, 'rc') == 0 then
       local rc = cjson.encode({session_id = session, run_id = id, error = req.error,
                                cancelled = false, abandoned = true, reason = 'abandoned',
                                ended_at = now / 1000})

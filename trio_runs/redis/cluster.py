@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from functools import partial
-from typing import Final
+from typing import Any, Final, cast
 
 import attrs
 import trio
@@ -46,6 +46,7 @@ from ..context import (
 )
 from ..coordinator import (
     AcceptedRun,
+    Coordinator,
     CoordinatorStatistics,
     Reservation,
     SessionCoordinator,
@@ -61,7 +62,6 @@ from ..errors import (
     WorkspaceNotFound,
 )
 from ..events import Attachment, EndReason, EventType, RunCall, RunComplete, RunProgress
-from ..ledger import RunStore
 from .store import ClaimedRun, RedisStore
 
 __all__ = ["DEFAULT_CAPACITY", "ClusterCoordinator", "ClusterNode", "ClusterNodeStatistics"]
@@ -146,7 +146,7 @@ class ClusterCoordinator:
         self._path = path
         self._sequence = 0
         self._routed: dict[str, _Routed] = {}
-        store.route_workspace(path)
+        store.route_workspace(path, rerun=local.after_crash == "rerun")
         store.on_workspace_terminal(path, announcer(workspace.run_completions))
         store.on_workspace_progress(path, partial(workspace.events.publish, EventType.CREATED))
 
@@ -327,14 +327,16 @@ class _Forwarding(Broker[RunProgress]):
         self._forward(payload)
 
 
-@attrs.frozen
-class _LocalResources:
-    # What the local coordinator is built on: the workspace's events and store, but a
-    # completions broker of its own, nobody's: the workspace's subscribers get each
-    # terminal once, from the store, whichever node ran the run.
-    run_completions: Broker[RunComplete]
-    events: Broker[RunProgress]
-    ledger: RunStore
+class _LocalWorkspace:
+    # The workspace as the agent's factory sees it on a cluster node: the workspace itself
+    # (its id, path, brokers, store), but the progress its runs emit also goes to the other
+    # nodes' subscribers.
+    def __init__(self, workspace: Workspace, events: Broker[RunProgress]) -> None:
+        self._workspace = workspace
+        self.events = events
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._workspace, name)
 
 
 class ClusterNode:
@@ -350,7 +352,7 @@ class ClusterNode:
     def __init__(
         self,
         store: RedisStore,
-        agent_factory: Callable[[WorkspaceResources], SessionCoordinator | None],
+        agent_factory: Callable[[Workspace], Coordinator | None],
         *,
         capacity: int = DEFAULT_CAPACITY,
     ) -> None:
@@ -392,11 +394,11 @@ class ClusterNode:
             refused_total=self._refused_total,
         )
 
-    def _make(self, workspace: WorkspaceResources) -> ClusterCoordinator | None:
-        path = workspace.path if isinstance(workspace, Workspace) else ""
-        events = _Forwarding(workspace.events, partial(self._forward, path))
-        own = _LocalResources(Broker(), events, workspace.ledger)
-        local = self._agent_factory(own)
+    def _make(self, workspace: Workspace) -> ClusterCoordinator | None:
+        if not isinstance(workspace, Workspace):
+            raise TypeError("a cluster workspace is routed by its path: open it with a Backend")
+        events = _Forwarding(workspace.events, partial(self._forward, workspace.path))
+        local = self._agent_factory(cast(Workspace, _LocalWorkspace(workspace, events)))
         if local is None:
             return None
         if not isinstance(local, SessionCoordinator):
@@ -404,8 +406,6 @@ class ClusterNode:
                 f"a cluster node runs work with a SessionCoordinator, got {local!r} from "
                 "the agent's factory"
             )
-        if not isinstance(workspace, Workspace):
-            raise TypeError("a cluster workspace is routed by its path: open it with a Backend")
         self._locals[workspace.path] = local
         return ClusterCoordinator(self, self._store, local, workspace, workspace.path)
 

@@ -30,12 +30,23 @@ import coredis
 
 from . import _scripts
 
-__all__ = ["ABANDONED_ERROR", "DEFAULT_LEASE_TTL", "NodeLease", "RetentionLimits"]
+__all__ = [
+    "ABANDONED_ERROR",
+    "DEFAULT_LEASE_TTL",
+    "MAX_EXECUTIONS",
+    "NodeLease",
+    "RetentionLimits",
+]
 
 DEFAULT_LEASE_TTL = 10.0
 """Seconds a node's lease lives without a heartbeat (heartbeats come every third of it)."""
 
 ABANDONED_ERROR = "abandoned: the node running it stopped (its lease expired)"
+
+MAX_EXECUTIONS = 3
+"""How many times a routed run of a workspace that reruns crashed runs may start, in all:
+its node's death puts it back in its lane until then, and ends it abandoned after (a run
+that kills every node it runs on must not take the cluster down one node at a time)."""
 """The ``error`` of a terminal given by recovery."""
 
 
@@ -175,6 +186,13 @@ class NodeLease:
         uptime = info.get("uptime_in_seconds")
         if not isinstance(uptime, int | float | str) or float(uptime) < 1.5 * self.ttl:
             return []
-        payload = json.dumps({"limits": limits.wire(), "error": ABANDONED_ERROR, "max": max_runs})
+        payload = json.dumps(
+            {
+                "limits": limits.wire(),
+                "error": ABANDONED_ERROR,
+                "max": max_runs,
+                "executions": MAX_EXECUTIONS,
+            }
+        )
         done: object = await self._recover(args=[self._prefix, payload])
         return [str(run_id) for run_id in cast(list[object], done or [])]

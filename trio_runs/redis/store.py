@@ -103,7 +103,8 @@ class RedisStoreStatistics:
     incarnations: int
     """Leases this process has held: one more each time it was fenced."""
     recovered_total: int
-    """Runs of dead nodes this node gave an abandoned terminal."""
+    """Runs of dead nodes this node recovered: ended abandoned, or put back in their lanes
+    to run again (a workspace that reruns what a crash interrupted)."""
     lost_total: int
     """Runs this node accepted and lost to fencing (recovery ends them, not this node)."""
     stream_entries: int
@@ -136,6 +137,7 @@ class _Run:
         "on_visible",
         "path",
         "refused",
+        "rerun",
         "routed",
         "run_id",
         "session_id",
@@ -162,6 +164,7 @@ class _Run:
         self.completed_at = 0.0
         self.path: str | None = None  # the workspace it was accepted in, if told
         self.routed = False  # in its session's lane in Redis: any node may run it
+        self.rerun = False  # routed, and run again (not abandoned) if its node dies
         self.call: str | None = None  # routed: its call, as JSON, until Redis has it
         self.meta: str | None = None  # what a listing shows: accepted_at, labels (JSON)
         self.member = ""  # its place in the listing index
@@ -278,7 +281,7 @@ class RedisStore:
         self._lost_listeners: list[Callable[[list[str]], object]] = []
         # Routing (trio_runs.redis.cluster): paths whose runs go into lanes, the workspace
         # of each routed run pending elsewhere, and who hears of work, terminals, controls.
-        self._routed: set[str] = set()
+        self._routed: dict[str, bool] = {}  # path -> whether a crash reruns its runs
         self._remote_paths: dict[str, str] = {}
         self._active: dict[str, str] = {}  # session -> its active routed run, as last heard
         self._path_listeners: dict[str, list[Callable[[RunComplete], object]]] = {}
@@ -387,8 +390,10 @@ class RedisStore:
         if call.labels:
             meta["labels"] = dict(call.labels)
         run.meta = json.dumps(meta) if meta else None
-        if workspace_path is not None and workspace_path in self._routed:
+        rerun = self._routed.get(workspace_path) if workspace_path is not None else None
+        if rerun is not None:
             run.routed = True
+            run.rerun = rerun
             run.call = json.dumps(call.to_dict())
 
     def mark_started(self, run_id: str, started_at: float) -> None:
@@ -540,17 +545,20 @@ class RedisStore:
 
     # -- routing: cluster-wide session lanes (trio_runs.redis.cluster) -------------------
 
-    def route_workspace(self, path: str) -> None:
+    def route_workspace(self, path: str, *, rerun: bool = False) -> None:
         """Route the runs accepted from now on in the workspace at ``path`` through Redis:
-        each goes into its session's lane, and the node that claims it runs it."""
-        self._routed.add(path)
+        each goes into its session's lane, and the node that claims it runs it. With
+        ``rerun``, a run whose node dies goes back to the head of its lane to run again
+        (at most ``lease.MAX_EXECUTIONS`` executions in all) instead of ending abandoned."""
+        self._routed[path] = rerun
 
     def on_workspace_terminal(
         self, path: str, callback: Callable[[RunComplete], object]
     ) -> Callable[[], None]:
         """Call ``callback(rc)`` for every terminal of a routed run of the workspace at
-        ``path`` this node is shown (once per run, in the Trio thread; it must not block).
-        Returns the call that stops it."""
+        ``path`` this node is shown, but for one decided here with an ``on_visible`` (which
+        announced it): once per run, in the Trio thread; it must not block. Returns the call
+        that stops it."""
         listeners = self._path_listeners.setdefault(path, [])
         listeners.append(callback)
 
@@ -657,9 +665,13 @@ class RedisStore:
                 self._fenced_now()
             return []
         claimed: list[ClaimedRun] = []
-        for index in range(1, len(flat) - 3, 4):
-            run_id, session_id, path, call_json = (str(item) for item in flat[index : index + 4])
+        for index in range(1, len(flat) - 4, 5):
+            run_id, session_id, path, call_json, reruns = (
+                str(item) for item in flat[index : index + 5]
+            )
             call = RunCall.from_dict(json.loads(call_json))
+            if reruns != "0":  # run again after its node died (its workspace reruns)
+                call = attrs.evolve(call, execution=call.execution + int(reruns))
             run = self._runs.get(run_id)
             if run is None:
                 run = self._runs[run_id] = _Run(run_id, session_id, node, accepted=True)
@@ -884,7 +896,8 @@ class RedisStore:
                 listener(rc)
             except Exception:
                 logger.exception("a terminal listener failed for run %s", run_id)
-        if path is not None:
+        if path is not None and (run is None or run.on_visible is None):
+            # Announced already when it was decided here (on_visible): not a second time.
             for listener in self._path_listeners.get(path, ()):
                 try:
                     listener(rc)
@@ -992,6 +1005,7 @@ class RedisStore:
                 run.call or "",
                 run.meta or "",
                 run.member,
+                run.rerun,
             ]
         if op.lane is not None:  # a lane op, or a start time
             return op.lane
@@ -1300,7 +1314,9 @@ class RedisStore:
             self._work()  # a lane a lost wake-up left waiting starts within a heartbeat
             if recovered:
                 self._recovered += len(recovered)
-                logger.warning("ended %d runs of dead nodes as abandoned", len(recovered))
+                logger.warning(
+                    "recovered %d runs of dead nodes (abandoned, or to run again)", len(recovered)
+                )
 
     async def _drain(self, grace: float) -> None:
         # Leaving: give queued writes up to `grace` seconds, then drop the lease.
