@@ -296,6 +296,18 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
             ),
         ],
     ),
+    "cluster-rerun-policy-ignored": (
+        "redis/cluster.py",
+        [('rerun=local.after_crash == "rerun"', "rerun=False")],
+    ),
+    "cluster-zombie-keeps-running-a-run-recovery-ended": (
+        "redis/store.py",
+        [("            and (run.claimed or not run.routed)\n", "            and False\n")],
+    ),
+    "cluster-progress-stays-on-its-node": (
+        "redis/cluster.py",
+        [("        self._store.forward_progress(path, progress)\n", "        pass\n")],
+    ),
 }
 
 
