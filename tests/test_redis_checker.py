@@ -232,7 +232,13 @@ class Node:
         self.workspace = ""
         self.http = httpx.AsyncClient(
             timeout=REQUEST_SLACK,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            # Idle connections are dropped well before the server's keep-alive timeout
+            # (hypercorn's 5 s, httpx's default too): else a request sent on a connection the
+            # server is closing meets "Server disconnected without sending a response", an
+            # HTTP keep-alive race, not a fault of the node.
+            limits=httpx.Limits(
+                max_connections=None, max_keepalive_connections=64, keepalive_expiry=1.0
+            ),
         )
 
     def wait_url(self) -> str:
@@ -521,7 +527,7 @@ class Cluster:
             ended = ""  # the data of its `end` event, once it came
             problem = ""
             t0 = now()
-            with trio.move_on_at(deadline):
+            with trio.move_on_at(deadline) as bounded:
                 try:
                     async with node.http.stream(
                         "GET",
@@ -547,6 +553,8 @@ class Cluster:
             run.streams.append((terminals, reason, node.pid))
             if reason == "run_ended":
                 return
+            if bounded.cancelled_caught:
+                break  # its bound passed mid-stream: said below
             # Ended short of its run's end: by its node's death or stop (cut), or by Redis
             # going away (cut, or a loud `end` saying store_unavailable). Open it again.
             if self.timeline.node_faulted(node.pid, t0, t1):
