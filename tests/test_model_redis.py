@@ -25,6 +25,9 @@ What changes, because Redis needs the real clock
   nodes are already claiming, and the model's ``fresh`` state covers them.
 - *No virtual time*: no ``SLEEP`` agents, no ``Advance``, no terminal times checked; a waiter
   must return within the settle bound of its run's terminal.
+- *A failure is not shrunk* by default (each program opens two nodes, so shrinking runs into
+  Hypothesis's five-minute limit): its message names the step, and the program as drawn is
+  at most :data:`STEPS` steps. ``TRIO_RUNS_REDIS_MODEL_SHRINK=1`` shrinks.
 - *Not in this variant*: closing a workspace (``Close``, ``SendStale``) and ``cancel_all`` are
   per node in a cluster (a node closing ends what runs *there*; the cluster's lanes go on),
   which is not what the model's workspace close means; the lossy event and notification
@@ -45,19 +48,21 @@ What is checked at every quiet point, on both nodes
 - per session, cluster-wide: the agent started in acceptance order minus the dropped runs,
   never two at once (one agent object serves both nodes, so it sees the whole cluster); the
   agent's cancelled and finished runs are the predicted ones;
-- ``active_run_id`` on both nodes is the model's; each node's ``queued_run_ids`` holds the
-  queued runs *it* accepted, in order; ``is_session_busy`` holds on the node running the
-  session's active run only;
+- ``active_run_id`` on both nodes is the model's (the cluster's); each node's
+  ``queued_run_ids``, ``queued_prompts_list`` and ``queued_prompts`` hold the queued runs *it*
+  accepted, in order; ``is_session_busy`` holds on a node that accepted one of the session's
+  pending runs or runs its active one, and ``is_busy`` when any session is busy there; every
+  node's ``wait_run`` returns each terminal within the bound;
 - the library logs nothing at WARNING or above but the one warning per stubborn run that
   raised while being cancelled.
 
-Known bugs
-----------
-Three bugs the machine found are written up in /tmp/h4-bugs.md (each with a reproduction) for
-the owner of trio_runs/redis. Until each is fixed, a knob steers the machine around it
-(:data:`WAITERS_ON_THE_ACCEPTING_NODE`, :data:`NO_PREPARE_FAILURES`, :data:`AWAIT_LANE_OPS`)
-and a plain test at the bottom runs the machine's own program that shows it, marked xfail.
-Once one is fixed: set its knob to ``False`` and drop its test's xfail mark.
+Bugs it found
+-------------
+Each is a plain test at the bottom, the machine's own program that showed it: a waiter on the
+node that then claimed the run never returned, and a failed ``prepare`` reached the claiming
+node's subscribers twice (both fixed in ec6321c); a cancel or clear ends a run another node
+accepted after it returned (open: its test is xfail, and :data:`AWAIT_LANE_OPS` steers the
+machine around it; once fixed, set it to ``False`` and drop the mark).
 
 The profile: few examples (:data:`MAX_EXAMPLES`, ``TRIO_RUNS_REDIS_MODEL_EXAMPLES`` to
 change it) of up to :data:`STEPS` steps, each on a namespace of its own.
@@ -74,7 +79,7 @@ from contextlib import AsyncExitStack, asynccontextmanager, suppress
 import attrs
 import pytest
 import trio
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
 from test_model import (
@@ -158,21 +163,12 @@ POLL = 0.002
 when it arrived); only ever inside a bounded wait."""
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+SHRINK = os.environ.get("TRIO_RUNS_REDIS_MODEL_SHRINK", "") not in {"", "0"}
 MAX_EXAMPLES = int(os.environ.get("TRIO_RUNS_REDIS_MODEL_EXAMPLES", "20"))
 STEPS = 20
 
-# -- known bugs (/tmp/h4-bugs.md): each knob steers the machine around one, until it is fixed;
-# the plain tests at the bottom reproduce each one and are marked xfail meanwhile.
-
-WAITERS_ON_THE_ACCEPTING_NODE = True
-"""Bug 1: a waiter on node B for a run accepted on node A never returns if B then claims the
-run (``RedisStore.claim`` replaces the run the waiter watches). Meanwhile every waiter on an
-accepted run waits on the node that accepted it (a waiter on an unknown id: any node)."""
-
-NO_PREPARE_FAILURES = True
-"""Bug 2: the node that claimed a run whose ``prepare`` failed publishes its terminal twice to
-its workspace's subscribers (the backend's fallback announces it, and so does the store).
-Meanwhile the machine draws no ``PREPARE_FAIL`` runs."""
+# -- a known bug (/tmp/h4-bugs.md #3): the knob steers the machine around it until it is fixed;
+# the plain test at the bottom shows it and is marked xfail meanwhile.
 
 AWAIT_LANE_OPS = True
 """Bug 3: ``cancel`` / ``clear_queue`` / ``cancel_run`` reach Redis after they return, so a run
@@ -251,11 +247,9 @@ class ClusterProgram:
         url: str,
         namespace: str,
         *,
-        waiters_on_the_accepting_node: bool = WAITERS_ON_THE_ACCEPTING_NODE,
         await_lane_ops: bool = AWAIT_LANE_OPS,
     ) -> None:
         self.ops = list(ops)
-        self.waiters_on_the_accepting_node = waiters_on_the_accepting_node
         self.await_lane_ops = await_lane_ops
         self.url = url
         self.namespace = namespace
@@ -270,6 +264,7 @@ class ClusterProgram:
         self.accepted_on: dict[str, int] = {}
         self.ran_on: dict[str, int] = {}
         self.answered: set[tuple[int, str]] = set()  # (node, run id): wait_run returned
+        self.waits = 0  # the settle's event-driven waits still waiting
         self.quiet = True
         self.step = -1
         self.failure: Exception | None = None
@@ -440,7 +435,7 @@ class ClusterProgram:
         elif isinstance(op, Wait | WaitUnknown):
             if isinstance(op, Wait) and model.runs:
                 target = model.runs[op.run % len(model.runs)]
-                self._start_waiter(self._waiter_node(node, target), target.run_id, target)
+                self._start_waiter(node, target.run_id, target)
             else:
                 self._start_waiter(node, f"never-sent-{self.step}", None)
             await self._settle(force=True)
@@ -483,7 +478,7 @@ class ClusterProgram:
         run = ModelRun(index, GENERATION, session, op.behaviour, run_id)
         self.model.accept(run)
         if op.waiter:
-            self._start_waiter(self._waiter_node(1 - node, run), run_id, run)  # the other node
+            self._start_waiter(1 - node, run_id, run)  # waits on the other node
 
     async def _lane_op_done(self, live: LiveNode) -> None:
         # Until the cancel is in Redis, a run another node accepts meanwhile may be hit by it
@@ -493,10 +488,6 @@ class ClusterProgram:
             await self._settle(force=True)
         else:
             self.quiet = False  # a send right after lands before the writer sent this op
-
-    def _waiter_node(self, drawn: int, run: ModelRun) -> int:
-        # /tmp/h4-bugs.md #1: a waiter on a node that then claims the run never returns.
-        return self.accepted_on[run.run_id] if self.waiters_on_the_accepting_node else drawn
 
     def _start_waiter(self, node: int, run_id: str, run: ModelRun | None) -> None:
         waiter = Waiter(run_id, run, trio.current_time())
@@ -549,42 +540,53 @@ class ClusterProgram:
             return
         self.model.settle()
         self.quiet = True
-        with trio.move_on_after(SETTLE_BOUND):
+        broken: CheckFailed | None = None
+        with trio.move_on_after(SETTLE_BOUND) as bound:
             async with trio.open_nursery() as nursery:
                 for run in self.model.runs:
                     if run.expected is not None:
-                        for node in self._answering(run):
+                        for node in self.nodes:
                             if (node.index, run.run_id) not in self.answered:
                                 nursery.start_soon(self._terminal_answered, node, run)
                     elif run.agent_started:
-                        nursery.start_soon(self._agent.wait_started, run.run_id)
-            # What nodes learn from the streams (active runs, closed reservations) arrives
-            # a moment after the terminals: look again until it all agrees, in bound.
-            while not self._agrees():
-                await trio.sleep(POLL)
+                        nursery.start_soon(self._started, run.run_id)
+                # What nodes learn from the streams (active runs, closed reservations)
+                # arrives a moment after the terminals: look again until it all agrees, in
+                # bound; what can never come right again fails at once.
+                while True:
+                    try:
+                        self._check_irrecoverable()
+                    except CheckFailed as exc:
+                        broken = exc
+                        bound.cancel()
+                        break
+                    if not self.waits and self._agrees():
+                        break
+                    await trio.sleep(POLL)
+        if broken is not None:
+            raise broken
         self.check()  # outside the bound: fails with what still disagrees
         unanswered = [
             f"run {run.index} on node {node.index}"
             for run in self.model.runs
             if run.expected is not None
-            for node in self._answering(run)
+            for node in self.nodes
             if (node.index, run.run_id) not in self.answered
         ]
         self.expect(not unanswered, f"wait_run did not return within {SETTLE_BOUND}s: {unanswered}")
 
-    def _answering(self, run: ModelRun) -> list[LiveNode]:
-        # The nodes whose wait_run must return each ended run's terminal: every node (but
-        # only the accepting one while bug 1 stands: a wait on a node that then claims the
-        # run never returns).
-        if self.waiters_on_the_accepting_node:
-            return [self.nodes[self.accepted_on[run.run_id]]]
-        return self.nodes
-
     async def _terminal_answered(self, node: LiveNode, run: ModelRun) -> None:
+        self.waits += 1
         with suppress(UnknownRun):  # the check says so
             rc = await node.backend.wait_run(run.run_id)
             self.expect(rc == run.expected, f"wait_run of run {run.index} gave {rc}")
             self.answered.add((node.index, run.run_id))
+        self.waits -= 1
+
+    async def _started(self, run_id: str) -> None:
+        self.waits += 1
+        await self._agent.wait_started(run_id)
+        self.waits -= 1
 
     def _agrees(self) -> bool:
         try:
@@ -614,6 +616,62 @@ class ClusterProgram:
         )
         records = sorted(f"{r.levelname}: {r.getMessage()}" for r in self.log.records)
         self.expect(records == expected, f"the library logged {records}, expected {expected}")
+
+    def _check_irrecoverable(self) -> None:
+        """What, once wrong, no later moment can put right: checked while waiting for a quiet
+        point, so a broken cluster fails at once instead of at the end of the bound."""
+        agent, model = self._agent, self.model
+        self.expect(
+            agent.max_concurrent_per_session <= 1,
+            "a session had two agents running at once (on any nodes)",
+        )
+        session_of = {run.run_id: run.key for run in model.runs}
+        started: defaultdict[tuple[int, str], list[str]] = defaultdict(list)
+        for run_id in agent.started:
+            started[session_of[run_id]].append(run_id)
+        for key, run_ids in started.items():
+            predicted = model.agent_started.get(key, [])
+            self.expect(
+                run_ids == predicted[: len(run_ids)],
+                f"agent start order in {key[1]}: {[self._name(r) for r in run_ids]}, "
+                f"expected {[self._name(r) for r in predicted]}",
+            )
+        self.expect(
+            set(agent.cancelled) <= model.agent_cancelled,
+            f"agents cancelled: {self._named(agent.cancelled)}",
+        )
+        self.expect(
+            set(agent.finished) <= model.agent_finished,
+            f"agents finished: {self._named(agent.finished)}",
+        )
+        for node in self.nodes:
+            self.expect(
+                node.store.statistics().duplicates_suppressed == 0,
+                f"node {node.index} attempted a second terminal",
+            )
+            for run in model.runs:
+                got = node.store.get(run.run_id)
+                self.expect(
+                    got is None or got == run.expected,
+                    f"run {run.index} on node {node.index}: terminal {got}, expected "
+                    f"{run.expected}",
+                )
+        for waiter, node_index in zip(self.waiters, self.waiter_nodes, strict=True):
+            if waiter.run is not None and waiter.returned_at is not None:
+                self.expect(
+                    waiter.results == [waiter.run.expected],
+                    f"a waiter on node {node_index} on run {waiter.run.index} got "
+                    f"{waiter.results}, expected [{waiter.run.expected}]",
+                )
+        for each in self.recorders:
+            if each.entry.slow:
+                continue  # read at a Drain only
+            expected = self.model.ended_since(GENERATION, each.entry.since)
+            for run_id, rcs in each.entry.recorder.by_run.items():
+                self.expect(
+                    len(rcs) <= 1 and run_id in expected,
+                    f"recorder on node {each.node} got {self._named({run_id: len(rcs)})}",
+                )
 
     def _check_stores(self) -> None:
         model = self.model
@@ -653,30 +711,43 @@ class ClusterProgram:
         self.expect(held == pending, f"pending on the nodes {held}, in the model {pending}")
 
     def _check_queries(self) -> None:
+        # The lane queries of a ClusterCoordinator: the active run is the cluster's; the
+        # queue and busyness are what this node accepted (or runs), the lanes being in Redis.
         model = self.model
         for node in self.nodes:
-            coordinator = node.coordinator
+            coordinator, here = node.coordinator, node.index
+            busy_sessions = 0
             for session in SESSIONS:
                 key = (GENERATION, session)
                 lane = model.lane(key)
                 active = model.active_run_id(key)
+                queued = [run for run in lane[1:] if self.accepted_on[run.run_id] == here]
+                busy = any(self.accepted_on[run.run_id] == here for run in lane) or (
+                    active is not None and self.ran_on.get(active) == here
+                )
+                busy_sessions += busy
                 actual = (
                     coordinator.active_run_id(session),
                     coordinator.queued_run_ids(session),
-                    coordinator.is_session_busy(session),
+                    coordinator.queued_prompts_list(session),
                     coordinator.queued_prompts(session),
+                    coordinator.is_session_busy(session),
                 )
                 expected = (
                     active,
-                    [run.run_id for run in lane[1:] if self.accepted_on[run.run_id] == node.index],
-                    active is not None and self.ran_on.get(active) == node.index,
-                    0,
+                    [run.run_id for run in queued],
+                    [run.prompt for run in queued],
+                    len(queued),
+                    busy,
                 )
                 self.expect(
                     actual == expected,
-                    f"node {node.index} session {session}: (active, queued ids here, busy "
-                    f"here, queued here) = {actual}, expected {expected}",
+                    f"node {here} session {session}: (active, queued ids here, prompts, "
+                    f"count, busy here) = {actual}, expected {expected}",
                 )
+            self.expect(
+                coordinator.is_busy() == bool(busy_sessions), f"node {here}: is_busy() disagrees"
+            )
 
     def _check_recorders(self, *, include_slow: bool) -> None:
         for each in self.recorders:
@@ -696,16 +767,16 @@ class ClusterProgram:
                 run = next(run for run in self.model.runs if run.run_id == run_id)
                 self.expect(all(rc == run.expected for rc in rcs), f"a recorder got {rcs}")
 
+    def _name(self, run_id: str) -> str:
+        # Run ids are uuids: say which run (its index) it is, and what it does.
+        for run in self.model.runs:
+            if run.run_id == run_id:
+                return f"run {run.index} ({run.behaviour.kind})"
+        return run_id
+
     def _named(self, run_ids: Iterable[str]) -> dict[str, object]:
-        # Run ids are uuids: say which run (its index) each is, and what it does.
-        index = {run.run_id: run for run in self.model.runs}
         counts = run_ids if isinstance(run_ids, dict) else dict.fromkeys(run_ids, 1)
-        named = {}
-        for run_id, count in counts.items():
-            run = index.get(run_id)
-            name = f"run {run.index} ({run.behaviour.kind})" if run else run_id
-            named[name] = count
-        return dict(sorted(named.items()))
+        return dict(sorted((self._name(run_id), count) for run_id, count in counts.items()))
 
     def _check_waiters(self) -> None:
         for waiter, node in zip(self.waiters, self.waiter_nodes, strict=True):
@@ -767,7 +838,7 @@ behaviours = st.one_of(
     st.just(Behaviour(COMPLETE)),
     st.just(Behaviour(RAISE)),
     st.builds(Behaviour, st.just(FLOOD), st.integers(1, 3 * EVENTS_BUFFER)),
-    *([] if NO_PREPARE_FAILURES else [st.just(Behaviour(PREPARE_FAIL))]),
+    st.just(Behaviour(PREPARE_FAIL)),
     st.just(Behaviour(STUBBORN)),
 )
 
@@ -863,6 +934,10 @@ REDIS_MODEL_SETTINGS = settings(
     # with the example database replaying what failed, as tests/test_model.py does.
     derandomize=IN_CI,
     database=None if IN_CI else settings.default.database,
+    # Shrinking replays hundreds of programs, each opening two nodes: Hypothesis's own
+    # limit (5 minutes) is what ends it. A failure reports the program as drawn (at most
+    # STEPS steps, each step named in the message); TRIO_RUNS_REDIS_MODEL_SHRINK=1 shrinks.
+    phases=list(Phase) if SHRINK else [p for p in Phase if p is not Phase.shrink],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
@@ -883,12 +958,12 @@ def test_a_cluster_program_through_every_operation(redis_url: str) -> None:
             At(1, Subscribe(slow=True)),
             At(0, Send(0, Behaviour(COMPLETE), explicit_id=True, waiter=True)),
             At(1, Send(0, Behaviour(RAISE), waiter=True)),
-            At(0, Send(0, Behaviour(INSTANT), waiter=True)),
+            At(0, Send(0, Behaviour(PREPARE_FAIL), waiter=True)),
             At(1, Send(0, Behaviour(FLOOD, 3 * EVENTS_BUFFER))),
             At(0, Send(1, Behaviour(INSTANT))),
             At(1, Send(1, Behaviour(COMPLETE))),
             Release(0),
-            Release(0),  # RAISE fails, INSTANT completes at once, FLOOD floods
+            Release(0),  # RAISE fails, PREPARE_FAIL fails before starting, FLOOD floods
             At(1, Wait(0)),
             Release(0),
             At(0, Cancel(1)),
@@ -907,30 +982,26 @@ def test_a_cluster_program_through_every_operation(redis_url: str) -> None:
         redis_url,
     )
     outcomes = Counter(run.expected.outcome for run in program.model.runs if run.expected)
-    assert outcomes == {"completed": 4, "failed": 1, "cancelled": 5}
+    assert outcomes == {"completed": 3, "failed": 2, "cancelled": 5}
     assert set(program.ran_on.values()) <= {0, 1}
 
 
-# -- the known bugs (/tmp/h4-bugs.md), each by the machine's own program -----------------------
+# -- bugs the machine found, each by the machine's own program --------------------------------
 
 
-@pytest.mark.xfail(
-    reason="bug 1 (/tmp/h4-bugs.md): RedisStore.claim replaces the run a waiter on the "
-    "claiming node watches, so that waiter never returns",
-    strict=False,
-)
 def test_a_waiter_on_the_node_that_claims_the_run_returns(redis_url: str) -> None:
+    """Found by the machine: a waiter on node 1 for a run node 0 accepted never returned when
+    node 1 then claimed the run (``RedisStore.claim`` replaced the record the waiter
+    watched). Fixed in ec6321c."""
     # Waiters on node 1 for runs node 0 accepted: node 1 claims some of them (both serve).
     sends = [At(0, Send(i % len(SESSIONS), Behaviour(INSTANT), waiter=True)) for i in range(9)]
-    run_cluster_program(sends, redis_url, waiters_on_the_accepting_node=False)
+    run_cluster_program(sends, redis_url)
 
 
-@pytest.mark.xfail(
-    reason="bug 2 (/tmp/h4-bugs.md): a claimed run whose prepare failed reaches its node's "
-    "subscribers twice (the backend's fallback announces it, and the store does)",
-    strict=False,
-)
 def test_a_prepare_failure_reaches_each_subscriber_once(redis_url: str) -> None:
+    """Found by the machine: the node that claimed a run whose ``prepare`` failed published
+    its terminal twice to its subscribers (the backend's fallback announced it, and so did
+    the store). Fixed in ec6321c."""
     run_cluster_program([At(0, Send(0, Behaviour(PREPARE_FAIL)))], redis_url)
 
 
