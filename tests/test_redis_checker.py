@@ -1005,7 +1005,8 @@ def processes() -> Iterator[list[Node]]:
         node.kill()
 
 
-def seed_for(test: str) -> int:
+def seed_for() -> int:
+    """``TRIO_RUNS_CHECKER_SEED`` if set, else a fresh seed (printed in any failure)."""
     given = os.environ.get(SEED_ENV)
     return int(given) if given else random.SystemRandom().randrange(1 << 32)
 
@@ -1044,7 +1045,7 @@ async def test_a_faulted_cluster_keeps_every_promise(
 ) -> None:
     """The CI-sized checker: ~160 runs over 36 sessions in 22 s; one SIGKILL, one zombie, one
     Redis outage past ``unavailable_after``, in a seeded order at seeded moments."""
-    seed = seed_for("ci")
+    seed = seed_for()
     cluster = Cluster(tmp_path, redis_server, seed, processes, soak=0)
     figures = await checked(cluster, CI_LOAD_SECONDS, 80)
     faults = figures["faults"]
@@ -1058,7 +1059,7 @@ async def test_soak(
 ) -> None:
     """The soak: load and random faults for ``TRIO_RUNS_SOAK_SECONDS``, then every check."""
     seconds = float(os.environ[SOAK_ENV])
-    seed = seed_for("soak")
+    seed = seed_for()
     cluster = Cluster(tmp_path, redis_server, seed, processes, soak=seconds)
     await checked(cluster, seconds, seconds + 120)
 
