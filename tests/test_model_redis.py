@@ -30,8 +30,8 @@ What changes, because Redis needs the real clock
   at most :data:`STEPS` steps. ``TRIO_RUNS_REDIS_MODEL_SHRINK=1`` shrinks.
 - *Not in this variant*: closing a workspace (``Close``, ``SendStale``) and ``cancel_all`` are
   per node in a cluster (a node closing ends what runs *there*; the cluster's lanes go on),
-  which is not what the model's workspace close means; the lossy event and notification
-  checks (per node, for the runs that node ran) stay in the in-process machine.
+  which is not what the model's workspace close means; the notification checks (per node,
+  for the runs that node ran) stay in the in-process machine.
 - *New here*: :class:`CancelRun`, one run cancelled from either node (queued: it ends at once;
   active: its node cancels it; ended: refused).
 
@@ -43,6 +43,8 @@ What is checked at every quiet point, on both nodes
   it accepted, and at the end Redis's cluster-wide counters agree (accepted, outcomes, no
   duplicate, nothing fenced or abandoned);
 - each node's terminal recorders got each terminal once (slow ones too, at a ``Drain``);
+- lossy progress is never silently lost: on each node, the events read (at every check, from
+  a small buffer) plus those dropped are every event emitted, whichever node ran the flood;
 - every waiter, on either node, returned exactly the predicted terminal, or is still waiting
   on a pending run; a waiter on an unknown id got ``UnknownRun``;
 - per session, cluster-wide: the agent started in acceptance order minus the dropped runs,
@@ -128,7 +130,9 @@ from trio_runs import (
     DuplicateRun,
     RunCall,
     RunContext,
+    RunProgress,
     SessionCoordinator,
+    Subscription,
     UnknownRun,
     Workspace,
     open_backend,
@@ -224,6 +228,8 @@ class LiveNode:
     backend: Backend
     cluster: ClusterNode
     workspace: Workspace
+    events: Subscription[RunProgress] | None = None  # read at every check
+    events_read: int = 0
 
     @property
     def coordinator(self) -> ClusterCoordinator:
@@ -298,6 +304,7 @@ class ClusterProgram:
                     self.nodes.append(await stack.enter_async_context(self._node(index)))
                 for node in self.nodes:
                     await self._subscribe(node.index, slow=False)
+                    node.events = await stack.enter_async_context(node.workspace.events.subscribe())
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     try:
@@ -330,9 +337,10 @@ class ClusterProgram:
             )
 
             def factory(workspace: WorkspaceResources) -> ClusterCoordinator | None:
-                # A small completions buffer, so slow recorders go far past it.
+                # Small buffers, so slow recorders go far past them and floods overflow.
                 assert isinstance(workspace, Workspace)
                 workspace.run_completions = Broker(COMPLETIONS_BUFFER, MAX_BACKLOG)
+                workspace.events = Broker(EVENTS_BUFFER, MAX_BACKLOG)
                 return cluster.coordinator_factory(workspace)  # type: ignore[return-value]
 
             # The workspace first, with the small buffer: claims then find it open.
@@ -603,6 +611,7 @@ class ClusterProgram:
             raise CheckFailed(f"step {self.step} {op!r}: {message}")
 
     def check(self) -> None:
+        self._check_progress()
         self._check_stores()
         self._check_queries()
         self._check_recorders(include_slow=False)
@@ -672,6 +681,27 @@ class ClusterProgram:
                     len(rcs) <= 1 and run_id in expected,
                     f"recorder on node {each.node} got {self._named({run_id: len(rcs)})}",
                 )
+
+    def _check_progress(self) -> None:
+        # Lossy progress is never silently lost, on any node: every event a run emitted
+        # (wherever it ran: the other node's arrive through Redis) is read here, or counted
+        # as dropped by this node's small events buffer.
+        emitted = self.model.emitted[GENERATION]
+        for node in self.nodes:
+            reader = node.events
+            assert reader is not None
+            while True:
+                try:
+                    payload = reader.receive_nowait().payload
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                self.expect(isinstance(payload, RunProgress), f"progress event {payload!r}")
+                node.events_read += 1
+            self.expect(
+                node.events_read + reader.dropped == emitted,
+                f"events on node {node.index}: read {node.events_read} + dropped "
+                f"{reader.dropped} != {emitted} emitted",
+            )
 
     def _check_stores(self) -> None:
         model = self.model
