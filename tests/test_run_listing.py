@@ -130,7 +130,7 @@ async def test_running_runs_are_listed_with_their_metadata(autojump_clock, tmp_p
         assert view.accepted_at is not None
         assert view.started_at is not None
         assert (await service.view(queued)).started_at is None
-        service.cancel_session(ws.id, "s")
+        await service.cancel_session(ws.id, "s")
         ended = await service.wait(active, 60)
         assert ended.terminal is not None
         assert ended.terminal.reason == "session_cancel"

@@ -324,15 +324,35 @@ return out
 )
 
 CLAIM = r"""
--- ARGV: prefix, node, max, stream length. Pops ready sessions and makes the head of each
--- one's lane its active run, owned by this node: {"ok", id, session, path, call, reruns,
--- ...} (at most max runs), or {"fenced"} when the node no longer holds its lease.
+-- ARGV: prefix, node, max, stream length, ttl ms, mine. Pops ready sessions and makes the
+-- head of each one's lane its active run, owned by this node: {"ok", id, session, path,
+-- call, reruns, ...} (at most max runs), or {"fenced"} when the node was declared dead.
+-- With mine = "1" it first returns the routed runs this node owns already and has not
+-- ended (a claim whose answer was lost on the way: the node asks again, not a wedged lane).
 local P, node, max, stream = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 if redis.call('EXISTS', P .. 'lease:' .. node) == 0 then
-  return {'fenced'}
+  -- Expired, but nobody declared it dead (Redis restarted, or no survivor swept): none of
+  -- its runs was ended for it, so it may go on (as BATCH decides).
+  if redis.call('SISMEMBER', P .. 'nodes', node) == 0 then
+    return {'fenced'}
+  end
+  redis.call('SET', P .. 'lease:' .. node, '1', 'PX', ARGV[5])
 end
 local out = {'ok'}
 local claimed = 0
+if ARGV[6] == '1' then
+  for _, id in ipairs(redis.call('SMEMBERS', P .. 'node:' .. node .. ':runs')) do
+    local run = P .. 'run:' .. id
+    local call = redis.call('HGET', run, 'c')
+    if call and redis.call('HEXISTS', run, 'rc') == 0 then
+      out[#out + 1] = id
+      out[#out + 1] = redis.call('HGET', run, 's')
+      out[#out + 1] = redis.call('HGET', run, 'w')
+      out[#out + 1] = call
+      out[#out + 1] = redis.call('HGET', run, 'e') or '0'
+    end
+  end
+end
 while claimed < max do
   local session = redis.call('LPOP', P .. 'ready')
   if not session then break end

@@ -290,6 +290,7 @@ class RedisStore:
         self._control_listeners: list[Callable[[str, str, str], object]] = []
         self._claimed_total = 0
         self._control_total = 0
+        self._claim_uncertain = False  # a claim's answer was lost: ask for our own runs
         self._progress_queued = 0
         self._progress_forwarded = 0
         self._progress_dropped = 0
@@ -654,12 +655,26 @@ class RedisStore:
         node = self._lease.node_id
         if not self._lease.registered:
             return []
+        # After a claim whose answer never came, Redis may hold runs claimed for this node
+        # that it never heard of: ask for them too, or their lanes would wait forever.
+        mine = "1" if self._claim_uncertain else "0"
+        self._claim_uncertain = True  # until this answer is in hand
         flat = cast(
             list[object],
             await self._call(
-                self._claim(args=[self._prefix, node, max_runs, self._limits_wire["stream"]])
+                self._claim(
+                    args=[
+                        self._prefix,
+                        node,
+                        max_runs,
+                        self._limits_wire["stream"],
+                        self._lease.ttl_ms,
+                        mine,
+                    ]
+                )
             ),
         )
+        self._claim_uncertain = False
         if not flat or flat[0] != "ok":
             if node == self._lease.node_id:
                 self._fenced_now()
@@ -673,6 +688,8 @@ class RedisStore:
             if reruns != "0":  # run again after its node died (its workspace reruns)
                 call = attrs.evolve(call, execution=call.execution + int(reruns))
             run = self._runs.get(run_id)
+            if run is not None and run.claimed:
+                continue  # one this node runs already (asked again after a lost answer)
             if run is None:
                 run = self._runs[run_id] = _Run(run_id, session_id, node, accepted=True)
                 run.written = run.borrowed = True
