@@ -308,6 +308,19 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         "redis/cluster.py",
         [("        self._store.forward_progress(path, progress)\n", "        pass\n")],
     ),
+    "cluster-lost-claim-forgotten": (
+        "redis/store.py",
+        [('        mine = "1" if self._claim_uncertain else "0"\n', '        mine = "0"\n')],
+    ),
+    "cluster-claim-fences-an-expired-lease": (
+        "redis/_scripts.py",
+        [
+            (
+                "  if redis.call('SISMEMBER', P .. 'nodes', node) == 0 then\n    return {'fenced'}",
+                "  if true then\n    return {'fenced'}",
+            )
+        ],
+    ),
 }
 
 

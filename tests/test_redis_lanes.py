@@ -265,3 +265,31 @@ async def test_progress_of_a_run_on_another_node_reaches_this_nodes_subscribers(
         assert worker.store.redis_statistics().progress_forwarded == 50
         # The node that ran it published it to its own subscribers once, not twice.
         assert front.store.redis_statistics().progress_forwarded == 0
+
+
+async def test_a_claim_whose_answer_was_lost_is_asked_for_again(
+    redis_url, namespace, real_clock, tmp_path
+):
+    """A claim Redis ran but whose answer never reached the node (Redis went away just
+    then) left the run active in Redis, owned by a live node that never heard of it: no
+    recovery would end it and its lane would wait forever. The node's next claim asks for
+    its own runs again and runs them."""
+    recorder = Recorder()
+    path = str(tmp_path)
+    async with cluster_node(redis_url, namespace, "a", recorder, path, serve=False) as a:
+        with trio.fail_after(BOUND):
+            run_id = await submit(a, "s", "hello")
+            behind = await submit(a, "s", "after")
+            # The claim runs in Redis, and its answer is lost on the way back (as when Redis
+            # is killed right after it ran the script): what a failed claim leaves.
+            store = a.store
+            await store._claim(
+                args=[store._prefix, store.node_id, 1, 100, store._lease.ttl_ms, "0"]
+            )
+            store._claim_uncertain = True
+            async with trio.open_nursery() as nursery:
+                await nursery.start(a.cluster.serve, a.backend)
+                assert (await a.backend.wait_run(run_id)).result == "hello"
+                assert (await a.backend.wait_run(behind)).result == "after"
+                nursery.cancel_scope.cancel()
+    assert [e.run_id for e in recorder.executions] == [run_id, behind]
