@@ -170,7 +170,19 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
     ),
     "cancel-reason-lost": (
         "coordinator.py",
-        [('                accept._cancel_reason = "user"\n', "")],
+        [
+            (
+                "                accept._cancel_requested = True\n"
+                "                accept._cancel_reason = reason\n"
+                "                accept._scope.cancel()\n"
+                "            else:\n"
+                "                self._drop(session, accept, reason)\n",
+                "                accept._cancel_requested = True\n"
+                "                accept._scope.cancel()\n"
+                "            else:\n"
+                "                self._drop(session, accept, reason)\n",
+            )
+        ],
     ),
     "listing-skips-page-boundary": (
         "ledger.py",
@@ -202,11 +214,8 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         "http/client.py",
         [
             (
-                '            self._finish(pending, RunComplete.from_dict(line["run"]["terminal"]))',
-                "            self._finish(\n"
-                "                sent[len(sent) - 1 - sent.index(pending)],\n"
-                '                RunComplete.from_dict(line["run"]["terminal"]),\n'
-                "            )",
+                "            self._finish(pending, line.terminal)\n",
+                "            self._finish(sent[len(sent) - 1 - line.index], line.terminal)\n",
             )
         ],
     ),
@@ -254,8 +263,8 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         "redis/_scripts.py",
         [
             (
-                "      redis.call('SADD', P .. 'routed', id)\n",
-                "      redis.call('SADD', P .. 'routed', id)\n"
+                "      if op[10] then redis.call('HSET', run, 'r', '1') end\n",
+                "      if op[10] then redis.call('HSET', run, 'r', '1') end\n"
                 "      redis.call('SADD', P .. 'node:' .. node .. ':runs', id)\n",
             )
         ],
@@ -318,6 +327,15 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
             (
                 "  if redis.call('SISMEMBER', P .. 'nodes', node) == 0 then\n    return {'fenced'}",
                 "  if true then\n    return {'fenced'}",
+            )
+        ],
+    ),
+    "cluster-cancel-catches-runs-accepted-after-it": (
+        "redis/_scripts.py",
+        [
+            (
+                "        return tonumber(redis.call('HGET', run, 'x') or '0') < fence\n",
+                "        return true\n",
             )
         ],
     ),

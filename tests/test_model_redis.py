@@ -67,9 +67,9 @@ Bugs it found
 -------------
 Each is a plain test at the bottom, the machine's own program that showed it: a waiter on the
 node that then claimed the run never returned, and a failed ``prepare`` reached the claiming
-node's subscribers twice (both fixed in ec6321c); a cancel or clear ends a run another node
-accepted after it returned (open: its test is xfail, and :data:`AWAIT_LANE_OPS` steers the
-machine around it; once fixed, set it to ``False`` and drop the mark).
+node's subscribers twice (both fixed in ec6321c); a cancel or clear ended a run another node
+accepted after it returned (fixed: a session's cancellation carries a fence, the time of the
+call, and spares the runs other nodes accepted after it).
 
 The profile: few examples (:data:`MAX_EXAMPLES`, ``TRIO_RUNS_REDIS_MODEL_EXAMPLES`` to
 change it) of up to :data:`STEPS` steps, each on a namespace of its own.
@@ -84,7 +84,6 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 
 import attrs
-import pytest
 import trio
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
@@ -177,13 +176,10 @@ SHRINK = os.environ.get("TRIO_RUNS_REDIS_MODEL_SHRINK", "") not in {"", "0"}
 MAX_EXAMPLES = int(os.environ.get("TRIO_RUNS_REDIS_MODEL_EXAMPLES", "20"))
 STEPS = 20
 
-# -- a known bug (/tmp/h4-bugs.md #3): the knob steers the machine around it until it is fixed;
-# the plain test at the bottom shows it and is marked xfail meanwhile.
-
-AWAIT_LANE_OPS = True
-"""Bug 3: ``cancel`` / ``clear_queue`` / ``cancel_run`` reach Redis after they return, so a run
-another node accepts meanwhile may be ended by them. Meanwhile the machine waits for the
-issuing node's writes (``store.flush()``) after each."""
+AWAIT_LANE_OPS = False
+"""Whether the machine waits for the issuing node's writes (``store.flush()``) after each
+``cancel`` / ``clear_queue`` / ``cancel_run``: not needed since a cancellation is fenced by
+the time of its call (it was, before: a run another node accepted meanwhile was caught)."""
 
 WORKSPACE_PATH = "/trio-runs-model-redis/0"
 GENERATION = 0  # one workspace for the whole program (no Close here)
@@ -1143,11 +1139,6 @@ def test_a_prepare_failure_reaches_each_subscriber_once(redis_url: str) -> None:
     run_cluster_program([At(0, Send(0, Behaviour(PREPARE_FAIL)))], redis_url)
 
 
-@pytest.mark.xfail(
-    reason="bug 3 (/tmp/h4-bugs.md): cancel / clear_queue reach Redis after they return, and "
-    "end a run another node accepted after them",
-    strict=False,
-)
 def test_a_cancel_on_one_node_leaves_a_run_accepted_after_it_on_another(redis_url: str) -> None:
     program = [
         op

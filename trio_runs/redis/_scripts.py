@@ -27,7 +27,8 @@ counters.
 Routed runs (DESIGN R2: one active run per session, cluster-wide, FIFO): a run accepted with
 a workspace path is not owned by the node that accepted it (``a`` in its hash) but queued in
 its session's lane, ``P lane:<session>`` (a list, acceptance order; ``q`` marks it queued,
-``c`` holds its call; ``P routed`` is the set of routed runs without a terminal).
+``c`` holds its call, ``x`` when Redis accepted it (microseconds), which a cancellation's
+fence is compared with; ``P routed`` is the set of routed runs without a terminal).
 
 Listing: ``P index`` is a sorted set of every run still held, all of score 0, ordered by its
 member ``<accepted_at, %020.6f>|<run id>`` (``k`` in the run's hash), so newest first is
@@ -155,7 +156,8 @@ BATCH = (
 --      the node that claimed it, a lane op or recovery ends a routed run)
 --   ["started", id, unix seconds] -> "ok": when its agent began (for listings)
 --   ["progress", path, progress JSON] -> "ok": for the other nodes' subscribers (lossy)
---   ["lane", session, action, run id or "", reason] -> "ok" | "queued" | "active" | "none"
+--   ["lane", session, action, run id or "", reason, fence (µs), caller node]
+--      -> "ok" | "queued" | "active" | "none"
 --      action "cancel": drop the lane's queued runs and cancel its active one; "clear":
 --      drop the queued runs; "cancel_run": the one run, queued or active; "drop": the one
 --      run if it is still queued; "release": a run the node (in place of the reason)
@@ -212,6 +214,8 @@ for i, op in ipairs(req.ops) do
       end
       redis.call('XADD', P .. 'accepted', 'MAXLEN', '~', limits.stream, '*', 'id', id,
                  's', session, 'p', path)
+      local t = redis.call('TIME')
+      redis.call('HSET', run, 'x', t[1] .. string.format('%06d', t[2]))
       redis.call('HINCRBY', P .. 'stats', 'accepted', 1)
       out[i] = 'ok'
     else
@@ -277,13 +281,31 @@ for i, op in ipairs(req.ops) do
     local lane = P .. 'lane:' .. session
     local answer = 'ok'
     if action == 'cancel' or action == 'clear' then
+      -- Only what was accepted before the call: by the calling node (its acceptances are
+      -- written in order, before this), or by any node before the call's time (op[6], in
+      -- microseconds of the calling node's clock, against Redis's at acceptance, ``x``): a
+      -- run accepted meanwhile on another node is untouched.
+      local caller, fence = op[7], tonumber(op[6])
+      local function before(id)
+        local run = P .. 'run:' .. id
+        if redis.call('HGET', run, 'a') == caller then return true end
+        return tonumber(redis.call('HGET', run, 'x') or '0') < fence
+      end
       local queued = redis.call('LRANGE', lane, 0, -1)
       redis.call('DEL', lane)  -- first: each drop then leaves an empty lane, in O(1)
+      local kept = {}
       for _, each in ipairs(queued) do
-        drop_queued(P, limits, each, session, reason, now)
+        if before(each) then
+          drop_queued(P, limits, each, session, reason, now)
+        else
+          kept[#kept + 1] = each
+        end
+      end
+      for _, each in ipairs(kept) do
+        redis.call('RPUSH', lane, each)
       end
       local active = redis.call('GET', P .. 'active:' .. session)
-      if action == 'cancel' and active then
+      if action == 'cancel' and active and before(active) then
         cancel_active(P, limits, session, active, reason)
       end
     else

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 import weakref
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -609,13 +610,16 @@ class RedisStore:
 
     def cancel_session(self, session_id: str, reason: EndReason = "session_cancel") -> None:
         """Cluster-wide: end the session's queued runs cancelled (``reason``) and ask the
-        node running its active run to cancel it. Queued for Redis in order after every
-        acceptance this node made before; never blocks."""
+        node running its active run to cancel it: the runs accepted before this call, on
+        this node or (by Redis's clock against this node's) on any other; a run another
+        node accepts meanwhile is untouched. Queued for Redis in order after every
+        acceptance this node made before; never blocks (``flush`` to know it is done)."""
         self._lane_op(session_id, "cancel", "", reason)
 
     def clear_session(self, session_id: str) -> None:
-        """Cluster-wide: end the session's queued runs cancelled (``clear_queue``); its active
-        run goes on. Never blocks."""
+        """Cluster-wide: end the session's queued runs cancelled (``clear_queue``), those
+        accepted before this call as :meth:`cancel_session` says; its active run goes on.
+        Never blocks."""
         self._lane_op(session_id, "clear", "", "clear_queue")
 
     def cancel_run(self, session_id: str, run_id: str) -> bool:
@@ -640,8 +644,12 @@ class RedisStore:
     def _lane_op(self, session_id: str, action: str, run_id: str, reason: str) -> None:
         if not self._connected:
             raise RedisUnavailable("Redis is not answering: nothing was cancelled")
-        run = _Run(run_id, session_id, self._lease.node_id, accepted=False)
-        self._enqueue("lane", run_id, run).lane = ["lane", session_id, action, run_id, reason]
+        node = self._lease.node_id
+        run = _Run(run_id, session_id, node, accepted=False)
+        # The fence of a session's cancellation: runs accepted after the call are not its.
+        fence = int(time.time() * 1_000_000)
+        wire: list[object] = ["lane", session_id, action, run_id, reason, fence, node]
+        self._enqueue("lane", run_id, run).lane = wire
 
     async def claim(self, max_runs: int) -> list[ClaimedRun]:
         """Claim up to ``max_runs`` routed runs to run here: the head of each ready session's
