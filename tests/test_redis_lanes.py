@@ -10,12 +10,15 @@ through Redis. Real clock (``real_clock``), every wait bounded in real seconds.
 from __future__ import annotations
 
 import itertools
+import re
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 import trio
 
 from trio_runs import AgentMessage, RunCall, RunComplete, SessionCoordinator, open_backend
@@ -25,6 +28,7 @@ from trio_runs.redis import ClusterNode, RedisStore, open_redis_store
 
 TTL = 1.0
 BOUND = 30.0
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 @attrs.define
@@ -293,3 +297,20 @@ async def test_a_claim_whose_answer_was_lost_is_asked_for_again(
                 assert (await a.backend.wait_run(behind)).result == "after"
                 nursery.cancel_scope.cancel()
     assert [e.run_id for e in recorder.executions] == [run_id, behind]
+
+
+async def test_the_readmes_python_cluster_node_runs(
+    redis_url, namespace, real_clock, capsys: pytest.CaptureFixture[str]
+):
+    """README "Scaling out", "From Python": the node it shows runs a run end to end."""
+    text = README.read_text(encoding="utf-8")
+    match = re.search(r"\*\*From Python\*\*.*?```python\n(.*?)```", text, re.S)
+    assert match, "the README lost its cluster example"
+    code = match.group(1).replace(
+        "open_redis_store(url)", f"open_redis_store(url, namespace={namespace!r})"
+    )
+    scope: dict[str, Any] = {}
+    exec(compile(code, str(README), "exec"), scope)
+    with trio.fail_after(BOUND):
+        await scope["main"](redis_url)
+    assert capsys.readouterr().out.startswith("completed ")
