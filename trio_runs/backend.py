@@ -413,6 +413,18 @@ class Backend:
         workspace = self.get_workspace(workspace_id)
         await workspace._close(grace)
 
+    def _taking_runs(self, workspace_id: str) -> tuple[Workspace, Coordinator]:
+        # The workspace and its coordinator, if it takes runs now; else the typed refusal.
+        workspace = self._workspaces.get(workspace_id)
+        if workspace is None:
+            raise WorkspaceNotFound(workspace_id)
+        if workspace.closing or self._closing:
+            raise WorkspaceClosing(workspace_id)
+        coordinator = workspace.coordinator
+        if coordinator is None:
+            raise AgentNotInitialized(workspace_id)
+        return workspace, coordinator
+
     def send_message(self, workspace_id: str, msg: AgentMessage) -> str:
         """Accept a run and start it in the workspace; returns its run id. Never blocks.
 
@@ -426,14 +438,7 @@ class Backend:
         """
         if not isinstance(msg, AgentMessage):
             raise TypeError(f"msg must be an AgentMessage, got {type(msg).__name__}")
-        workspace = self._workspaces.get(workspace_id)
-        if workspace is None:
-            raise WorkspaceNotFound(workspace_id)
-        if workspace.closing or self._closing:
-            raise WorkspaceClosing(workspace_id)
-        coordinator = workspace.coordinator
-        if coordinator is None:
-            raise AgentNotInitialized(workspace_id)
+        workspace, coordinator = self._taking_runs(workspace_id)
         validate_submission(msg.session_id, msg.prompt, msg.run_id, msg.attachments)
         labels = msg.labels
         if labels:
@@ -650,14 +655,7 @@ class Backend:
         Raises ``WorkspaceNotFound``, ``WorkspaceClosing`` or ``AgentNotInitialized``,
         having reserved and started nothing: the caller then owns the run's ending.
         """
-        workspace = self._workspaces.get(workspace_id)
-        if workspace is None:
-            raise WorkspaceNotFound(workspace_id)
-        if workspace.closing or self._closing:
-            raise WorkspaceClosing(workspace_id)
-        coordinator = workspace.coordinator
-        if coordinator is None:
-            raise AgentNotInitialized(workspace_id)
+        workspace, coordinator = self._taking_runs(workspace_id)
         nursery = workspace._nursery
         assert nursery is not None
         accept = coordinator.begin_accepted(call.session_id, call)
