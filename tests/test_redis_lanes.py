@@ -21,7 +21,14 @@ import attrs
 import pytest
 import trio
 
-from trio_runs import AgentMessage, RunCall, RunComplete, SessionCoordinator, open_backend
+from trio_runs import (
+    AgentMessage,
+    RunCall,
+    RunComplete,
+    SessionCoordinator,
+    SupportsDeadlines,
+    open_backend,
+)
 from trio_runs.backend import Backend, Workspace
 from trio_runs.coordinator import RunContext
 from trio_runs.redis import ClusterNode, RedisStore, open_redis_store
@@ -314,3 +321,19 @@ async def test_the_readmes_python_cluster_node_runs(
     with trio.fail_after(BOUND):
         await scope["main"](redis_url)
     assert capsys.readouterr().out.startswith("completed ")
+
+
+async def test_a_cluster_workspace_keeps_its_agents_default_deadline(
+    redis_url, namespace, real_clock, tmp_path
+):
+    """A service capping deadlines reads the workspace's default (SupportsDeadlines): on a
+    cluster node it is the agent's, not the cap, or every run would get the cap."""
+    async with (
+        open_redis_store(redis_url, namespace=namespace) as store,
+        open_backend(store) as backend,
+    ):
+        factory = SessionCoordinator.factory(Recorder().agent_for("a"), default_deadline=5.0)
+        cluster = ClusterNode(store, factory)
+        workspace = await backend.create_workspace(str(tmp_path), cluster.coordinator_factory)
+        assert isinstance(workspace.coordinator, SupportsDeadlines)
+        assert workspace.coordinator.default_deadline == 5.0

@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import msgspec
 import trio
@@ -85,6 +85,7 @@ class RunService:
         self._factory = coordinator_factory
         self._close_grace = close_grace
         self._max_deadline = max_deadline
+        self._default_deadlines: dict[str, float | None] = {}  # workspace id -> its default
         self._draining = False
         self._awaiting_delivery: set[str] = set()
         self._delivered_all = trio.Event()
@@ -271,10 +272,7 @@ class RunService:
                 f"deadline {deadline:g} s is above the server's maximum of {cap:g} s",
             )
         if cap is not None and deadline is None:
-            coordinator = self.workspace(workspace_id).coordinator
-            default = None
-            if isinstance(coordinator, SupportsDeadlines):
-                default = coordinator.default_deadline
+            default = self._default_deadline(workspace_id)
             deadline = cap if default is None else min(default, cap)
         return AgentMessage(
             request.session_id,
@@ -284,6 +282,22 @@ class RunService:
             deadline,
             labels=request.labels or {},
         )
+
+    def _default_deadline(self, workspace_id: str) -> float | None:
+        # Read once per workspace: a runtime protocol check costs microseconds, too much for
+        # every message of a batch (a coordinator's default deadline is fixed when it is made).
+        try:
+            return self._default_deadlines[workspace_id]
+        except KeyError:
+            pass
+        coordinator = self.workspace(workspace_id).coordinator
+        default = None
+        if isinstance(coordinator, SupportsDeadlines):
+            default = coordinator.default_deadline
+        if len(self._default_deadlines) >= _DEADLINE_CACHE:
+            self._default_deadlines.clear()
+        self._default_deadlines[workspace_id] = default
+        return default
 
     def _refusal(self, workspace_id: str, exc: Exception) -> ApiError:
         # The backend's typed refusal of a submission as its HTTP status and code.
@@ -704,6 +718,9 @@ _REFUSALS: tuple[type[Exception], ...] = (
     *(kind for kind, _, _ in _REFUSAL_CODES),
 )
 
+
+_DEADLINE_CACHE: Final = 10_000
+"""Workspaces whose default deadline the service remembers, at most (then it reads again)."""
 
 _STORE_STATES: dict[str, Literal["pending", "terminal"]] = {
     "running": "pending",

@@ -126,10 +126,11 @@ class _Routed:
 class ClusterCoordinator:
     """A workspace's coordinator on a cluster node; see the module docstring.
 
-    Implements ``Coordinator``, ``SupportsCancelRun``, ``SupportsLaneQueries`` and
-    ``SupportsStatistics``. ``active_run_id`` is the cluster's (as this node last heard);
-    the rest of what it says of a session (``is_session_busy``, ``queued_prompts``,
-    ``queued_run_ids``) is what this node accepted or runs: the lanes live in Redis.
+    Implements ``Coordinator``, ``SupportsCancelRun``, ``SupportsLaneQueries``,
+    ``SupportsDeadlines`` and ``SupportsStatistics``. ``active_run_id`` is the cluster's (as
+    this node last heard); the rest of what it says of a session (``is_session_busy``,
+    ``queued_prompts``, ``queued_run_ids``) is what this node accepted or runs: the lanes
+    live in Redis.
     """
 
     def __init__(
@@ -291,6 +292,12 @@ class ClusterCoordinator:
             if routed.session_id == session_id and run_id != active
         ]
         return [*self._local.queued_prompts_list(session_id), *routed]
+
+    @property
+    def default_deadline(self) -> float | None:
+        """The local coordinator's (``SupportsDeadlines``): what a run's call gets when it
+        asks for no deadline, on whichever node runs it."""
+        return self._local.default_deadline
 
     def active_run_id(self, session_id: str) -> str | None:
         """The session's active run, whichever node runs it (as this node last heard)."""
