@@ -574,22 +574,19 @@ PENDING = r"""
 -- then every routed run no node claimed yet.
 local P = ARGV[1]
 local out = {}
-for _, id in ipairs(redis.call('SMEMBERS', P .. 'routed')) do
-  local session = redis.call('HGET', P .. 'run:' .. id, 's')
-  if session then
-    out[#out + 1] = id
-    out[#out + 1] = session
+local function add(ids)
+  for _, id in ipairs(ids) do
+    local session = redis.call('HGET', P .. 'run:' .. id, 's')
+    if session then
+      out[#out + 1] = id
+      out[#out + 1] = session
+    end
   end
 end
+add(redis.call('SMEMBERS', P .. 'routed'))
 for _, set in ipairs({'nodes', 'dead'}) do
   for _, node in ipairs(redis.call('SMEMBERS', P .. set)) do
-    for _, id in ipairs(redis.call('SMEMBERS', P .. 'node:' .. node .. ':runs')) do
-      local session = redis.call('HGET', P .. 'run:' .. id, 's')
-      if session then
-        out[#out + 1] = id
-        out[#out + 1] = session
-      end
-    end
+    add(redis.call('SMEMBERS', P .. 'node:' .. node .. ':runs'))
   end
 end
 return out

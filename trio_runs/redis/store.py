@@ -43,7 +43,7 @@ import weakref
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
-from typing import Final, cast
+from typing import Final, TypeVar, cast
 
 import attrs
 import coredis
@@ -71,6 +71,8 @@ from .lease import DEFAULT_LEASE_TTL, NodeLease, RetentionLimits
 __all__ = ["ClaimedRun", "RedisStore", "RedisStoreStatistics", "open_redis_store"]
 
 logger = logging.getLogger("trio_runs.redis")
+
+_T = TypeVar("_T")
 
 _MAX_BATCH: Final = 512
 _BLOCK_MS: Final = 1000
@@ -561,14 +563,7 @@ class RedisStore:
         ``path`` this node is shown, but for one decided here with an ``on_visible`` (which
         announced it): once per run, in the Trio thread; it must not block. Returns the call
         that stops it."""
-        listeners = self._path_listeners.setdefault(path, [])
-        listeners.append(callback)
-
-        def stop() -> None:
-            with suppress(ValueError):
-                listeners.remove(callback)
-
-        return stop
+        return _listen(self._path_listeners, path, callback)
 
     def on_workspace_progress(
         self, path: str, callback: Callable[[RunProgress], object]
@@ -577,14 +572,7 @@ class RedisStore:
         ``path`` emit on *other* nodes (lossy: what the stream still held when this node
         read it; never after the run's terminal was shown here). Returns the call that stops
         it."""
-        listeners = self._progress_listeners.setdefault(path, [])
-        listeners.append(callback)
-
-        def stop() -> None:
-            with suppress(ValueError):
-                listeners.remove(callback)
-
-        return stop
+        return _listen(self._progress_listeners, path, callback)
 
     def forward_progress(self, path: str, progress: RunProgress) -> None:
         """Queue ``progress`` of a routed run running here for the other nodes' subscribers
@@ -1359,6 +1347,20 @@ class RedisStore:
             f"<RedisStore node={self.node_id} pending={len(self.pending_run_ids())} "
             f"queued={len(self._ops)}>"
         )
+
+
+def _listen(
+    table: dict[str, list[Callable[[_T], object]]], path: str, callback: Callable[[_T], object]
+) -> Callable[[], None]:
+    # Register a workspace path's listener; returns the call that removes it.
+    listeners = table.setdefault(path, [])
+    listeners.append(callback)
+
+    def stop() -> None:
+        with suppress(ValueError):
+            listeners.remove(callback)
+
+    return stop
 
 
 def _index_member(accepted_at: float | None, run_id: str) -> str:
