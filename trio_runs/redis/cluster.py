@@ -244,8 +244,8 @@ class ClusterCoordinator:
         """Cluster-wide: cancel the session's active run (wherever it runs) and end its
         queued runs cancelled (``reason="session_cancel"``). Never blocks; raises
         ``RedisUnavailable`` (cancelling nothing) while Redis is not answering."""
+        self._store.cancel_session(session_id)  # first: it is what may refuse
         self._local.cancel(session_id)
-        self._store.cancel_session(session_id)
 
     def cancel_all(self) -> None:
         """The workspace is closing on this node: the runs running here end cancelled
@@ -264,9 +264,10 @@ class ClusterCoordinator:
         return self._store.cancel_run(session_id, run_id)
 
     def clear_queue(self, session_id: str) -> None:
-        """Cluster-wide: end the session's queued runs cancelled (``clear_queue``)."""
-        self._local.clear_queue(session_id)
+        """Cluster-wide: end the session's queued runs cancelled (``clear_queue``); raises
+        ``RedisUnavailable`` (dropping nothing) while Redis is not answering."""
         self._store.clear_session(session_id)
+        self._local.clear_queue(session_id)
 
     def is_session_busy(self, session_id: str) -> bool:
         """Whether the session has a run running here, or a run this node accepted that has
