@@ -679,7 +679,9 @@ class Backend:
         The run ends cancelled (never failed); the other runs of its session go on. ``False`` for
         unknown or ended runs. Raises ``NotSupported`` (changing nothing) when the run's
         coordinator does not implement ``SupportsCancelRun``, as ``SessionCoordinator`` does.
-        Never blocks.
+        A run pending in the store but dispatched on no workspace here (another node of a
+        cluster accepted it) is cancelled through the store when the store implements
+        ``SupportsCancelRun`` (``RedisStore`` does), else ``False``. Never blocks.
         """
         workspace = self.workspace_of(run_id)
         session_id = self._ledger.session_of(run_id)
