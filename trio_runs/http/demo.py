@@ -419,32 +419,46 @@ def _live_view(counters: dict[str, int], planned: int, elapsed: float) -> Table:
     return grid
 
 
-def report_table(report: DemoReport) -> Table:
-    """The closing table: counts, the two must-be-zero rows, throughput."""
-    table = Table(title="trio-runs demo", show_lines=False)
+_OK = "[green]ok[/]"
+
+
+def _zero(value: int) -> str:
+    # The "must be" cell of a count that must be zero.
+    return _OK if value == 0 else "[red bold]0: VIOLATED[/]"
+
+
+def _promise_table(title: str, report: DemoReport | ClusterDemoReport, waiters: str) -> Table:
+    # The closing table both demos open with: its columns, then the outcome counts.
+    table = Table(title=title, show_lines=False)
     table.add_column("", style="bold")
     table.add_column("count", justify="right")
     table.add_column("must be", justify="left")
-    ok = "[green]ok[/]"
-
-    def check(value: int) -> str:
-        return ok if value == 0 else "[red bold]0: VIOLATED[/]"
-
     table.add_row("accepted", str(report.accepted), f"{report.planned} (all)")
     table.add_row("completed", str(report.outcomes["completed"]), "")
     table.add_row("failed", str(report.outcomes["failed"]), "")
     table.add_row("cancelled", str(report.outcomes["cancelled"]), "")
-    table.add_row("waiters returned", str(report.waiters_returned), "")
-    table.add_row("hung", str(report.hung), check(report.hung))
-    table.add_row("duplicate terminals", str(report.duplicates), check(report.duplicates))
+    table.add_row(waiters, str(report.waiters_returned), "")
+    table.add_row("hung", str(report.hung), _zero(report.hung))
+    table.add_row("duplicate terminals", str(report.duplicates), _zero(report.duplicates))
+    return table
+
+
+def _throughput_rows(table: Table, report: DemoReport | ClusterDemoReport) -> None:
+    # The rows both demos close with.
+    table.add_row("progress events seen (lossy)", str(report.progress_events), "")
+    table.add_row("runs/s", f"{report.runs_per_second:.1f}", f"({report.elapsed:.2f}s)")
+
+
+def report_table(report: DemoReport) -> Table:
+    """The closing table: counts, the two must-be-zero rows, throughput."""
+    table = _promise_table("trio-runs demo", report, "waiters returned")
     table.add_row(
         "terminals missing from stream",
         str(report.missing_from_stream),
-        check(report.missing_from_stream),
+        _zero(report.missing_from_stream),
     )
-    table.add_row("unexpected outcomes", str(report.unexpected), check(report.unexpected))
-    table.add_row("progress events seen (lossy)", str(report.progress_events), "")
-    table.add_row("runs/s", f"{report.runs_per_second:.1f}", f"({report.elapsed:.2f}s)")
+    table.add_row("unexpected outcomes", str(report.unexpected), _zero(report.unexpected))
+    _throughput_rows(table, report)
     return table
 
 
@@ -516,40 +530,30 @@ def cluster_report_tables(report: ClusterDemoReport) -> tuple[Table, Table]:
         end = f"[red]{node.fate}[/]" if node.fate.startswith("killed") else node.fate
         nodes.add_row(node.name, node.role, str(node.pid), node.url or "-", str(node.ran), end)
 
-    table = Table(title=f"trio-runs demo --nodes {len(report.nodes)}", show_lines=False)
-    table.add_column("", style="bold")
-    table.add_column("count", justify="right")
-    table.add_column("must be", justify="left")
-    ok = "[green]ok[/]"
-
-    def check(value: int) -> str:
-        return ok if value == 0 else "[red bold]0: VIOLATED[/]"
+    table = _promise_table(
+        f"trio-runs demo --nodes {len(report.nodes)}",
+        report,
+        "waiters returned (on every serve node)",
+    )
 
     def equal(value: int, expected: int) -> str:
-        return ok if value == expected else f"[red bold]{expected}: VIOLATED[/]"
+        return _OK if value == expected else f"[red bold]{expected}: VIOLATED[/]"
 
-    table.add_row("accepted", str(report.accepted), f"{report.planned} (all)")
-    table.add_row("completed", str(report.outcomes["completed"]), "")
-    table.add_row("failed", str(report.outcomes["failed"]), "")
-    table.add_row("cancelled", str(report.outcomes["cancelled"]), "")
-    table.add_row("waiters returned (on every serve node)", str(report.waiters_returned), "")
-    table.add_row("hung", str(report.hung), check(report.hung))
-    table.add_row("duplicate terminals", str(report.duplicates), check(report.duplicates))
     table.add_row(
         "terminals twice on a node's stream",
         str(report.streamed_twice),
-        check(report.streamed_twice),
+        _zero(report.streamed_twice),
     )
     table.add_row(
         "terminals missing from a node's stream",
         str(report.missing_from_stream),
-        check(report.missing_from_stream),
+        _zero(report.missing_from_stream),
     )
-    table.add_row("unexpected outcomes", str(report.unexpected), check(report.unexpected))
+    table.add_row("unexpected outcomes", str(report.unexpected), _zero(report.unexpected))
     table.add_row(
         "runs the killed node was running",
         str(report.killed_running),
-        ok if report.killed_running else "[red bold]> 0: VIOLATED[/]",
+        _OK if report.killed_running else "[red bold]> 0: VIOLATED[/]",
     )
     table.add_row(
         "  ended abandoned", str(report.abandoned), equal(report.abandoned, report.killed_running)
@@ -571,11 +575,10 @@ def cluster_report_tables(report: ClusterDemoReport) -> tuple[Table, Table]:
     table.add_row(
         "sessions with two active runs",
         str(report.overlapping_sessions),
-        check(report.overlapping_sessions),
+        _zero(report.overlapping_sessions),
     )
-    table.add_row("runs that ran twice", str(report.ran_twice), check(report.ran_twice))
-    table.add_row("progress events seen (lossy)", str(report.progress_events), "")
-    table.add_row("runs/s", f"{report.runs_per_second:.1f}", f"({report.elapsed:.2f}s)")
+    table.add_row("runs that ran twice", str(report.ran_twice), _zero(report.ran_twice))
+    _throughput_rows(table, report)
     return nodes, table
 
 
