@@ -180,7 +180,7 @@ _PROGRESS_RUN: Final = _Run("", None, "", accepted=False)
 
 
 class _Op:
-    __slots__ = ("dropped", "kind", "lane", "rc", "run", "run_id", "seq")
+    __slots__ = ("dropped", "kind", "rc", "run", "run_id", "seq", "wire")
 
     def __init__(self, kind: str, run_id: str, run: _Run, seq: int) -> None:
         self.kind = kind
@@ -188,7 +188,8 @@ class _Op:
         self.run = run
         self.seq = seq
         self.rc: RunComplete | None = None
-        self.lane: list[object] | None = None  # the wire form of a lane op or a start time
+        # The wire form of an op that carries it whole (a lane op, a start time, progress).
+        self.wire: list[object] | None = None
         self.dropped = False
 
 
@@ -406,7 +407,7 @@ class RedisStore:
         run = self._runs.get(run_id)
         if run is None or not run.accepted or run.decided is not None:
             return
-        self._enqueue("started", run_id, run).lane = ["started", run_id, repr(started_at)]
+        self._enqueue("started", run_id, run).wire = ["started", run_id, repr(started_at)]
 
     # -- SupportsRunListing: what Redis holds, from any node ---------------------------
 
@@ -584,7 +585,7 @@ class RedisStore:
             return
         self._progress_queued += 1
         wire: list[object] = ["progress", path, json.dumps(progress.to_dict())]
-        self._enqueue("progress", progress.run_id, _PROGRESS_RUN).lane = wire
+        self._enqueue("progress", progress.run_id, _PROGRESS_RUN).wire = wire
 
     def on_work(self, callback: Callable[[], object]) -> None:
         """Call ``callback()`` whenever a lane may have a run to claim: a routed run was
@@ -637,7 +638,7 @@ class RedisStore:
         # The fence of a session's cancellation: runs accepted after the call are not its.
         fence = int(time.time() * 1_000_000)
         wire: list[object] = ["lane", session_id, action, run_id, reason, fence, node]
-        self._enqueue("lane", run_id, run).lane = wire
+        self._enqueue("lane", run_id, run).wire = wire
 
     async def claim(self, max_runs: int) -> list[ClaimedRun]:
         """Claim up to ``max_runs`` routed runs to run here: the head of each ready session's
@@ -1020,8 +1021,8 @@ class RedisStore:
                 run.member,
                 run.rerun,
             ]
-        if op.lane is not None:  # a lane op, or a start time
-            return op.lane
+        if op.wire is not None:
+            return op.wire
         if op.kind == "withdraw":
             return ["withdraw", op.run_id, run.node]
         rc = op.rc
