@@ -392,28 +392,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"join the cluster on this Redis (redis://HOST:PORT/DB; default: ${_ENV_REDIS}): "
         "any number of nodes serve the same runs; see 'Scaling out' in the README",
     )
-    serve.add_argument(
-        "--redis-namespace",
-        default="trio-runs",
-        metavar="NAME",
-        help="the cluster's key prefix in Redis, so clusters can share one (default: trio-runs)",
-    )
-    serve.add_argument(
-        "--lease-ttl",
-        type=_positive_float,
-        default=10.0,
-        metavar="SECONDS",
-        help="with --redis: a node silent this long is dead and its runs end abandoned "
-        "(default: 10; heartbeats every third of it)",
-    )
-    serve.add_argument(
-        "--capacity",
-        type=_positive_int,
-        default=64,
-        metavar="N",
-        help="with --redis: the most runs this node runs at once (default: 64); 0 is not "
-        "allowed: a node that should run nothing is not a cluster node",
-    )
+    _add_node_options(serve, "with --redis: ")
     serve.add_argument(
         "--retain-age",
         type=_positive_float,
@@ -504,26 +483,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="MODULE:CALLABLE",
         help=f"the agent, as for serve (default: ${_ENV_AGENT} or {_DEFAULT_AGENT})",
     )
-    worker.add_argument(
-        "--capacity",
-        type=_positive_int,
-        default=64,
-        metavar="N",
-        help="the most runs this node runs at once (default: 64)",
-    )
-    worker.add_argument(
-        "--redis-namespace",
-        default="trio-runs",
-        metavar="NAME",
-        help="the cluster's key prefix in Redis (default: trio-runs)",
-    )
-    worker.add_argument(
-        "--lease-ttl",
-        type=_positive_float,
-        default=10.0,
-        metavar="SECONDS",
-        help="a node silent this long is dead and its runs end abandoned (default: 10)",
-    )
+    _add_node_options(worker, "")
     worker.add_argument(
         "--close-grace",
         type=_non_negative_float,
@@ -757,6 +717,32 @@ def _logging(level: str | None, command: str) -> Iterator[None]:
         root.removeHandler(handler)
         root.setLevel(saved[0])
         server.setLevel(saved[1])
+
+
+def _add_node_options(parser: argparse.ArgumentParser, when: str) -> None:
+    # What every cluster node takes, serve (``when``: "with --redis: ") and worker alike.
+    parser.add_argument(
+        "--redis-namespace",
+        default="trio-runs",
+        metavar="NAME",
+        help="the cluster's key prefix in Redis, so clusters can share one (default: trio-runs)",
+    )
+    parser.add_argument(
+        "--lease-ttl",
+        type=_positive_float,
+        default=10.0,
+        metavar="SECONDS",
+        help=f"{when}a node silent this long is dead and its runs end abandoned "
+        "(default: 10; heartbeats every third of it)",
+    )
+    parser.add_argument(
+        "--capacity",
+        type=_positive_int,
+        default=64,
+        metavar="N",
+        help=f"{when}the most runs this node runs at once (default: 64); 0 is not "
+        "allowed: a node that should run nothing is not a cluster node",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
