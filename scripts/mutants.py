@@ -284,7 +284,7 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
             (
                 "            if run_id not in self._node._here:\n"
                 "                routed.scope.cancel()",
-                "            self._store.drop_queued(routed.session_id, run_id, 'shutdown')",
+                "            self._store.cancel_run(routed.session_id, run_id)",
             )
         ],
     ),

@@ -159,9 +159,9 @@ BATCH = (
 --   ["lane", session, action, run id or "", reason, fence (µs), caller node]
 --      -> "ok" | "queued" | "active" | "none"
 --      action "cancel": drop the lane's queued runs and cancel its active one; "clear":
---      drop the queued runs; "cancel_run": the one run, queued or active; "drop": the one
---      run if it is still queued; "release": a run the node (in place of the reason)
---      claimed and could not start goes back to the head of its lane.
+--      drop the queued runs; "cancel_run": the one run, queued or active; "release": a run
+--      the node (in place of the reason) claimed and could not start goes back to the head
+--      of its lane.
 -- Every op is idempotent for the node that sent it: a batch retried after a lost reply
 -- gets the answers it would have got the first time.
 local P = ARGV[1]

@@ -620,11 +620,6 @@ class RedisStore:
         self._lane_op(session_id, "cancel_run", run_id, "user")
         return True
 
-    def drop_queued(self, session_id: str, run_id: str, reason: EndReason) -> None:
-        """End a routed run cancelled (``reason``) if it is still queued in its lane; one any
-        node already runs goes on. Never blocks."""
-        self._lane_op(session_id, "drop", run_id, reason)
-
     def active_run_id(self, session_id: str) -> str | None:
         """The session's active routed run, on whichever node, as this node last heard of it
         (from the acceptance stream: a heartbeat's delay at most behind Redis)."""
