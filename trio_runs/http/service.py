@@ -356,9 +356,14 @@ class RunService:
             return self._info_view(info)
 
     async def _detailed(self, view: RunView) -> RunView:
-        # An ended run's terminal carries its metadata; a running one's is in the store.
+        # An ended run's terminal carries its metadata; a running one's is in the store,
+        # unless the view was read from there already (a run this process never heard of).
         store = self.backend.ledger
-        if view.terminal is not None or not isinstance(store, SupportsRunListing):
+        if (
+            view.terminal is not None
+            or view.accepted_at is not None
+            or not isinstance(store, SupportsRunListing)
+        ):
             return view
         info = await self._store_call(store.run_info, view.run_id)
         if info is None:
